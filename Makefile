@@ -1,0 +1,60 @@
+# The two commands of the README's quickstart:
+#   make run    set up .venv, then `dvc repro` on the default dataset (real MNIST digits)
+#   make test   the same set-up plus dev dependencies, then the test suite
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+# Exact versions known to work together here; torch first and exactly 2.13.0 (any other
+# spec pulls gigabytes of CUDA wheels).
+PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+# Offline and quiet (../shared/stack.md); pipeline/__init__.py sets the same for `dvc repro` by hand.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := False
+
+.PHONY: help run test test-fast ui install install-dev dvc-init
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing aigc and its pinned dependencies into $(VENV) (first time: ~3 min)"
+	@$(PIP) torch==2.13.0 $(QUIET_PIP)
+	@$(PIP) -e . $(QUIET_PIP)
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	@$(PIP) -e '.[dev]' $(QUIET_PIP)
+	@touch $@
+
+install: $(VENV)/.installed  ## create .venv and install aigc (pinned)
+install-dev: $(VENV)/.installed-dev
+
+dvc-init:
+	@test -d .dvc || dvc init -q
+	@dvc config core.analytics false
+	@dvc config core.check_update false
+
+run: install dvc-init  ## train on the default data: dvc repro (only what changed runs)
+	dvc repro
+
+test: install-dev dvc-init  ## the whole test suite, end-to-end runs included
+	pytest
+
+test-fast: install-dev  ## the fast tests only (no end-to-end runs)
+	pytest -m "not slow"
+
+ui: install  ## open the MLflow UI on http://127.0.0.1:5000 for the local store
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

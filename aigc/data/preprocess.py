@@ -1,0 +1,162 @@
+"""Clean, resize, normalise and split a raw dataset; describe the result in ``dataset.json``.
+
+The processed folder holds ``train.npz`` and ``test.npz`` (``images`` float32 (N, C, H, W)
+in [-1, 1], ``labels`` int64, ``ids`` of the raw records) and ``dataset.json``: what the
+data is (resolution, channels, classes, counts, what cleaning removed). Training reads
+``dataset.json`` instead of repeating any of it in params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from aigc.config import DataConfig
+from aigc.data.sources import RawDataset
+from aigc.errors import DataError
+
+DATASET_JSON = "dataset.json"
+FORMAT = "aigc.dataset/1"
+
+
+def content_hashes(images: np.ndarray) -> list[str]:
+    """SHA-256 of each image's shape and bytes: equal hash = exactly equal image."""
+    return [hashlib.sha256(repr(im.shape).encode() + im.tobytes()).hexdigest() for im in images]
+
+
+def clean(ds: RawDataset, blank_std: float) -> tuple[np.ndarray, dict[str, int]]:
+    """Indices of the records to keep, and counts of what was removed.
+
+    Exact duplicates (by content hash) keep their first occurrence; blank/constant images
+    (pixel std below ``blank_std`` on the 0..255 scale) are dropped.
+    """
+    std = ds.images.reshape(len(ds.images), -1).std(axis=1)
+    blank = std < blank_std if blank_std > 0 else std == 0
+    seen: set[str] = set()
+    dup = np.zeros(len(ds.images), dtype=bool)
+    for i, h in enumerate(content_hashes(ds.images)):
+        dup[i] = h in seen
+        seen.add(h)
+    keep = np.flatnonzero(~dup & ~blank)
+    removed = {"duplicates": int(dup.sum()), "blank": int((blank & ~dup).sum())}
+    return keep, removed
+
+
+def resize(images: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Square ``size`` x ``size``: ``pad`` centres the image on a black canvas (never shrinks),
+    ``resize`` rescales it (Lanczos; aspect ratio is not kept)."""
+    n, h, w, c = images.shape
+    if (h, w) == (size, size):
+        return images
+    if mode == "pad":
+        if h > size or w > size:
+            raise DataError(f"data.image_size = {size} is smaller than the images ({h}x{w}); "
+                            "use data.resize_mode: resize to shrink them")
+        out = np.zeros((n, size, size, c), dtype=images.dtype)
+        top, left = (size - h) // 2, (size - w) // 2
+        out[:, top:top + h, left:left + w] = images
+        return out
+    from PIL import Image
+
+    out = np.empty((n, size, size, c), dtype=np.uint8)
+    for i, im in enumerate(images):
+        pil = Image.fromarray(im[..., 0] if c == 1 else im)
+        arr = np.asarray(pil.resize((size, size), Image.Resampling.LANCZOS))
+        out[i] = arr[..., None] if c == 1 else arr
+    return out
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1] (the range of the generator's tanh)."""
+    return (images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5) - 1.0
+
+
+@dataclass
+class Processed:
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    info: dict[str, Any]
+
+
+def preprocess(ds: RawDataset, cfg: DataConfig, seed: int) -> Processed:
+    """Clean -> resize/pad -> normalise -> stratified, seeded train/test split."""
+    keep, removed = clean(ds, cfg.blank_std)
+    if len(keep) < 2:
+        raise DataError(f"only {len(keep)} image(s) left after cleaning ({removed}); need at least 2 to split")
+    images = ds.images[keep]
+    labels = ds.labels[keep]
+    ids = ds.metadata["id"].to_numpy()[keep]
+    if cfg.image_size is not None:
+        images = resize(images, cfg.image_size, cfg.resize_mode)
+
+    # Stratify when every class can give at least one record to each side.
+    classes, per_class = np.unique(labels, return_counts=True)
+    n_test = int(np.ceil(cfg.test_size * len(labels)))
+    stratified = bool(len(classes) > 1 and per_class.min() >= 2 and len(classes) <= n_test <= len(labels) - len(classes))
+    idx = np.arange(len(labels))
+    try:
+        tr, te = train_test_split(idx, test_size=cfg.test_size, random_state=seed,
+                                  stratify=labels if stratified else None, shuffle=True)
+    except ValueError as exc:
+        raise DataError(f"cannot split {len(labels)} images with data.test_size = {cfg.test_size}: {exc}") from None
+
+    x = normalise(images)
+    n, c, h, w = x.shape
+    labelled = classes[classes >= 0]
+    info = {
+        "format": FORMAT,
+        "resolution": [h, w],
+        "channels": c,
+        "layout": "NCHW",
+        "range": [-1.0, 1.0],
+        "classes": [int(k) for k in labelled],
+        "num_classes": int(len(labelled)),
+        "counts": {
+            "raw": int(len(ds.images)),
+            "kept": int(n),
+            "train": int(len(tr)),
+            "test": int(len(te)),
+            "train_per_class": {str(int(k)): int(v) for k, v in zip(*np.unique(labels[tr], return_counts=True))},
+        },
+        "removed": removed,
+        "split": {"test_size": cfg.test_size, "seed": seed, "stratified": stratified},
+        "resized": None if cfg.image_size is None else {"size": cfg.image_size, "mode": cfg.resize_mode},
+    }
+    tr, te = np.sort(tr), np.sort(te)  # each split in raw-record order: stable, diff-friendly
+    return Processed(
+        train={"images": x[tr], "labels": labels[tr], "ids": ids[tr]},
+        test={"images": x[te], "labels": labels[te], "ids": ids[te]},
+        info=info,
+    )
+
+
+def save_processed(p: Processed, folder: Path) -> None:
+    """Write the splits and ``dataset.json`` into ``folder`` (which must be new)."""
+    folder.mkdir(parents=True)
+    np.savez(folder / "train.npz", **p.train)
+    np.savez(folder / "test.npz", **p.test)
+    (folder / DATASET_JSON).write_text(json.dumps(p.info, indent=2) + "\n", encoding="utf-8")
+
+
+def load_split(folder: str | Path, split: str) -> dict[str, np.ndarray]:
+    path = Path(folder) / f"{split}.npz"
+    if not path.exists():
+        raise DataError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_info(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / DATASET_JSON
+    if not path.exists():
+        raise DataError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)")
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if info.get("format") != FORMAT:
+        raise DataError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}; rerun preprocess")
+    return info

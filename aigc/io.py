@@ -1,0 +1,54 @@
+"""Atomic outputs: a stage that fails leaves the previous output (or nothing), never half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    Works for files and folders alike: whatever the body creates at the temporary path
+    becomes ``path``. On an exception the temporary path is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name  # let the body create a file or a folder under a fresh name
+    try:
+        yield target
+        if not target.exists():
+            raise RuntimeError(f"nothing was written for {path}")
+        if path.is_dir() and not path.is_symlink():
+            # A folder cannot be replaced by rename in one step: move the old one aside first,
+            # so a crash between the two renames still leaves a complete copy on disk.
+            old = tmp / ".old"
+            os.replace(path, old)
+            os.replace(target, path)
+        else:
+            os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as pretty JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,197 @@
+"""The GAN training loop: one plain function of (config, tensors, hooks).
+
+It knows nothing about MLflow, files or Prefect. Progress leaves through two hooks
+(stylegan2-ada's ``progress_fn`` idea):
+
+* ``on_steps(window)`` every ``train.log_every`` steps: the per-step scalars of that window;
+* ``on_epoch(epoch, step, grid)`` every ``train.sample_every`` epochs: a sample grid from a
+  fixed z, so grids from different epochs (and runs) are comparable.
+
+Per-step scalars stay on the device and are copied to the host once per window: no ``.item()``
+on the hot path, so a CUDA step never waits on a host sync.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from aigc.config import TrainConfig
+from aigc.errors import UserError
+from aigc.images import make_grid
+from aigc.losses import d_loss_nonsaturating, g_loss_nonsaturating
+from aigc.models import NetConfig, build_discriminator, build_generator
+
+STEP_KEYS = ("d_loss", "g_loss", "d_real", "d_fake")  # d_real = mean D(x), d_fake = mean D(G(z))
+
+
+@dataclass
+class StepWindow:
+    """Scalars of consecutive steps, handed to ``on_steps`` in one batch."""
+
+    epoch: int
+    steps: list[int]
+    rows: list[dict[str, float]]  # one {d_loss, g_loss, d_real, d_fake} per step
+    images_per_s: float  # throughput over this window
+
+
+@dataclass
+class TrainResult:
+    G: torch.nn.Module
+    D: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    net: NetConfig
+    steps: int
+    epochs: int
+    seconds: float
+    images_per_s: float
+    last: dict[str, float] = field(default_factory=dict)  # mean scalars of the last window
+    rng: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU. Asking for CUDA without one is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def train_gan(
+    cfg: TrainConfig,
+    net: NetConfig,
+    images: torch.Tensor,
+    seed: int,
+    on_steps: Callable[[StepWindow], None] | None = None,
+    on_epoch: Callable[[int, int, np.ndarray], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train G and D on ``images`` ([-1, 1], (N, C, H, W)) with the non-saturating GAN loss."""
+    if len(images) < cfg.batch_size:
+        raise UserError(f"the train split has {len(images)} images, fewer than train.batch_size = "
+                        f"{cfg.batch_size}; lower the batch size")
+    if tuple(images.shape[1:]) != net.image_shape:
+        raise UserError(f"images are {tuple(images.shape[1:])}, the model expects {net.image_shape}")
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(seed)  # weights, dropout and z all follow from the seed
+    order = torch.Generator().manual_seed(seed)  # batch order, independent of the device
+    G = build_generator(net).to(device)
+    D = build_discriminator(net).to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+    # Mixed precision on CUDA only (bf16 needs no loss scaling); CPU stays fp32.
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16)
+           if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
+
+    # The whole split lives on the device: batches are slices of one tensor, no per-item collation.
+    data = images.to(device, dtype=torch.float32, non_blocking=True)
+    fixed_z = torch.randn(cfg.grid_size, net.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    n, b = len(data), cfg.batch_size
+    steps_per_epoch = n // b  # drop the ragged last batch: BatchNorm and D's statistics want full ones
+    total = steps_per_epoch * cfg.epochs
+
+    buf: list[torch.Tensor] = []
+    buf_steps: list[int] = []
+    last: dict[str, float] = {}
+    step, t_start = 0, time.perf_counter()
+    t_window, imgs_window = t_start, 0
+    # In a log file (no terminal) a bar line every 15 s instead of every second.
+    bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 15.0, desc=f"epoch 1/{cfg.epochs}")
+
+    def flush(epoch: int) -> None:
+        nonlocal t_window, imgs_window, last
+        if not buf:
+            return
+        values = torch.stack(buf).float().cpu().tolist()  # the one host sync per window
+        rows = [dict(zip(STEP_KEYS, v)) for v in values]
+        now = time.perf_counter()
+        ips = imgs_window / max(now - t_window, 1e-9)
+        last = {k: float(np.mean([r[k] for r in rows])) for k in STEP_KEYS}
+        bar.set_postfix(D=f"{last['d_loss']:.3f}", G=f"{last['g_loss']:.3f}", img_s=f"{ips:.0f}")
+        if on_steps:
+            on_steps(StepWindow(epoch, list(buf_steps), rows, ips))
+        buf.clear()
+        buf_steps.clear()
+        t_window, imgs_window = time.perf_counter(), 0
+
+    G.train()
+    D.train()
+    for epoch in range(1, cfg.epochs + 1):
+        bar.set_description(f"epoch {epoch}/{cfg.epochs}")
+        perm = torch.randperm(n, generator=order).to(device)
+        for i in range(steps_per_epoch):
+            real = data[perm[i * b:(i + 1) * b]]
+            z = torch.randn(b, net.z_dim, device=device)
+
+            # (1) Update D: maximise log D(x) + log(1 - D(G(z)))
+            with amp:
+                fake = G(z)
+                real_logits = D(real)
+                fake_logits = D(fake.detach())
+                d_loss = d_loss_nonsaturating(real_logits, fake_logits)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+
+            # (2) Update G: maximise log D(G(z)). D is frozen here: its weight gradients would
+            # be thrown away, and not computing them saves a third of D's backward pass.
+            D.requires_grad_(False)
+            with amp:
+                g_logits = D(fake)
+                g_loss = g_loss_nonsaturating(g_logits)
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+            D.requires_grad_(True)
+
+            step += 1
+            imgs_window += b
+            buf.append(torch.stack([d_loss.detach(), g_loss.detach(),
+                                    torch.sigmoid(real_logits.detach()).mean(),
+                                    torch.sigmoid(fake_logits.detach()).mean()]))
+            buf_steps.append(step)
+            bar.update(1)
+            if len(buf) >= cfg.log_every:
+                flush(epoch)
+        flush(epoch)
+        if on_epoch and (epoch % cfg.sample_every == 0 or epoch == cfg.epochs):
+            with torch.no_grad():
+                G.eval()
+                grid = make_grid(G(fixed_z).float())
+                G.train()
+            on_epoch(epoch, step, grid)
+            t_window = time.perf_counter()  # sampling is not training time
+    bar.close()
+
+    seconds = time.perf_counter() - t_start
+    rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return TrainResult(G, D, opt_g, opt_d, net, step, cfg.epochs, seconds, step * b / seconds, last, rng)
+
+
+def checkpoint_payload(result: TrainResult, train_cfg: TrainConfig, seed: int) -> dict[str, Any]:
+    """Everything needed to resume or audit a run: both networks, both optimisers, step, RNG."""
+    return {
+        "format": "aigc.checkpoint/1",
+        "net": result.net.to_dict(),
+        "train": train_cfg.model_dump(),
+        "seed": seed,
+        "step": result.steps,
+        "epoch": result.epochs,
+        "G": result.G.state_dict(),
+        "D": result.D.state_dict(),
+        "opt_g": result.opt_g.state_dict(),
+        "opt_d": result.opt_d.state_dict(),
+        "rng": result.rng,
+    }

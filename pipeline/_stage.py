@@ -1,0 +1,64 @@
+"""What every stage shares: its command line, its Prefect flow, and how it fails.
+
+A stage module defines a plain function ``(sections..., paths...) -> dict`` and calls
+``main(fn, sections=..., paths=...)`` under ``if __name__ == "__main__"``. ``main``
+
+1. validates params.yaml *before* Prefect starts (a typo costs no server start-up);
+2. runs the function as a Prefect flow named after the stage, with the stage's own params
+   sections and its paths (from dvc.yaml) as the flow's parameters;
+3. turns a ``UserError`` into one ``error:`` line and exit code 1 (no traceback wall); a bug
+   still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from aigc.config import DEFAULT_PARAMS, load_params
+from aigc.errors import ConfigError, UserError
+
+EXIT_USER_ERROR = 1
+
+
+def as_flow(fn: Callable[..., Any], name: str):
+    """``fn`` as a Prefect flow whose UserErrors end the run as Failed with their message only."""
+    from prefect import flow
+    from prefect.states import Failed
+
+    @functools.wraps(fn)
+    def body(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            return Failed(message=str(exc))
+
+    return flow(name=name, log_prints=True, validate_parameters=False)(body)
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(fn: Callable[..., dict[str, Any]], *, sections: tuple[str, ...], paths: tuple[str, ...],
+         argv: list[str] | None = None) -> None:
+    name = fn.__name__
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=(fn.__doc__ or "").strip())
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
+    for p in paths:
+        parser.add_argument(f"--{p.replace('_', '-')}", dest=p, required=True, metavar="PATH")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ConfigError as exc:
+        fail(str(exc))
+    kwargs = {s: getattr(params, s) for s in sections} | {p: getattr(args, p) for p in paths}
+
+    state = as_flow(fn, name)(**kwargs, return_state=True)
+    if state.is_failed():
+        # A UserError's message is the whole story; anything else has had its traceback logged.
+        fail(state.message or f"stage {name} failed")
