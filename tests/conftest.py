@@ -1,0 +1,55 @@
+"""Shared fixtures: an offline, quiet environment and tiny datasets the tests write themselves."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Offline and quiet, and never the user's own tracking server.
+os.environ.update({
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "False",
+})
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Prefect home for the session: its database is migrated once, not per test."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path: Path) -> str:
+    """A real, empty MLflow store for one test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def digit_images(n: int = 40, size: int = 8, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct, non-blank uint8 images (N, size, size) and balanced labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.int64) % classes
+    return images, labels
+
+
+def run_module(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
+    """Run ``python -m ...`` (or a console tool) in a subprocess, capturing its output."""
+    import subprocess
+
+    full_env = os.environ | (env or {})
+    cmd = [sys.executable, *args] if args[0] == "-m" else args
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

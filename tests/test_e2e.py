@@ -1,0 +1,105 @@
+"""One real end-to-end ``dvc repro`` (8x8 digits, 1 epoch) in a throwaway copy of the project,
+against a real temporary MLflow SQLite store; then the no-op repro, an experiment, and a bad
+source that stops the pipeline without touching what was there."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import ROOT, run_module
+
+pytestmark = pytest.mark.slow
+
+PROJECT_FILES = ["aigc", "pipeline", "dvc.yaml", "params.yaml", ".gitignore", "data/source/README.md"]
+
+
+def sh(args: list[str], cwd: Path, ok: bool = True, timeout: int = 900):
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    res = run_module(args, cwd=cwd, env=env, timeout=timeout)
+    if ok:
+        assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["source"] = "digits"
+    params["train"]["epochs"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], root)
+    sh(["git", "config", "user.email", "t@example.com"], root)
+    sh(["git", "config", "user.name", "t"], root)
+    sh(["dvc", "init", "-q"], root)
+    sh(["dvc", "config", "core.analytics", "false"], root)
+    sh(["dvc", "repro"], root)
+    return root
+
+
+def test_repro_produces_every_output_and_an_mlflow_run(project: Path):
+    for out in ["data/raw/images.npy", "data/processed/dataset.json", "models/generator.pt",
+                "models/checkpoint.pt", "reports/train/losses.csv", "reports/train/samples.png"]:
+        assert (project / out).exists(), out
+    info = json.loads((project / "data/processed/dataset.json").read_text())
+    assert info["resolution"] == [8, 8] and info["num_classes"] == 10
+    run_id = json.loads((project / "models/run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run_id, "g_loss")) == 1617 // 64
+    assert any(a.path == "images" for a in client.list_artifacts(run_id))
+    assert (project / "mlartifacts").is_dir() and not (project / "mlruns").exists()
+    metrics = json.loads((project / "reports/train/metrics.json").read_text())
+    assert metrics["epochs"] == 1
+
+
+def test_second_repro_is_a_noop(project: Path):
+    before = (project / "models/generator.pt").stat().st_mtime_ns
+    res = sh(["dvc", "repro"], project)
+    assert "Data and pipelines are up to date" in res.stdout
+    assert (project / "models/generator.pt").stat().st_mtime_ns == before
+
+
+def test_generate_command_from_the_trained_file(project: Path):
+    res = sh([str(Path(sys.executable).parent / "aigc"), "generate", "--model", "models/generator.pt",
+              "-n", "16", "--seed", "1", "--out", "grid.png"], project)
+    assert "wrote 16 samples" in res.stdout and (project / "grid.png").stat().st_size > 0
+
+
+def test_experiment_with_a_changed_param_is_listed(project: Path):
+    sh(["git", "add", "-A"], project)
+    sh(["git", "commit", "-qm", "baseline"], project)
+    sh(["dvc", "exp", "run", "-S", "train.batch_size=32", "--name", "bs32"], project)
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], project).stdout)
+    names = [exp.get("name") for base in shown for exp in (base.get("experiments") or [])]
+    assert "bs32" in names, shown
+
+
+def test_bad_source_stops_the_pipeline_and_keeps_the_outputs(project: Path):
+    before = (project / "data/processed/train.npz").read_bytes()
+    np.savez(project / "data/source/bad.npz", images=np.random.default_rng(0).random((4, 8, 8)))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update(source="npz", path="data/source/bad.npz")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    res = sh(["dvc", "repro"], project, ok=False)
+    assert res.returncode != 0
+    assert "error: data/source/bad.npz: expected uint8 pixels 0..255, got float64" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert (project / "data/processed/train.npz").read_bytes() == before

@@ -1,0 +1,224 @@
+"""ingest: every source format on tiny fixtures, and every bad input failing clearly with nothing written."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from aigc.config import DataConfig
+from aigc.data.sources import load_raw, load_source
+from aigc.errors import DataError
+from pipeline.ingest import ingest
+from tests.conftest import digit_images
+
+
+def write_idx(path: Path, array: np.ndarray, dtype_code: int = 0x08, gz: bool = False) -> Path:
+    header = struct.pack(">HBB", 0, dtype_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(">u1" if dtype_code == 0x08 else ">i4").tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(raw))
+    else:
+        path.write_bytes(raw)
+    return path
+
+
+def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, suffix: str = ".png") -> Path:
+    for i, (im, y) in enumerate(zip(images, labels)):
+        (root / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(root / str(y) / f"{i:03d}{suffix}")
+    return root
+
+
+# --- every source -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_with_labels_beside(tmp_path: Path, gz: bool):
+    images, labels = digit_images(12)
+    img = write_idx(tmp_path / "train-images-idx3-ubyte", images, gz=gz)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels.astype(np.uint8), gz=gz)
+    ds = load_source(DataConfig(source="idx", path=str(img)))
+    assert ds.images.shape == (12, 8, 8, 1)
+    np.testing.assert_array_equal(ds.images[..., 0], images)
+    np.testing.assert_array_equal(ds.labels, labels)
+    # a folder works too: the images file is found inside
+    assert len(load_source(DataConfig(source="idx", path=str(tmp_path))).images) == 12
+
+
+def test_npz_keeps_labels_and_per_record_metadata(tmp_path: Path):
+    images, labels = digit_images(10)
+    np.savez(tmp_path / "d.npz", images=images, labels=labels, camera=np.array(["a", "b"] * 5))
+    ds = load_source(DataConfig(source="npz", path=str(tmp_path / "d.npz")))
+    assert ds.images.shape == (10, 8, 8, 1)
+    assert list(ds.metadata.columns) == ["id", "origin", "label", "camera"]
+    assert ds.metadata["camera"].tolist()[:2] == ["a", "b"]
+
+
+def test_npz_rgb_without_labels(tmp_path: Path):
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", x=rgb)
+    ds = load_source(DataConfig(source="npz", path=str(tmp_path / "rgb.npz")))
+    assert ds.images.shape == (6, 8, 8, 3) and (ds.labels == -1).all()
+
+
+def test_csv_label_pixels_and_extra_columns(tmp_path: Path):
+    images, labels = digit_images(9, size=4)
+    df = pd.DataFrame(images.reshape(9, -1), columns=[f"pixel{i}" for i in range(16)])
+    df.insert(0, "label", labels)
+    df["author"] = "someone"
+    df.to_csv(tmp_path / "d.csv", index=False)
+    ds = load_source(DataConfig(source="csv", path=str(tmp_path / "d.csv")))
+    assert ds.images.shape == (9, 4, 4, 1)
+    np.testing.assert_array_equal(ds.images[..., 0], images)
+    np.testing.assert_array_equal(ds.labels, labels)
+    assert "author" in ds.metadata.columns  # kept: the data gate decides what to scrub
+
+
+def test_folder_subfolder_names_are_labels_with_metadata_csv(tmp_path: Path):
+    images, labels = digit_images(8)
+    root = write_folder(tmp_path / "imgs", images, labels)
+    pd.DataFrame({"file": ["0/000.png"], "note": ["first"]}).to_csv(root / "metadata.csv", index=False)
+    ds = load_source(DataConfig(source="folder", path=str(root)))
+    assert ds.images.shape == (8, 8, 8, 1)
+    assert sorted(ds.labels.tolist()) == sorted(labels.tolist())
+    row = ds.metadata.set_index("file").loc["0/000.png"]
+    assert row["note"] == "first" and row["label"] == 0
+
+
+def test_folder_named_classes_and_jpeg_rgb(tmp_path: Path):
+    rgb = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    for i, name in enumerate(["cat", "dog", "cat", "dog"]):
+        (tmp_path / name).mkdir(exist_ok=True)
+        Image.fromarray(rgb[i]).save(tmp_path / name / f"{i}.jpg")
+    ds = load_source(DataConfig(source="folder", path=str(tmp_path)))
+    assert ds.images.shape == (4, 8, 8, 3)
+    assert dict(zip(ds.metadata["class_name"], ds.labels)) == {"cat": 0, "dog": 1}
+
+
+def test_builtin_digits():
+    ds = load_source(DataConfig(source="digits"))
+    assert ds.images.shape == (1797, 8, 8, 1) and ds.images.max() == 255 and set(ds.labels) == set(range(10))
+
+
+@pytest.mark.slow
+def test_builtin_mnist5k():
+    ds = load_source(DataConfig(source="mnist5k"))
+    assert ds.images.shape == (5000, 28, 28, 1) and np.bincount(ds.labels).tolist() == [500] * 10
+
+
+def test_ingest_stage_writes_a_raw_folder_that_loads_back(tmp_path: Path):
+    images, labels = digit_images(10)
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    out = tmp_path / "raw"
+    summary = ingest(DataConfig(source="npz", path=str(tmp_path / "d.npz")), str(out))
+    assert summary["images"] == 10
+    back = load_raw(out)
+    np.testing.assert_array_equal(back.images[..., 0], images)
+    assert sorted(p.name for p in out.iterdir()) == ["images.npy", "labels.npy", "metadata.csv"]
+
+
+# --- bad inputs: a clear message, and nothing written -------------------------------------------
+
+def _corrupt_folder(tmp: Path) -> DataConfig:
+    images, labels = digit_images(6)
+    root = write_folder(tmp / "imgs", images, labels)
+    (root / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    return DataConfig(source="folder", path=str(root))
+
+
+def _mixed_shapes(tmp: Path) -> DataConfig:
+    images, labels = digit_images(6)
+    root = write_folder(tmp / "imgs", images, labels)
+    Image.fromarray(np.full((10, 12), 7, np.uint8)).save(root / "2" / "odd.png")
+    return DataConfig(source="folder", path=str(root))
+
+
+def _float_npz(tmp: Path) -> DataConfig:
+    np.savez(tmp / "f.npz", images=np.random.default_rng(0).random((5, 8, 8)))
+    return DataConfig(source="npz", path=str(tmp / "f.npz"))
+
+
+def _empty_folder(tmp: Path) -> DataConfig:
+    (tmp / "empty").mkdir()
+    return DataConfig(source="folder", path=str(tmp / "empty"))
+
+
+def _empty_csv(tmp: Path) -> DataConfig:
+    (tmp / "e.csv").write_text("label,pixel0,pixel1,pixel2,pixel3\n")
+    return DataConfig(source="csv", path=str(tmp / "e.csv"))
+
+
+def _nan_csv(tmp: Path) -> DataConfig:
+    (tmp / "n.csv").write_text("label,pixel0,pixel1,pixel2,pixel3\n1,0,255,3,4\n2,0,,3,4\n")
+    return DataConfig(source="csv", path=str(tmp / "n.csv"))
+
+
+def _big_values_csv(tmp: Path) -> DataConfig:
+    (tmp / "b.csv").write_text("label,pixel0,pixel1,pixel2,pixel3\n1,0,255,3,4\n2,0,1000,3,4\n")
+    return DataConfig(source="csv", path=str(tmp / "b.csv"))
+
+
+def _truncated_idx(tmp: Path) -> DataConfig:
+    path = write_idx(tmp / "t-images-idx3-ubyte", digit_images(4)[0])
+    path.write_bytes(path.read_bytes()[:-10])
+    return DataConfig(source="idx", path=str(path))
+
+
+def _int_idx(tmp: Path) -> DataConfig:
+    return DataConfig(source="idx", path=str(write_idx(tmp / "i-images-idx3-ubyte", digit_images(4)[0], 0x0C)))
+
+
+def _missing_path(tmp: Path) -> DataConfig:
+    return DataConfig(source="npz", path=str(tmp / "nowhere.npz"))
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (_corrupt_folder, r"1 unreadable image file\(s\): 1/broken.png"),
+        (_mixed_shapes, r"mixed image shapes; most are \(8, 8, 1\).*2/odd.png \(10, 12, 1\)"),
+        (_float_npz, "expected uint8 pixels 0..255, got float64"),
+        (_empty_folder, "no images found"),
+        (_empty_csv, "no images found"),
+        (_nan_csv, r"integers 0..255; rows 1 hold e.g. \[nan\]"),
+        (_big_values_csv, r"rows 1 hold e.g. \[1000.0\]"),
+        (_truncated_idx, "truncated"),
+        (_int_idx, "expected 0x08"),
+        (_missing_path, "does not exist"),
+    ],
+    ids=["corrupt-image", "mixed-shapes", "float-dtype", "empty-folder", "empty-csv", "nan-csv",
+         "values-1000", "truncated-idx", "int32-idx", "missing-path"],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, make, expected):
+    cfg = make(tmp_path)
+    out = tmp_path / "raw"
+    with pytest.raises(DataError, match=expected):
+        ingest(cfg, str(out))
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]  # no temp leftovers
+
+
+def test_bad_input_leaves_a_previous_output_untouched(tmp_path: Path):
+    images, labels = digit_images(10)
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    out = tmp_path / "raw"
+    ingest(DataConfig(source="npz", path=str(tmp_path / "d.npz")), str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError):
+        ingest(_float_npz(tmp_path), str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_many_offenders_are_listed_up_to_five(tmp_path: Path):
+    root = tmp_path / "imgs"
+    (root / "0").mkdir(parents=True)
+    for i in range(8):
+        (root / "0" / f"bad{i}.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"8 unreadable.*bad4.png \(UnidentifiedImageError\) \(and 3 more\)"):
+        load_source(DataConfig(source="folder", path=str(root)))

@@ -1,0 +1,104 @@
+"""MLflow tracking against a real temporary SQLite store; the train stage end to end without Prefect."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from aigc.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
+from aigc.data.preprocess import preprocess, save_processed
+from aigc.data.sources import load_source
+from aigc.errors import UserError
+from aigc.models import load_generator
+from aigc.tracking import Run
+from pipeline.train import train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_records_params_batched_metrics_images_and_tags(tmp_path: Path, sqlite_uri: str):
+    cfg = TrackingConfig(uri=sqlite_uri, experiment="t", artifact_root=str(tmp_path / "art"))
+    run = Run.start(cfg, "r", params={"train.lr_g": 0.0002}, tags={"aigc.stage": "train"})
+    run.log_metric_rows([("d_loss", 1.0 - i / 10, i) for i in range(1, 6)])
+    run.log_image(np.zeros((8, 8, 3), np.uint8), key="samples", step=1)
+    run.end(ok=True)
+    client = MlflowClient(sqlite_uri)
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.params == {"train.lr_g": "0.0002"}
+    assert got.data.tags["aigc.stage"] == "train"
+    assert [m.step for m in client.get_metric_history(run.run_id, "d_loss")] == [1, 2, 3, 4, 5]
+    assert (tmp_path / "art").exists()  # explicit artifact root, never ./mlruns
+
+
+def test_environment_uri_wins(tmp_path: Path, sqlite_uri: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'other.db'}", artifact_root=str(tmp_path / "art"))
+    run = Run.start(cfg, "r", {}, {})
+    run.end(ok=True)
+    assert run.uri == sqlite_uri and not (tmp_path / "other.db").exists()
+
+
+def test_dead_tracking_server_fails_fast_with_advice():
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(UserError, match=r"not reachable .*unset MLFLOW_TRACKING_URI"):
+        Run.start(cfg, "r", {}, {})
+
+
+def test_sqlite_in_a_missing_folder(tmp_path: Path):
+    with pytest.raises(UserError, match="does not exist"):
+        Run.start(TrackingConfig(uri=f"sqlite:///{tmp_path}/no/such/dir/m.db"), "r", {}, {})
+
+
+def test_disabled_tracking_records_nothing():
+    run = Run.start(TrackingConfig(enabled=False), "r", {}, {})
+    assert not run.active and run.info()["run_id"] is None
+
+
+@pytest.fixture
+def processed_digits(tmp_path: Path) -> Path:
+    p = preprocess(load_source(DataConfig(source="digits")), DataConfig(), seed=0)
+    save_processed(p, tmp_path / "processed")
+    return tmp_path / "processed"
+
+
+def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, processed_digits: Path):
+    out = {k: str(tmp_path / v) for k, v in {
+        "generator": "models/generator.pt", "checkpoint": "models/checkpoint.pt", "run": "models/run.json",
+        "metrics": "reports/metrics.json", "losses": "reports/losses.csv", "samples": "reports/samples.png"}.items()}
+    tracking = TrackingConfig(uri=sqlite_uri, experiment="e2e", artifact_root=str(tmp_path / "art"))
+    summary = train(0, ModelConfig(), TrainConfig(epochs=1, log_every=10), tracking, str(processed_digits), **out)
+
+    assert summary["steps"] == 1617 // 64 and summary["images_per_s"] > 0
+    G, cfg = load_generator(out["generator"])
+    assert (cfg.height, cfg.width, cfg.channels) == (8, 8, 1)
+    run_info = json.loads(Path(out["run"]).read_text())
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(run_info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "1" and run.data.params["model.family"] == "dcgan"
+    assert len(run.data.tags["aigc.dataset_sha256"]) == 64
+    for key in ("d_loss", "g_loss", "d_real", "d_fake"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == summary["steps"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "checkpoint", "reports", "images"} <= artifacts
+    losses = Path(out["losses"]).read_text().splitlines()
+    assert losses[0] == "step,epoch,d_loss,g_loss,d_real,d_fake" and len(losses) == summary["steps"] + 1
+    assert Path(out["samples"]).stat().st_size > 0
+
+
+def test_train_stage_with_a_dead_server_writes_nothing(tmp_path: Path, processed_digits: Path):
+    out = {k: str(tmp_path / k) for k in ("generator", "checkpoint", "run", "metrics", "losses", "samples")}
+    with pytest.raises(UserError, match="not reachable"):
+        train(0, ModelConfig(), TrainConfig(epochs=1), TrackingConfig(uri=f"http://127.0.0.1:{free_port()}"),
+              str(processed_digits), **out)
+    assert not any(Path(p).exists() for p in out.values())
