@@ -23,7 +23,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 
-.PHONY: help run test test-fast ui install install-dev dvc-init
+.PHONY: help run test test-fast ui bench install install-dev dvc-init
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ test: install-dev dvc-init  ## the whole test suite, end-to-end runs included
 
 test-fast: install-dev  ## the fast tests only (no end-to-end runs)
 	pytest -m "not slow"
+
+bench: install  ## speed and overhead figures -> reports/benchmarks/ (~5 min)
+	python -m benchmarks
 
 ui: install  ## open the MLflow UI on http://127.0.0.1:5000 for the local store
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -11,7 +11,7 @@ problem (``ConfigError``), e.g.::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -62,6 +62,12 @@ class TrainConfig(_Section):
     beta1: float = Field(default=0.5, ge=0.0, lt=1.0)
     beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads: "auto" uses the cores other processes leave free (re-checked every epoch).
+    threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
+    # Measured here (benchmarks/): torch.compile made the CPU step slower and channels_last was
+    # within noise, so both are off by default; switch them on where they help.
+    compile: bool = False
+    channels_last: bool = False
     # Per-step scalars are gathered on the device and handed over every this many steps,
     # so the hot loop never waits on a host copy.
     log_every: int = Field(default=25, ge=1)

@@ -29,6 +29,7 @@ from aigc.errors import UserError
 from aigc.images import make_grid
 from aigc.losses import d_loss_nonsaturating, g_loss_nonsaturating
 from aigc.models import NetConfig, build_discriminator, build_generator
+from aigc.runtime import CoreWatch, choose_threads, free_threads, resolve_device
 
 STEP_KEYS = ("d_loss", "g_loss", "d_real", "d_fake")  # d_real = mean D(x), d_fake = mean D(G(z))
 
@@ -56,13 +57,8 @@ class TrainResult:
     images_per_s: float
     last: dict[str, float] = field(default_factory=dict)  # mean scalars of the last window
     rng: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU. Asking for CUDA without one is an error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    threads: int = 0  # CPU threads at the end (0 on CUDA)
+    device: str = "cpu"
 
 
 def train_gan(
@@ -82,10 +78,20 @@ def train_gan(
         raise UserError(f"images are {tuple(images.shape[1:])}, the model expects {net.image_shape}")
 
     device = resolve_device(cfg.device)
+    threads = torch.get_num_threads()
+    watch = None
+    if device.type == "cpu":
+        threads = choose_threads(cfg.threads)
+        torch.set_num_threads(threads)
+        watch = CoreWatch() if cfg.threads == "auto" else None
     torch.manual_seed(seed)  # weights, dropout and z all follow from the seed
     order = torch.Generator().manual_seed(seed)  # batch order, independent of the device
     G = build_generator(net).to(device)
     D = build_discriminator(net).to(device)
+    fmt = torch.channels_last if cfg.channels_last and net.family == "dcgan" else torch.contiguous_format
+    G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)
+    # The optimisers hold the real modules; the step may run compiled views of them.
+    G_step, D_step = (torch.compile(G), torch.compile(D)) if cfg.compile else (G, D)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
     # Mixed precision on CUDA only (bf16 needs no loss scaling); CPU stays fp32.
@@ -93,7 +99,7 @@ def train_gan(
            if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
 
     # The whole split lives on the device: batches are slices of one tensor, no per-item collation.
-    data = images.to(device, dtype=torch.float32, non_blocking=True)
+    data = images.to(device, dtype=torch.float32).contiguous(memory_format=fmt)
     fixed_z = torch.randn(cfg.grid_size, net.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     n, b = len(data), cfg.batch_size
     steps_per_epoch = n // b  # drop the ragged last batch: BatchNorm and D's statistics want full ones
@@ -117,7 +123,7 @@ def train_gan(
         now = time.perf_counter()
         ips = imgs_window / max(now - t_window, 1e-9)
         last = {k: float(np.mean([r[k] for r in rows])) for k in STEP_KEYS}
-        bar.set_postfix(D=f"{last['d_loss']:.3f}", G=f"{last['g_loss']:.3f}", img_s=f"{ips:.0f}")
+        bar.set_postfix(D=f"{last['d_loss']:.3f}", G=f"{last['g_loss']:.3f}", img_s=f"{ips:.0f}", threads=threads)
         if on_steps:
             on_steps(StepWindow(epoch, list(buf_steps), rows, ips))
         buf.clear()
@@ -127,7 +133,8 @@ def train_gan(
     G.train()
     D.train()
     for epoch in range(1, cfg.epochs + 1):
-        bar.set_description(f"epoch {epoch}/{cfg.epochs}")
+        if epoch > 1:
+            bar.set_description(f"epoch {epoch}/{cfg.epochs}")
         perm = torch.randperm(n, generator=order).to(device)
         for i in range(steps_per_epoch):
             real = data[perm[i * b:(i + 1) * b]]
@@ -135,9 +142,9 @@ def train_gan(
 
             # (1) Update D: maximise log D(x) + log(1 - D(G(z)))
             with amp:
-                fake = G(z)
-                real_logits = D(real)
-                fake_logits = D(fake.detach())
+                fake = G_step(z)
+                real_logits = D_step(real)
+                fake_logits = D_step(fake.detach())
                 d_loss = d_loss_nonsaturating(real_logits, fake_logits)
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -147,7 +154,7 @@ def train_gan(
             # be thrown away, and not computing them saves a third of D's backward pass.
             D.requires_grad_(False)
             with amp:
-                g_logits = D(fake)
+                g_logits = D_step(fake)
                 g_loss = g_loss_nonsaturating(g_logits)
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
@@ -164,6 +171,15 @@ def train_gan(
             if len(buf) >= cfg.log_every:
                 flush(epoch)
         flush(epoch)
+        if watch is not None:
+            # Re-check between epochs: a neighbour that grabbed (or freed) a core changes the
+            # best thread count for the next epoch.
+            wanted = free_threads(watch.others_busy())
+            if wanted != threads:
+                threads = wanted
+                torch.set_num_threads(threads)
+                bar.write(f"CPU threads -> {threads} (other processes hold cores)" if threads == 1 else
+                          f"CPU threads -> {threads}")
         if on_epoch and (epoch % cfg.sample_every == 0 or epoch == cfg.epochs):
             with torch.no_grad():
                 G.eval()
@@ -177,7 +193,8 @@ def train_gan(
     rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    return TrainResult(G, D, opt_g, opt_d, net, step, cfg.epochs, seconds, step * b / seconds, last, rng)
+    return TrainResult(G, D, opt_g, opt_d, net, step, cfg.epochs, seconds, step * b / seconds, last, rng,
+                       threads=threads if device.type == "cpu" else 0, device=str(device))
 
 
 def checkpoint_payload(result: TrainResult, train_cfg: TrainConfig, seed: int) -> dict[str, Any]:

@@ -1,146 +1,149 @@
-"""What orchestration (Prefect) and tracking (MLflow) cost on top of the work itself.
+"""What orchestration (Prefect), tracking (MLflow) and DVC cost on top of the work itself.
 
-    python benchmarks/overhead.py [--repeats 3]
-
-For each stage, the same command line runs twice per repeat, interleaved, in fresh processes:
-``python -m pipeline.<stage>`` (a Prefect flow, as DVC runs it) and the stage's plain function
-(no Prefect). Training runs 1 epoch on the default data, with and without MLflow tracking.
-Medians and ratios, never one time: the machine is shared and noisy (the load average is
-recorded). Results go to reports/benchmarks/overhead.{json,md}; the share of a default
-``dvc repro`` uses the training time recorded in reports/train/metrics.json when present.
+* Tracking: the same short training in one process, with the MLflow hooks on a real SQLite
+  store and without them, interleaved.
+* Orchestration: a stage command line twice per repeat, in fresh processes, interleaved:
+  ``python -m pipeline.preprocess`` (a Prefect flow, as DVC runs it) and the stage's plain
+  function (no Prefect). Every stage process pays the same start-up, so the per-process
+  figure times the number of stages is the pipeline's orchestration cost.
+* DVC: a no-op ``dvc repro`` in the workspace (only when it is up to date).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / "benchmarks" / ".work"
-OUT = ROOT / "reports" / "benchmarks"
-
-PLAIN = {  # the stage's function without Prefect, in a fresh interpreter like the flow gets
-    "ingest": "from pipeline.ingest import ingest as f; f(p.data, a[0])",
-    "preprocess": "from pipeline.preprocess import preprocess as f; f(p.seed, p.data, a[0], a[1])",
-    "train": "from pipeline.train import train as f; f(p.seed, p.model, p.train, p.tracking, *a)",
-}
 
 
-def stage_args(stage: str) -> list[str]:
-    w = WORK
-    return {
-        "ingest": [str(w / "raw")],
-        "preprocess": [str(w / "raw"), str(w / "processed")],
-        "train": [str(w / "processed"), str(w / "generator.pt"), str(w / "checkpoint.pt"), str(w / "run.json"),
-                  str(w / "metrics.json"), str(w / "losses.csv"), str(w / "samples.png")],
-    }[stage]
-
-
-FLAGS = {"ingest": ["--out"], "preprocess": ["--raw", "--out"],
-         "train": ["--processed", "--generator", "--checkpoint", "--run", "--metrics", "--losses", "--samples"]}
-
-
-def timed(cmd: list[str]) -> float:
-    env = os.environ | {"PREFECT_HOME": str(WORK / "prefect")}
+def _timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> tuple[float, subprocess.CompletedProcess]:
     t = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=cwd, env=os.environ | (env or {}), capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"benchmark command failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
-    return time.perf_counter() - t
+    return time.perf_counter() - t, res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"]["epochs"] = 1
-    params["tracking"]["uri"] = f"sqlite:///{WORK / 'mlflow.db'}"
-    params["tracking"]["artifact_root"] = str(WORK / "mlartifacts")
-    for name, enabled in (("on", True), ("off", False)):
-        params["tracking"]["enabled"] = enabled
-        (WORK / f"params-{name}.yaml").write_text(yaml.safe_dump(params))
+def tracking_overhead(work: Path, rounds: int, steps: int = 40) -> dict[str, Any]:
+    """Training images/s with and without MLflow logging (same process, interleaved)."""
+    import torch
 
-    def flow_cmd(stage: str, tracking: str = "on") -> list[str]:
-        argv = [x for pair in zip(FLAGS[stage], stage_args(stage)) for x in pair]
-        return [sys.executable, "-m", f"pipeline.{stage}", "--params", str(WORK / f"params-{tracking}.yaml"), *argv]
+    from aigc.config import TrackingConfig, TrainConfig
+    from aigc.models import NetConfig
+    from aigc.tracking import Run
+    from aigc.training import train_gan
+    from benchmarks.train_speed import BATCH, mnist_like
+    from pipeline.train import Recorder
 
-    def plain_cmd(stage: str, tracking: str = "on") -> list[str]:
-        code = ("import sys; from aigc.config import load_params; p = load_params(sys.argv[1]); a = sys.argv[2:]; "
-                + PLAIN[stage])
-        return [sys.executable, "-c", code, str(WORK / f"params-{tracking}.yaml"), *stage_args(stage)]
+    images = mnist_like(BATCH * steps)
+    net = NetConfig("dcgan", 100, 1, 28, 28)
+    cfg = TrainConfig(epochs=1, batch_size=BATCH, log_every=25, sample_every=1)
+    tracking = TrackingConfig(uri=f"sqlite:///{work / 'mlflow.db'}", artifact_root=str(work / "mlartifacts"))
+    Run.start(tracking, "warm-up", {}, {}).end(True)  # create the store once, outside the timing
 
-    timed(flow_cmd("ingest"))  # warm-up: Prefect's database is created once per home
-    timed(flow_cmd("preprocess"))
-    load_before = os.getloadavg()
-    times: dict[str, list[float]] = {}
-    for r in range(args.repeats):
-        for stage in ("ingest", "preprocess", "train"):
-            pair = [("flow", flow_cmd(stage)), ("plain", plain_cmd(stage))]
-            for mode, cmd in pair if r % 2 == 0 else pair[::-1]:  # alternate which goes first
-                times.setdefault(f"{stage}/{mode}", []).append(timed(cmd))
-        pair = [("tracking_on", plain_cmd("train", "on")), ("tracking_off", plain_cmd("train", "off"))]
-        for mode, cmd in pair if r % 2 == 0 else pair[::-1]:
-            times.setdefault(f"train/{mode}", []).append(timed(cmd))
-        print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
-    med = {k: statistics.median(v) for k, v in times.items()}
-
-    per_stage = {s: med[f"{s}/flow"] - med[f"{s}/plain"] for s in ("ingest", "preprocess", "train")}
-    orchestration = sum(per_stage.values())
-    tracking = med["train/tracking_on"] - med["train/tracking_off"]
-    train_metrics = ROOT / "reports" / "train" / "metrics.json"
-    default_train_s = json.loads(train_metrics.read_text())["seconds"] if train_metrics.exists() else None
-    one_epoch_s = json.loads((WORK / "metrics.json").read_text())["seconds"]  # the last 1-epoch training
-    result = {
-        "repeats": args.repeats,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "cpu_count": os.cpu_count(),
-        "median_seconds": {k: round(v, 2) for k, v in med.items()},
-        "all_seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
-        "prefect_overhead_per_stage_s": {k: round(v, 2) for k, v in per_stage.items()},
-        "prefect_overhead_total_s": round(orchestration, 2),
-        "mlflow_overhead_1_epoch_s": round(tracking, 2),
-        "mlflow_overhead_ratio_1_epoch": round(tracking / (med["train/tracking_off"]), 4),
-        "default_train_seconds": default_train_s,
+    seconds: dict[str, list[float]] = {"on": [], "off": []}
+    in_mlflow: list[float] = []
+    for r in range(rounds):
+        for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
+            run = Run.start(tracking, f"bench-{r}", {"x": 1}, {}) if mode == "on" else None
+            rec = Recorder(run) if run else None
+            result = train_gan(cfg, net, images, seed=0, progress=False,
+                               on_steps=rec.on_steps if rec else None, on_epoch=rec.on_epoch if rec else None)
+            seconds[mode].append(result.seconds)
+            if run:
+                run.end(True)
+                in_mlflow.append(rec.tracking_seconds)
+    torch.set_num_threads(os.cpu_count() or 1)
+    on, off = statistics.median(seconds["on"]), statistics.median(seconds["off"])
+    return {
+        "steps": steps,
+        "median_seconds_on": round(on, 2),
+        "median_seconds_off": round(off, 2),
+        "ratio_on_off": round(on / off, 4),
+        "median_seconds_inside_mlflow_calls": round(statistics.median(in_mlflow), 3),
+        "share_inside_mlflow_calls": round(statistics.median(in_mlflow) / on, 4),
+        "all_seconds": {k: [round(x, 2) for x in v] for k, v in seconds.items()},
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [
-        "# Orchestration and tracking overhead",
-        "",
-        f"{args.repeats} interleaved repeats, medians; load average {load_before[0]:.2f} before, "
-        f"{result['load_average_after'][0]:.2f} after; {os.cpu_count()} CPUs.",
-        "",
-        "| stage | Prefect flow (s) | plain function (s) | Prefect overhead (s) |",
-        "| --- | ---: | ---: | ---: |",
-        *[f"| {s} | {med[f'{s}/flow']:.1f} | {med[f'{s}/plain']:.1f} | {per_stage[s]:.1f} |" for s in per_stage],
-        "",
-        f"Training 1 epoch, plain function: tracking on {med['train/tracking_on']:.1f} s, off "
-        f"{med['train/tracking_off']:.1f} s: MLflow costs {tracking:.2f} s "
-        f"({100 * result['mlflow_overhead_ratio_1_epoch']:.1f}%, within the noise when near 0).",
-    ]
-    if default_train_s:
-        # A default repro: the three stage processes as measured, with the real training time
-        # in place of the 1-epoch one.
-        repro_s = med["ingest/flow"] + med["preprocess/flow"] + med["train/flow"] - one_epoch_s + default_train_s
-        share = (orchestration + max(tracking, 0.0)) / repro_s
-        result |= {"default_repro_estimate_s": round(repro_s, 1), "overhead_share_of_default_repro": round(share, 4)}
-        lines.append(f"\nA default `dvc repro` (training {default_train_s:.0f} s, from reports/train/metrics.json) "
-                     f"takes about {repro_s:.0f} s; Prefect + MLflow are {100 * share:.1f}% of it.")
-        (OUT / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    (OUT / "overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+
+def orchestration_overhead(work: Path, repeats: int) -> dict[str, Any]:
+    """Seconds one stage process pays for being a Prefect flow (ephemeral server included)."""
+    from aigc.config import DataConfig
+    from aigc.data.sources import load_source, save_raw
+
+    raw = work / "raw"
+    if not raw.exists():
+        save_raw(load_source(DataConfig()), raw)
+    params = work / "params.yaml"
+    params.write_text(yaml.safe_dump(yaml.safe_load((ROOT / "params.yaml").read_text())))
+    env = {"PREFECT_HOME": str(work / "prefect")}
+    flow = [sys.executable, "-m", "pipeline.preprocess", "--params", str(params), "--raw", str(raw),
+            "--out", str(work / "processed")]
+    plain = [sys.executable, "-c", "import sys; from aigc.config import load_params; "
+             "from pipeline.preprocess import preprocess; p = load_params(sys.argv[1]); "
+             "preprocess(p.seed, p.data, sys.argv[2], sys.argv[3])", str(params), str(raw), str(work / "processed")]
+    _timed(flow, env)  # Prefect creates its database once per home: not a per-stage cost
+    times: dict[str, list[float]] = {"flow": [], "plain": []}
+    for r in range(repeats):
+        for mode in ("flow", "plain") if r % 2 == 0 else ("plain", "flow"):
+            times[mode].append(_timed(flow if mode == "flow" else plain, env)[0])
+    f, p = statistics.median(times["flow"]), statistics.median(times["plain"])
+    return {
+        "stage": "preprocess",
+        "median_seconds_flow": round(f, 2),
+        "median_seconds_plain": round(p, 2),
+        "per_stage_process_s": round(f - p, 2),
+        "all_seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
+    }
+
+
+def noop_repro(repeats: int) -> dict[str, Any]:
+    """A `dvc repro` with nothing to do, in the workspace (skipped when something would run)."""
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    status = subprocess.run([dvc, "status", "--json"], cwd=ROOT, capture_output=True, text=True)
+    if status.returncode != 0 or status.stdout.strip() not in ("{}", ""):
+        return {"skipped": "the workspace is not up to date: run `dvc repro` (or make run) first"}
+    times = [_timed([dvc, "repro"])[0] for _ in range(repeats)]
+    return {"median_seconds": round(statistics.median(times), 2), "all_seconds": [round(t, 2) for t in times]}
+
+
+def run(repeats: int = 3) -> dict[str, Any]:
+    stages = len(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    with tempfile.TemporaryDirectory(prefix="aigc-bench-") as tmp:
+        work = Path(tmp)
+        result = {
+            "tracking": tracking_overhead(work, repeats),
+            "orchestration": orchestration_overhead(work, repeats),
+            "noop_dvc_repro": noop_repro(repeats),
+            "stages": stages,
+        }
+    metrics = ROOT / "reports" / "train" / "metrics.json"
+    if metrics.exists():
+        # The share of a default `dvc repro`: its training time from the last default run,
+        # the MLflow ratio measured above, and one Prefect start-up per stage process.
+        train_s = json.loads(metrics.read_text())["seconds"]
+        prefect_s = stages * result["orchestration"]["per_stage_process_s"]
+        tracking_s = max(result["tracking"]["ratio_on_off"] - 1, 0.0) * train_s
+        repro_s = train_s + stages * result["orchestration"]["median_seconds_flow"]
+        result["default_repro"] = {
+            "train_seconds": train_s,
+            "estimated_repro_seconds": round(repro_s, 1),
+            "prefect_seconds": round(prefect_s, 1),
+            "mlflow_seconds": round(tracking_s, 1),
+            "overhead_share": round((prefect_s + tracking_s) / repro_s, 4),
+        }
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    print(json.dumps(run(), indent=2))

@@ -90,11 +90,12 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
             "steps": result.steps,
             "epochs": result.epochs,
             "tracking_seconds": round(rec.tracking_seconds, 2),
+            "threads": result.threads,
             **{f"final_{k}": round(v, 4) for k, v in result.last.items()},
         }
         write_json(metrics, summary)
         write_json(run, tracker.info() | {"git_commit": commit, "dataset_sha256": dataset_sha, "params": params,
-                                          "net": net.to_dict()})
+                                          "net": net.to_dict(), "device": result.device})
 
         t = time.perf_counter()
         tracker.log_metrics({k: v for k, v in summary.items() if k != "tracking_seconds"}, step=result.steps)

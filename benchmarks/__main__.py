@@ -1,0 +1,73 @@
+"""One command for every speed figure: ``python -m benchmarks`` (or ``make bench``).
+
+Writes reports/benchmarks/train_speed.json, overhead.json and summary.md, and prints the
+ratios. The machine is shared: the load average is recorded before and after, variants are
+interleaved and only medians and ratios are quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import overhead, train_speed
+
+OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per comparison (default: %(default)s)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (it compiles for ~1 min)")
+    args = ap.parse_args()
+    start, load0 = time.time(), os.getloadavg()
+    env = {"cpu": platform.processor() or platform.machine(), "cores_usable": len(os.sched_getaffinity(0)),
+           "torch": torch.__version__, "cuda": torch.cuda.is_available(), "load_average_before": load0}
+
+    speed = train_speed.run(rounds=args.rounds, compile_check=not args.no_compile)
+    over = overhead.run(repeats=args.rounds)
+    env |= {"load_average_after": os.getloadavg(), "benchmark_seconds": round(time.time() - start, 1)}
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "train_speed.json").write_text(json.dumps(env | speed, indent=2) + "\n")
+    (OUT / "overhead.json").write_text(json.dumps(env | over, indent=2) + "\n")
+    m, t, o = speed["median"], over["tracking"], over["orchestration"]
+    rows = [
+        ("project step (img/s)", f"{m['project']:.0f}", ""),
+        ("reference loop (img/s)", f"{m['reference']:.0f}", f"project / reference = {speed['speedup_vs_reference']:.2f}x (target >= 1.1)"),
+        ("step GFLOP / achieved GFLOP/s", f"{speed['gflop_per_step']:.1f} / {speed['achieved_gflops']:.0f}", ""),
+        ("fp32 matmul peak (GFLOP/s)", f"{m['peak_gflops']:.0f}", f"step / peak = {speed['fraction_of_peak']:.2f} (target >= 0.85)"),
+        ("channels_last", "", f"{speed['channels_last_ratio']:.2f}x the default step"),
+        ("torch.compile", "", f"{speed['compile_ratio']:.2f}x the default step" if speed["compile_ratio"] else "skipped"),
+        ("one core busy: all threads / 1 / auto (img/s)",
+         " / ".join(f"{speed['one_core_busy'].get(k, 0):.0f}" for k in ("threads_all", "threads_1", "threads_auto")),
+         f"auto / 1 thread = {speed['auto_vs_1_thread_under_load']}" if speed["auto_vs_1_thread_under_load"] else ""),
+        ("MLflow tracking", f"{t['median_seconds_on']:.1f} s vs {t['median_seconds_off']:.1f} s",
+         f"{100 * (t['ratio_on_off'] - 1):+.1f}% ({100 * t['share_inside_mlflow_calls']:.1f}% inside MLflow calls; target <= 3%)"),
+        ("Prefect per stage process", f"{o['median_seconds_flow']:.1f} s vs {o['median_seconds_plain']:.1f} s",
+         f"{o['per_stage_process_s']:.1f} s per stage"),
+    ]
+    noop = over["noop_dvc_repro"]
+    rows.append(("no-op dvc repro", f"{noop['median_seconds']:.1f} s" if "median_seconds" in noop else "skipped",
+                 noop.get("skipped", "")))
+    if "default_repro" in over:
+        d = over["default_repro"]
+        rows.append(("Prefect + MLflow share of a default dvc repro", f"{d['prefect_seconds'] + d['mlflow_seconds']:.0f} s of ~{d['estimated_repro_seconds']:.0f} s",
+                     f"{100 * d['overhead_share']:.1f}% (target <= 5%)"))
+    lines = ["# Benchmarks", "",
+             f"`python -m benchmarks`, {args.rounds} interleaved rounds, medians; {env['cores_usable']} usable cores, "
+             f"load average {load0[0]:.2f} before and {env['load_average_after'][0]:.2f} after; "
+             f"{env['benchmark_seconds']:.0f} s in all. DCGAN 1x28x28, batch 64.", "",
+             "| measure | value | ratio |", "| --- | --- | --- |", *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
+    (OUT / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
