@@ -48,7 +48,7 @@ dvc-init:
 	@dvc config core.check_update false
 
 run: install dvc-init  ## train on the default data: dvc repro (only what changed runs)
-	dvc repro
+	python -m pipeline.prefect_server dvc repro
 
 test: install-dev dvc-init  ## the whole test suite, end-to-end runs included
 	pytest
