@@ -4,8 +4,9 @@ It knows nothing about MLflow, files or Prefect. Progress leaves through two hoo
 (stylegan2-ada's ``progress_fn`` idea):
 
 * ``on_steps(window)`` every ``train.log_every`` steps: the per-step scalars of that window;
-* ``on_epoch(epoch, step, grid)`` every ``train.sample_every`` epochs: a sample grid from a
-  fixed z, so grids from different epochs (and runs) are comparable.
+* ``on_epoch(end)`` every ``train.sample_every`` epochs: an :class:`EpochEnd` with a sample grid
+  from a fixed z (so grids from different epochs and runs are comparable), the training time
+  so far, and the live generator (for a hook that snapshots or scores it; it must not change it).
 
 Per-step scalars stay on the device and are copied to the host once per window: no ``.item()``
 on the hot path, so a CUDA step never waits on a host sync.
@@ -45,6 +46,17 @@ class StepWindow:
 
 
 @dataclass
+class EpochEnd:
+    """What ``on_epoch`` receives."""
+
+    epoch: int
+    step: int
+    seconds: float  # training time so far; time spent in hooks and sampling is not counted
+    grid: np.ndarray  # uint8 (H, W, C) samples from the fixed z
+    G: torch.nn.Module
+
+
+@dataclass
 class TrainResult:
     G: torch.nn.Module
     D: torch.nn.Module
@@ -67,7 +79,7 @@ def train_gan(
     images: torch.Tensor,
     seed: int,
     on_steps: Callable[[StepWindow], None] | None = None,
-    on_epoch: Callable[[int, int, np.ndarray], None] | None = None,
+    on_epoch: Callable[[EpochEnd], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train G and D on ``images`` ([-1, 1], (N, C, H, W)) with the non-saturating GAN loss."""
@@ -108,7 +120,7 @@ def train_gan(
     buf: list[torch.Tensor] = []
     buf_steps: list[int] = []
     last: dict[str, float] = {}
-    step, t_start = 0, time.perf_counter()
+    step, t_start, t_hooks = 0, time.perf_counter(), 0.0
     t_window, imgs_window = t_start, 0
     # In a log file (no terminal) a bar line every 15 s instead of every second.
     bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True,
@@ -181,15 +193,17 @@ def train_gan(
                 bar.write(f"CPU threads -> {threads} (other processes hold cores)" if threads == 1 else
                           f"CPU threads -> {threads}")
         if on_epoch and (epoch % cfg.sample_every == 0 or epoch == cfg.epochs):
+            t_hook = time.perf_counter()
             with torch.no_grad():
                 G.eval()
                 grid = make_grid(G(fixed_z).float())
+                on_epoch(EpochEnd(epoch, step, t_hook - t_start - t_hooks, grid, G))
                 G.train()
-            on_epoch(epoch, step, grid)
-            t_window = time.perf_counter()  # sampling is not training time
+            t_window = time.perf_counter()  # sampling and hooks are not training time
+            t_hooks += t_window - t_hook
     bar.close()
 
-    seconds = time.perf_counter() - t_start
+    seconds = time.perf_counter() - t_start - t_hooks
     rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)

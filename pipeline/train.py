@@ -22,7 +22,7 @@ from aigc.images import save_png
 from aigc.io import atomic_path, file_sha256, write_json
 from aigc.models import generator_payload, net_config
 from aigc.tracking import Run, git_commit
-from aigc.training import STEP_KEYS, StepWindow, checkpoint_payload, train_gan
+from aigc.training import STEP_KEYS, EpochEnd, StepWindow, checkpoint_payload, train_gan
 from pipeline._stage import main
 
 
@@ -44,10 +44,10 @@ class Recorder:
         self.run.log_metric_rows(metrics)
         self.tracking_seconds += time.perf_counter() - t
 
-    def on_epoch(self, epoch: int, step: int, grid: np.ndarray) -> None:
+    def on_epoch(self, end: EpochEnd) -> None:
         t = time.perf_counter()
-        self.grid = grid
-        self.run.log_image(grid, key="samples", step=epoch)
+        self.grid = end.grid
+        self.run.log_image(end.grid, key="samples", step=end.epoch)
         self.tracking_seconds += time.perf_counter() - t
 
     def write_losses(self, path: str) -> None:

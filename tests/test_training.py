@@ -11,7 +11,7 @@ import torch
 from aigc.config import TrainConfig
 from aigc.errors import UserError
 from aigc.models import NetConfig
-from aigc.training import StepWindow, train_gan
+from aigc.training import EpochEnd, StepWindow, train_gan
 
 
 def tiny(n: int = 48) -> torch.Tensor:
@@ -24,9 +24,9 @@ CFG = TrainConfig(epochs=2, batch_size=16, log_every=2, sample_every=1, grid_siz
 @pytest.mark.parametrize("family", ["dcgan", "mlp"])
 def test_hooks_get_every_step_in_batches(family: str):
     windows: list[StepWindow] = []
-    grids: list[tuple[int, int, np.ndarray]] = []
+    ends: list[EpochEnd] = []
     result = train_gan(CFG, NetConfig(family, 8, 1, 8, 8), tiny(), seed=0, on_steps=windows.append,
-                       on_epoch=lambda e, s, g: grids.append((e, s, g)), progress=False)
+                       on_epoch=ends.append, progress=False)
     assert result.steps == 6  # 48 // 16 per epoch, 2 epochs
     steps = [s for w in windows for s in w.steps]
     assert steps == list(range(1, 7))
@@ -34,8 +34,10 @@ def test_hooks_get_every_step_in_batches(family: str):
     rows = [r for w in windows for r in w.rows]
     assert all(math.isfinite(v) for r in rows for v in r.values())
     assert all(0 <= r["d_real"] <= 1 and 0 <= r["d_fake"] <= 1 for r in rows)
-    assert [(e, s) for e, s, _ in grids] == [(1, 3), (2, 6)]
-    assert grids[0][2].dtype == np.uint8 and grids[0][2].ndim == 3
+    assert [(e.epoch, e.step) for e in ends] == [(1, 3), (2, 6)]
+    assert ends[0].grid.dtype == np.uint8 and ends[0].grid.ndim == 3
+    assert 0 < ends[0].seconds < ends[1].seconds <= result.seconds
+    assert ends[0].G is result.G
 
 
 def test_same_seed_same_losses_and_weights():
