@@ -30,19 +30,30 @@ def content_hashes(images: np.ndarray) -> list[str]:
     return [hashlib.sha256(repr(im.shape).encode() + im.tobytes()).hexdigest() for im in images]
 
 
+def duplicate_mask(hashes: list[str]) -> np.ndarray:
+    """True for every record whose content hash was seen earlier (the first occurrence is kept)."""
+    seen: set[str] = set()
+    dup = np.zeros(len(hashes), dtype=bool)
+    for i, h in enumerate(hashes):
+        dup[i] = h in seen
+        seen.add(h)
+    return dup
+
+
+def blank_mask(images: np.ndarray, blank_std: float) -> np.ndarray:
+    """True for blank/constant images: pixel std below ``blank_std`` (0..255 scale); 0 means constant only."""
+    std = images.reshape(len(images), -1).std(axis=1)
+    return std < blank_std if blank_std > 0 else std == 0
+
+
 def clean(ds: RawDataset, blank_std: float) -> tuple[np.ndarray, dict[str, int]]:
     """Indices of the records to keep, and counts of what was removed.
 
     Exact duplicates (by content hash) keep their first occurrence; blank/constant images
     (pixel std below ``blank_std`` on the 0..255 scale) are dropped.
     """
-    std = ds.images.reshape(len(ds.images), -1).std(axis=1)
-    blank = std < blank_std if blank_std > 0 else std == 0
-    seen: set[str] = set()
-    dup = np.zeros(len(ds.images), dtype=bool)
-    for i, h in enumerate(content_hashes(ds.images)):
-        dup[i] = h in seen
-        seen.add(h)
+    blank = blank_mask(ds.images, blank_std)
+    dup = duplicate_mask(content_hashes(ds.images))
     keep = np.flatnonzero(~dup & ~blank)
     removed = {"duplicates": int(dup.sum()), "blank": int((blank & ~dup).sum())}
     return keep, removed
