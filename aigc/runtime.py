@@ -17,10 +17,10 @@ import torch
 from aigc.errors import UserError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU. Asking for CUDA without one is an error."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU. Asking for CUDA without one is an error naming ``key``."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise UserError(f"{key} = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 

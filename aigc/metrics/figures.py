@@ -1,0 +1,45 @@
+"""The evaluation's pictures, as uint8 arrays (aigc.images.save_png writes them)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from aigc.images import make_grid
+
+
+def nearest_grid(fake: torch.Tensor, train: torch.Tensor, pairs_per_row: int = 4) -> np.ndarray:
+    """Generated images each followed by its nearest training image: rows of
+    ``[fake_1, nearest_1, fake_2, nearest_2, ...]`` ([-1, 1] (N, C, H, W) each, same N)."""
+    interleaved = torch.stack([fake, train], dim=1).flatten(0, 1)
+    return make_grid(interleaved, nrow=2 * pairs_per_row)
+
+
+def class_bars(classes: list[int], data_share: np.ndarray, generated: np.ndarray, real_test: np.ndarray) -> np.ndarray:
+    """Bar chart of the class shares: the data's labels, the generated images' and the real test
+    images' predicted classes (the floor), as an RGB uint8 picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(classes))
+    w = 0.28
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(classes) + 2), 3.2), dpi=100)
+    ax.bar(x - w, data_share, w, label="data (train labels)", color="#999999")
+    ax.bar(x, real_test, w, label="real test (predicted): the floor", color="#4c72b0")
+    ax.bar(x + w, generated, w, label="generated (predicted)", color="#dd8452")
+    ax.set_xticks(x, [str(c) for c in classes])
+    ax.set_xlabel("class")
+    ax.set_ylabel("share of images")
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    from PIL import Image
+
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
