@@ -2,12 +2,16 @@
 
     aigc check-params [params.yaml]          validate params.yaml, print the resolved values
     aigc generate --model models/generator.pt -n 64 --seed 0 --out grid.png
+    aigc generate --model models:/aigc-generator@champion -n 64 --seed 0 --label 3 --out grid.png
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from aigc.errors import UserError
 
@@ -21,16 +25,51 @@ def _check_params(args: argparse.Namespace) -> None:
     print(f"{args.params}: OK", file=sys.stderr)
 
 
+def _tracking_uri(params: str) -> str:
+    """Where registered models live: MLFLOW_TRACKING_URI if set, else params.yaml's tracking.uri
+    (the same rule as the pipeline's)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    from aigc.config import TrackingConfig, load_section
+
+    return load_section(params, "tracking", TrackingConfig).uri
+
+
+def _model_files(args: argparse.Namespace, tmp: str) -> tuple[dict[str, Path], str]:
+    """The generator (and evaluator) files behind --model: a local file, or a registered
+    version (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) downloaded into ``tmp``."""
+    if args.model.startswith("models:"):
+        from aigc.tracking import Registry
+
+        registry = Registry(_tracking_uri(args.params))
+        version = registry.resolve(args.model)
+        files = registry.download(version, tmp)
+        what = f"{args.model} (version {version.version})"
+    else:
+        files, what = {"generator": Path(args.model)}, args.model
+    if args.evaluator:
+        files["evaluator"] = Path(args.evaluator)
+    return files, what
+
+
 def _generate(args: argparse.Namespace) -> None:
     from aigc.images import make_grid, save_png
-    from aigc.models import load_generator, sample
+    from aigc.models import load_generator
+    from aigc.sampling import generate
 
-    if args.n < 1:
-        raise UserError(f"-n must be at least 1, got {args.n}")
-    G, cfg = load_generator(args.model)
-    images = sample(G, cfg.z_dim, args.n, args.seed)
+    with tempfile.TemporaryDirectory(prefix="aigc-generate-") as tmp:
+        files, what = _model_files(args, tmp)
+        G, cfg = load_generator(files["generator"])
+        evaluator = None
+        if args.label is not None and "evaluator" in files:
+            from aigc.metrics.evaluator import load_evaluator  # loads torchmetrics: only for labels
+
+            evaluator = load_evaluator(files["evaluator"])
+        images = generate(G, cfg, args.n, args.seed, args.label, evaluator)
     save_png(make_grid(images), args.out)
-    print(f"wrote {args.n} samples from {args.model} ({cfg.family}, {cfg.height}x{cfg.width}x{cfg.channels}) to {args.out}")
+    label = f" of class {args.label}" if args.label is not None else ""
+    print(f"wrote {args.n} samples{label} from {what} ({cfg.family}, {cfg.height}x{cfg.width}x{cfg.channels}) "
+          f"to {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params", nargs="?", default="params.yaml")
     p.set_defaults(func=_check_params)
 
-    p = sub.add_parser("generate", help="sample images from a generator file into a PNG grid")
-    p.add_argument("--model", required=True, help="generator file, e.g. models/generator.pt")
+    p = sub.add_parser("generate", help="sample images from a generator (file or registered model) into a PNG grid")
+    p.add_argument("--model", required=True,
+                   help="generator file (models/generator.pt) or registered model (models:/aigc-generator@champion, "
+                        "models:/aigc-generator/3)")
+    p.add_argument("--label", type=int, default=None,
+                   help="only images the evaluator classifies as this class (rejection sampling; needs an evaluator)")
+    p.add_argument("--evaluator", default=None,
+                   help="evaluator file for --label with a generator file (models/evaluator.pt); a registered "
+                        "model carries its own")
+    p.add_argument("--params", default="params.yaml",
+                   help="params file whose tracking.uri holds registered models, unless MLFLOW_TRACKING_URI is set "
+                        "(default: %(default)s)")
     p.add_argument("-n", type=int, default=64, help="number of images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for z: same seed, same images (default: %(default)s)")
     p.add_argument("--out", default="samples.png", help="PNG to write (default: %(default)s)")

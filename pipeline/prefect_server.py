@@ -42,16 +42,20 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    """Start ``prefect server start`` and wait until its API answers; returns (process, API URL)."""
+def start_server(services: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start ``prefect server start`` and wait until its API answers; returns (process, API URL).
+
+    ``services``: also run the server's background services -- the scheduler among them, which a
+    cron schedule needs (``python -m pipeline.retrain serve``); a plain ``dvc repro`` does not.
+    """
     port = _free_port()
     home = Path(os.environ["PREFECT_HOME"])
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "server.log", "w")
     prefect = str(Path(sys.executable).with_name("prefect"))
     proc = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--no-services",
-         "--analytics-off", "--log-level", "WARNING"],
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
+         *([] if services else ["--no-services"]), "--analytics-off", "--log-level", "WARNING"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/api"

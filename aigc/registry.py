@@ -1,0 +1,190 @@
+"""Champion promotion: may a newly trained generator replace the current champion?
+
+Pure decision logic, no MLflow (the register stage, ``pipeline/register.py``, wires it to the
+registry through ``aigc/tracking.py``):
+
+    problem = output_problem(sample(G, z_dim, 64, seed=0), min_std=0.01)  # NaN/constant output?
+    decision = decide(candidate_metrics, champion_metrics, cfg, data_gate_passed=True,
+                      output_problem=problem)
+    decision.promote, decision.outcome, decision.reason
+
+The rule (README, "Model registry and serving"):
+
+1. a broken generator (NaN/inf or constant output) is refused;
+2. every gate must pass: the data gate, the covered modes, the memorisation (DCR) score, and
+   the compared metric must be a finite number;
+3. the first version that passes the gates becomes the champion; later ones must beat the
+   champion on ``register.metric`` -- by default FID minus its floor, lower is better -- by more
+   than ``register.min_improvement``. A tie is not a win, and a champion whose metric is unknown
+   is never replaced automatically (the registry must never promote a worse model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from aigc.config import RegisterConfig
+
+Direction = Literal["lower", "higher"]
+
+# Which way is better, per metric of reports/metrics.json (aigc/metrics). Explicit, so a new
+# metric cannot be compared the wrong way round by accident.
+DIRECTIONS: dict[str, Direction] = {
+    "fid": "lower",
+    "kid": "lower",
+    "class_kl": "lower",
+    "is": "higher",
+    "precision": "higher",
+    "recall": "higher",
+    "density": "higher",
+    "coverage": "higher",
+    "modes": "higher",
+    "dcr_score": "higher",
+}
+
+Outcome = Literal["promoted", "refused", "kept"]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One check a candidate must pass to be promoted."""
+
+    name: str
+    passed: bool
+    observed: Any
+    bound: str
+
+    def describe(self) -> str:
+        return f"{self.name} = {self.observed} (needs {self.bound})"
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    outcome: Outcome  # promoted | refused | kept (the candidate already is the champion)
+    reason: str  # one sentence a person reads in reports/registry.json and the stage log
+    metric: str
+    direction: Direction
+    relative_to_floor: bool
+    candidate_value: float | None
+    champion_value: float | None
+    gates: list[Gate] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gates"] = {g.name: {"passed": g.passed, "observed": g.observed, "bound": g.bound} for g in self.gates}
+        return d
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def compared_value(metrics: dict[str, Any] | None, metric: str, relative_to_floor: bool) -> float | None:
+    """The number compared between versions: ``metric`` itself, or ``metric - metric_floor``
+    (how far from what real held-out images score). None when missing or not finite."""
+    if not metrics:
+        return None
+    value = metrics.get(metric)
+    if relative_to_floor:
+        floor = metrics.get(f"{metric}_floor")
+        value = value - floor if _finite(value) and _finite(floor) else None
+    return float(value) if _finite(value) else None
+
+
+def better(a: float, b: float, direction: Direction, margin: float = 0.0) -> bool:
+    """``a`` beats ``b`` by more than ``margin`` in ``direction``; a tie is not a win."""
+    return a < b - margin if direction == "lower" else a > b + margin
+
+
+def output_problem(images: torch.Tensor, min_std: float) -> str | None:
+    """Why a generator's sample (N, C, H, W, in [-1, 1]) looks broken, or None when it does not.
+
+    Broken: any NaN/inf pixel; every pixel (nearly) the same value; every sample (nearly) the
+    same image. ``min_std`` is in the [-1, 1] pixel scale.
+    """
+    x = images.detach().double()
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        return f"{bad} of {x.numel()} output pixels are NaN or inf"
+    overall = float(x.std()) if x.numel() > 1 else 0.0
+    if overall < min_std:
+        return f"constant output: pixel std {overall:.2e} < {min_std}"
+    if len(x) > 1:
+        across = float(x.std(dim=0).mean())  # per-pixel spread across samples
+        if across < min_std:
+            return f"every sample is the same image: std across samples {across:.2e} < {min_std}"
+    return None
+
+
+def gates(candidate: dict[str, Any], cfg: RegisterConfig, data_gate_passed: bool | None,
+          output_problem: str | None) -> list[Gate]:
+    """Every gate of ``register:`` on the candidate's metrics (reports/metrics.json)."""
+    out = [Gate("output", output_problem is None, output_problem or "finite, varied images",
+                "finite, non-constant samples")]
+    if cfg.require_data_gate:
+        out.append(Gate("data_gate", data_gate_passed is True, data_gate_passed, "passed (register.require_data_gate)"))
+    modes, classes = candidate.get("modes"), candidate.get("classes")
+    if cfg.min_modes_covered > 0:
+        need = cfg.min_modes_covered * classes if _finite(classes) else None
+        ok = _finite(modes) and need is not None and modes >= need - 1e-9
+        out.append(Gate("modes", bool(ok), modes if _finite(modes) else repr(modes),
+                        f">= {cfg.min_modes_covered:g} x {classes} classes (register.min_modes_covered)"))
+    if cfg.min_dcr_score > 0:
+        dcr = candidate.get("dcr_score")
+        ok = _finite(dcr) and dcr >= cfg.min_dcr_score
+        out.append(Gate("dcr_score", bool(ok), dcr if _finite(dcr) else repr(dcr),
+                        f">= {cfg.min_dcr_score:g} (register.min_dcr_score; 1 = no sign of copying)"))
+    value = compared_value(candidate, cfg.metric, cfg.relative_to_floor)
+    what = f"{cfg.metric} - {cfg.metric}_floor" if cfg.relative_to_floor else cfg.metric
+    out.append(Gate("metric", value is not None, value if value is not None else repr(candidate.get(cfg.metric)),
+                    f"a finite {what}"))
+    return out
+
+
+def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, cfg: RegisterConfig,
+           data_gate_passed: bool | None, output_problem: str | None = None,
+           champion_version: str | None = None, is_champion: bool = False) -> Decision:
+    """Promote the candidate, or refuse it, with the reason.
+
+    ``candidate``/``champion``: metrics dicts as reports/metrics.json holds them (``champion``
+    None when there is no champion yet). ``champion_version`` only names it in the reason.
+    ``is_champion``: the candidate is the very generator the alias already points at (a rerun
+    of the stage): nothing moves.
+    """
+    direction = DIRECTIONS[cfg.metric]
+    what = f"{cfg.metric} - floor" if cfg.relative_to_floor else cfg.metric
+    cand = compared_value(candidate, cfg.metric, cfg.relative_to_floor)
+    champ = compared_value(champion, cfg.metric, cfg.relative_to_floor) if champion is not None else None
+    checks = gates(candidate, cfg, data_gate_passed, output_problem)
+    common = dict(metric=cfg.metric, direction=direction, relative_to_floor=cfg.relative_to_floor,
+                  candidate_value=cand, champion_value=champ, gates=checks)
+    who = f"champion v{champion_version}" if champion_version else "the champion"
+
+    if is_champion:
+        return Decision(False, "kept", f"this generator already is {who}; nothing to move", **common)
+    failed = [g for g in checks if not g.passed]
+    if failed:
+        return Decision(False, "refused", "failed gate(s): " + "; ".join(g.describe() for g in failed), **common)
+    if champion is None:
+        return Decision(True, "promoted", f"first version to pass the gates ({what} = {cand:.4g})", **common)
+    if champ is None:
+        return Decision(False, "refused", f"{who} has no recorded {what}, so it cannot be compared; move the "
+                                          f"alias by hand if this version should replace it", **common)
+    word = "lower" if direction == "lower" else "higher"
+    margin = f" by more than {cfg.min_improvement:g}" if cfg.min_improvement else ""
+    if better(cand, champ, direction, cfg.min_improvement):
+        return Decision(True, "promoted", f"{what} {cand:.4g} beats {who}'s {champ:.4g} ({word} is better)", **common)
+    return Decision(False, "refused", f"{what} {cand:.4g} does not beat {who}'s {champ:.4g}{margin} "
+                                      f"({word} is better)", **common)
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    """A stable hash of a training's params (run.json ``params``): same params, same hash."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,110 @@
+"""The served generator: an ``mlflow.pyfunc`` model that rebuilds the generator from its own file.
+
+    mlflow models serve -m models:/aigc-generator@champion --env-manager local --port 5001
+    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \
+         -d '{"dataframe_split": {"columns": ["n", "seed"], "data": [[4, 0]]}}'
+
+Input, one row per request (a DataFrame): ``n`` (long), ``seed`` (long), optional ``label``
+(long; drawn by rejection with the evaluator classifier, aigc/sampling.py). Output: uint8 images
+(N, H, W, C), the rows' images one after another.
+
+The model's artifacts are the generator file and, for labels, the evaluator file; both rebuild
+from the file alone (``aigc.models.load_generator``, ``aigc.metrics.evaluator.load_evaluator``).
+``mlflow.pytorch.log_model`` is not used: it stores a torch.fx graph, not the generator with its
+(n, seed, label) interface (stack.md).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, requires, version
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema, TensorSpec
+
+from aigc.errors import UserError
+from aigc.models import NetConfig
+
+# What the served model imports (aigc.models, aigc.sampling, pandas for the input; for labels
+# aigc.metrics.evaluator, whose package loads torchmetrics); pinned as aigc pins them.
+SERVING_PACKAGES = ("torch", "numpy", "pandas", "pydantic", "PyYAML", "tqdm", "pillow", "torchmetrics", "mlflow")
+
+
+class GeneratorModel(mlflow.pyfunc.PythonModel):
+    """(n, seed, label?) rows -> uint8 images; the generator is rebuilt from its file on load."""
+
+    def load_context(self, context: Any) -> None:
+        from aigc.models import load_generator
+
+        self.G, self.cfg = load_generator(context.artifacts["generator"])
+        self.evaluator_path = context.artifacts.get("evaluator")
+        self._evaluator = None
+
+    def evaluator(self) -> Any:
+        """The classifier for labelled requests, loaded on the first one: a model serves
+        unlabelled requests even when its evaluator file no longer loads."""
+        if self._evaluator is None and self.evaluator_path:
+            from aigc.metrics.evaluator import load_evaluator
+
+            try:
+                self._evaluator = load_evaluator(self.evaluator_path)
+            except (RuntimeError, KeyError, TypeError) as exc:  # saved by an incompatible aigc version
+                raise UserError(f"this model's evaluator does not load with the installed aigc "
+                                f"({type(exc).__name__}); labelled requests are unavailable") from None
+        return self._evaluator
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
+        from aigc.sampling import generate_uint8
+
+        images = []
+        try:
+            for row in model_input.to_dict("records"):
+                label = row.get("label")
+                label = None if label is None or pd.isna(label) else int(label)
+                evaluator = self.evaluator() if label is not None else None
+                images.append(generate_uint8(self.G, self.cfg, int(row["n"]), int(row["seed"]), label, evaluator))
+        except UserError as exc:  # the client's request is wrong: HTTP 400 with the message, not a 500
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        if not images:
+            c, h, w = self.cfg.image_shape
+            return np.zeros((0, h, w, c), np.uint8)
+        return np.concatenate(images)
+
+
+def signature(cfg: NetConfig) -> ModelSignature:
+    """Inputs n, seed, label (optional); output uint8 images (N, H, W, C) of the generator's size."""
+    inputs = Schema([ColSpec("long", "n"), ColSpec("long", "seed"), ColSpec("long", "label", required=False)])
+    outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, cfg.height, cfg.width, cfg.channels))])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example() -> pd.DataFrame:
+    return pd.DataFrame({"n": [4], "seed": [0]})
+
+
+def pip_requirements() -> list[str]:
+    """The served model's requirements, pinned exactly as aigc's own (pyproject.toml), plus aigc.
+
+    Given explicitly: MLflow's inference costs ~11 s (stack.md). aigc is a local package, not on
+    PyPI, so serve with ``--env-manager local`` from the project's environment.
+    """
+    pins = {}
+    for req in requires("aigc") or []:
+        name = req.split(";")[0].split("==")[0].strip()
+        if ";" not in req and name.lower() in {p.lower() for p in SERVING_PACKAGES}:
+            pins[name.lower()] = req.strip()
+    out = []
+    for name in SERVING_PACKAGES:
+        if name.lower() in pins:
+            out.append(pins[name.lower()])
+        else:
+            try:
+                out.append(f"{name}=={version(name).split('+')[0]}")
+            except PackageNotFoundError:
+                out.append(name)
+    return out + [f"aigc=={version('aigc')}"]
