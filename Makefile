@@ -23,7 +23,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 
-.PHONY: help run test test-fast ui bench install install-dev dvc-init
+.PHONY: help run test test-fast ui bench install install-dev dvc-init serve retrain schedule
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,7 +51,7 @@ run: install dvc-init  ## train on the default data: dvc repro (only what change
 	python -m pipeline.prefect_server dvc repro
 
 test: install-dev dvc-init  ## the whole test suite, end-to-end runs included
-	pytest
+	pytest --durations=15
 
 test-fast: install-dev  ## the fast tests only (no end-to-end runs)
 	pytest -m "not slow"
@@ -61,3 +61,14 @@ bench: install  ## speed and overhead figures -> reports/benchmarks/ (~5 min)
 
 ui: install  ## open the MLflow UI on http://127.0.0.1:5000 for the local store
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+serve: install  ## serve the champion on http://127.0.0.1:5001 (POST /invocations; README)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} mlflow models serve \
+		-m models:/aigc-generator@champion --env-manager local --host 127.0.0.1 --port 5001
+
+retrain: install dvc-init  ## retrain once: dvc repro under the retraining lock, then the registry's decision
+	python -m pipeline.retrain run
+
+CRON ?= 0 3 * * 1
+schedule: install dvc-init  ## retrain on a cron schedule (CRON="0 3 * * 1"), until Ctrl-C
+	python -m pipeline.retrain serve --cron "$(CRON)"

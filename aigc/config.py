@@ -10,11 +10,12 @@ problem (``ConfigError``), e.g.::
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from aigc.errors import ConfigError
 
@@ -86,6 +87,134 @@ class TrackingConfig(_Section):
     artifact_root: str = "mlartifacts"
 
 
+class EvaluatorConfig(_Section):
+    """The metrics' feature network: a small CNN classifier trained on the processed train split
+    (its size follows dataset.json; see aigc/models/evaluator.py)."""
+
+    # 5 epochs, one-cycle schedule peaking at lr: ~96% test accuracy on the default MNIST subset.
+    epochs: int = Field(default=5, ge=1, le=1000)
+    batch_size: int = Field(default=64, ge=2, le=65_536)
+    lr: float = Field(default=0.01, gt=0.0, le=1.0)
+    # Convolution widths b, 2b, F, F; their global average pool (F values) is the feature
+    # vector of FID, KID, precision/recall and memorisation.
+    base_channels: int = Field(default=16, ge=1, le=512)
+    features: int = Field(default=64, ge=2, le=4096)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluateConfig(_Section):
+    """Scoring a trained generator against the real data (see README, "Evaluation")."""
+
+    num_samples: int = Field(default=10_000, ge=2, le=1_000_000)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)  # z, the KID subsets, the floor's subset
+    batch_size: int = Field(default=500, ge=1, le=65_536)  # images per generator/evaluator call
+    kid_subsets: int = Field(default=100, ge=1, le=10_000)
+    # Capped at the compared sample size (torchmetrics refuses a larger subset).
+    kid_subset_size: int = Field(default=100, ge=2, le=100_000)
+    prdc_k: int = Field(default=5, ge=1, le=100)  # k of the k-nearest-neighbour balls (Naeem et al. 2020)
+    # A class counts as a covered mode when its share of the samples is at least this fraction
+    # of its share of the data (0.2 with 10 balanced classes: 2% of the samples).
+    mode_min_share: float = Field(default=0.2, gt=0.0, le=1.0)
+    grid_size: int = Field(default=64, ge=1, le=1024)  # samples in reports/eval/samples.png
+    nearest_pairs: int = Field(default=16, ge=1, le=256)  # pairs in the nearest-neighbour grid
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+# The metrics of reports/metrics.json a registry decision can compare (aigc/registry.DIRECTIONS says
+# which way is better for each).
+REGISTRY_METRICS = ("fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score")
+
+
+class RegisterConfig(_Section):
+    """The model registry: which version becomes the champion (aigc/registry.py, README "Model registry")."""
+
+    model_name: str = Field(default="aigc-generator", min_length=1, max_length=200)
+    # The alias that marks the best version so far (MLflow aliases, not the deprecated stages).
+    alias: str = Field(default="champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
+    # Compared between versions; its direction (lower/higher is better) is fixed per metric.
+    metric: Literal[REGISTRY_METRICS] = "fid"  # type: ignore[valid-type]
+    # Compare metric - metric_floor (the gap to real held-out images) rather than the raw score:
+    # the floor moves with the data and the evaluator, the gap much less.
+    relative_to_floor: bool = True
+    # A new version must beat the champion by more than this (in the metric's units); a tie never wins.
+    min_improvement: float = Field(default=0.0, ge=0.0)
+    # Gates, checked before any comparison (the first version too):
+    min_modes_covered: float = Field(default=0.8, ge=0.0, le=1.0)  # covered modes / classes (0: off)
+    min_dcr_score: float = Field(default=0.5, ge=0.0, le=1.0)  # memorisation: 1 = no sign of copying (0: off)
+    require_data_gate: bool = True  # reports/data_quality/summary.json must say passed
+    # The broken-generator check: this many samples must be finite and not constant.
+    check_samples: int = Field(default=64, ge=2, le=4096)
+    min_output_std: float = Field(default=0.01, ge=0.0)  # in the [-1, 1] pixel scale
+
+    @model_validator(mode="after")
+    def _alias_not_reserved(self) -> "RegisterConfig":
+        # MLflow reserves "latest" and "v<number>" (they already mean a version).
+        if self.alias == "latest" or (self.alias[0] == "v" and self.alias[1:].isdigit()):
+            raise ValueError(f"alias {self.alias!r} is reserved by MLflow; pick another name")
+        return self
+
+
+# The data-quality expectations by name: the names validate.warn takes, and the report shows.
+EXPECTATIONS = ("record_count", "image_shape", "channels", "dtype", "pixel_min", "pixel_max", "finite",
+                "labels", "classes_present", "class_count", "class_share", "duplicates", "blank", "pii")
+PrivacyAction = Literal["drop", "hash", "keep"]
+
+
+class ValidateConfig(_Section):
+    """The data-quality gate's bounds (great-expectations, on a per-record summary of data/raw).
+
+    The defaults pass both built-in datasets (5,000 MNIST digits, 1,797 8x8 digits).
+    """
+
+    min_records: int = Field(default=100, ge=1)
+    max_records: int = Field(default=10_000_000, ge=1)
+    # Allowed channel counts (1 grey, 3 RGB); every image must also have the same shape.
+    channels: list[int] = Field(default_factory=lambda: [1, 3], min_length=1)
+    # The declared pixel range (0..255 scale): every record's min and max must fall inside.
+    pixel_min: int = Field(default=0, ge=0, le=255)
+    pixel_max: int = Field(default=255, ge=0, le=255)
+    # The declared class set: a list of labels, or null for any label 0..max_label.
+    classes: list[int] | None = None
+    max_label: int = Field(default=9, ge=0)
+    # -1 marks an unlabelled record (a source without labels); class checks ignore those.
+    allow_unlabelled: bool = True
+    min_classes: int = Field(default=2, ge=1)
+    # Every class holds at least this share of the labelled records (10 balanced classes: 0.10).
+    min_class_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_duplicate_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_blank_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    # Expectations that only warn: reported, but the run goes on.
+    warn: list[Literal[EXPECTATIONS]] = Field(default_factory=list)  # type: ignore[valid-type]
+    # Example images per failing expectation in the HTML report.
+    examples: int = Field(default=8, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> "ValidateConfig":
+        if self.min_records > self.max_records:
+            raise ValueError(f"min_records ({self.min_records}) must not exceed max_records ({self.max_records})")
+        if self.pixel_min > self.pixel_max:
+            raise ValueError(f"pixel_min ({self.pixel_min}) must not exceed pixel_max ({self.pixel_max})")
+        return self
+
+
+class PrivacyConfig(_Section):
+    """What to do with a metadata column the gate flags as personal data (see aigc/privacy)."""
+
+    # drop: remove the column | hash: salted SHA-256 (salt from $AIGC_PII_SALT) | keep: opt-in
+    action: PrivacyAction = "drop"
+    # Per-column override, e.g. {author: hash, notes: keep}; drop/hash also apply unflagged.
+    columns: dict[str, PrivacyAction] = Field(default_factory=dict)
+    # A column whose name contains one of these words holds person names.
+    name_columns: list[str] = Field(default_factory=lambda: ["name", "author", "writer", "patient", "owner"])
+
+
+# The section is called "validate", like its stage; pydantic warns that the name hides the
+# deprecated v1 classmethod BaseModel.validate, which nothing here uses.
+warnings.filterwarnings("ignore", message='Field name "validate" in "Params" shadows', category=UserWarning)
+# Likewise "register" (the stage's name) hides ABCMeta.register, which nothing here uses on Params.
+warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
+
+
 class Params(_Section):
     """The whole of params.yaml."""
 
@@ -94,6 +223,11 @@ class Params(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    evaluator: EvaluatorConfig = EvaluatorConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    validate: ValidateConfig = ValidateConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    register: RegisterConfig = RegisterConfig()
 
 
 S = TypeVar("S", bound=BaseModel)

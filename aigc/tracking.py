@@ -1,7 +1,9 @@
 """The one place that talks to MLflow.
 
 Library code reports through plain hooks (``aigc.training.StepWindow``, grids as arrays);
-this module turns them into MLflow calls. One training = one MLflow run.
+this module turns them into MLflow calls. One training = one MLflow run. The model registry
+(``Registry``: versions, their tags, the ``champion`` alias) lives here too; the decision of
+what to promote is plain logic in ``aigc/registry.py``.
 
 The store is ``tracking.uri`` from params.yaml (a local SQLite file by default) unless
 ``MLFLOW_TRACKING_URI`` is set, which wins, as MLflow users expect.
@@ -9,10 +11,13 @@ The store is ``tracking.uri`` from params.yaml (a local SQLite file by default) 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per model download
 # A dead server should fail in seconds, not after MLflow's default minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -104,6 +110,27 @@ class Run:
         self.log_params(params)
         return self
 
+    @classmethod
+    def attach(cls, info: dict[str, Any], cfg: TrackingConfig) -> "Run":
+        """Re-open the run a run file names (``info``: ``run_id``, ``tracking_uri``, as ``info()``
+        wrote them), to log more into it: evaluation metrics go to the training's own run.
+
+        Records nothing when tracking is off now or was off when the run file was written. The
+        run lives where it was recorded, so the run file's URI is used; a dead server fails as
+        ``start`` does.
+        """
+        if not cfg.enabled or not info.get("run_id"):
+            return cls.disabled()
+        uri = info.get("tracking_uri") or resolve_uri(cfg)
+        _check_reachable(uri)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            run = client.get_run(info["run_id"])
+        except MlflowException as exc:
+            raise UserError(f"MLflow run {info['run_id']} (named by the run file) cannot be opened in {uri}: "
+                            f"{exc.message}; retrain (dvc repro -f train) to record a new one") from None
+        return cls(client, run.info.run_id, run.info.experiment_id, uri)
+
     @property
     def active(self) -> bool:
         return self.client is not None
@@ -144,6 +171,156 @@ class Run:
         if self.active:
             self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
 
+    def log_pyfunc_model(self, name: str, python_model: Any, artifacts: dict[str, str], signature: Any,
+                         input_example: Any, pip_requirements: list[str]) -> str:
+        """Log an ``mlflow.pyfunc`` model (``python_model`` + its artifact files) into this run;
+        returns its ``models:/m-...`` URI, which :meth:`Registry.register` takes.
+
+        ``pip_requirements`` must be given: inferring them costs ~11 s (stack.md).
+        """
+        if not self.active:
+            raise RuntimeError("log_pyfunc_model needs an active run (tracking.enabled)")
+        import mlflow.pyfunc
+
+        with _fluent(self.uri), mlflow.start_run(run_id=self.run_id):  # re-opens the run, then ends it again
+            info = mlflow.pyfunc.log_model(name=name, python_model=python_model, artifacts=artifacts,
+                                           signature=signature, input_example=input_example,
+                                           pip_requirements=pip_requirements)
+        return info.model_uri
+
     def info(self) -> dict[str, Any]:
         """What later stages need to find this run again (written to the run file)."""
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.uri}
+
+
+# --- The model registry: versions, their tags and aliases (never the deprecated stages) ---------
+
+
+@contextlib.contextmanager
+def _fluent(uri: str) -> Iterator[None]:
+    """Point MLflow's module-level (fluent) API at ``uri`` for a block: model logging and
+    ``register_model`` only exist there."""
+    import mlflow
+
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses), which resolve_uri would
+    # then read: put the environment back exactly as it was, not as MLflow's default.
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # None: back to unset
+        mlflow.set_registry_uri(env["MLFLOW_REGISTRY_URI"])
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered version, as the rest of aigc sees it (no MLflow types outside this module)."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+    aliases: list[str]
+    run_id: str | None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def _version(mv: Any) -> ModelVersion:
+    return ModelVersion(mv.name, str(mv.version), dict(mv.tags or {}), list(mv.aliases or []), mv.run_id)
+
+
+class Registry:
+    """The MLflow model registry of one tracking store (the registry lives beside the runs)."""
+
+    def __init__(self, uri: str):
+        _check_reachable(uri)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    @classmethod
+    def open(cls, cfg: TrackingConfig) -> "Registry":
+        """The registry of ``MLFLOW_TRACKING_URI``, else ``tracking.uri`` (as the pipeline does)."""
+        return cls(resolve_uri(cfg))
+
+    def _model(self, name: str) -> Any | None:
+        try:
+            return self.client.get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+
+    def by_alias(self, name: str, alias: str) -> ModelVersion | None:
+        """The version ``alias`` points at; None when the model or the alias does not exist yet."""
+        model = self._model(name)
+        if model is None or alias not in (model.aliases or {}):
+            return None
+        return _version(self.client.get_model_version(name, model.aliases[alias]))
+
+    def find(self, name: str, tag: str, value: str) -> ModelVersion | None:
+        """The newest version of ``name`` whose tag ``tag`` is ``value`` (e.g. the same generator file)."""
+        if self._model(name) is None:
+            return None
+        found = [mv for mv in self.client.search_model_versions(f"name = '{name}'") if (mv.tags or {}).get(tag) == value]
+        return _version(max(found, key=lambda mv: int(mv.version))) if found else None
+
+    def register(self, model_uri: str, name: str, tags: dict[str, str]) -> ModelVersion:
+        """A new version of ``name`` (created if needed) from a logged model's URI, with ``tags``."""
+        import mlflow
+
+        with _fluent(self.uri):
+            mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+        return _version(self.client.get_model_version(name, mv.version))
+
+    def set_tags(self, version: ModelVersion, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(version.name, version.version, key, str(value))
+
+    def set_alias(self, version: ModelVersion, alias: str) -> None:
+        """Point ``alias`` at ``version`` (moving it from wherever it was)."""
+        self.client.set_registered_model_alias(version.name, alias, version.version)
+
+    def resolve(self, uri: str) -> ModelVersion:
+        """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the version; a clear error for an
+        unknown model, alias or version."""
+        m = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", uri)
+        if not m:
+            raise UserError(f"{uri!r} is not a registered-model URI: use models:/NAME@ALIAS or models:/NAME/VERSION")
+        name, alias, number = m.groups()
+        model = self._model(name)
+        if model is None:
+            known = sorted(r.name for r in self.client.search_registered_models())
+            raise UserError(f"no registered model {name!r} in {self.uri}; registered: "
+                            f"{', '.join(known) if known else 'none yet (dvc repro registers one)'}")
+        aliases = dict(model.aliases or {})
+        if alias is not None:
+            if alias not in aliases:
+                have = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+                raise UserError(f"model {name!r} has no alias {alias!r} in {self.uri}; its aliases: {have}")
+            number = aliases[alias]
+        try:
+            return _version(self.client.get_model_version(name, number))
+        except MlflowException:
+            versions = sorted(int(mv.version) for mv in self.client.search_model_versions(f"name = '{name}'"))
+            raise UserError(f"model {name!r} has no version {number} in {self.uri}; versions: "
+                            f"{', '.join(map(str, versions)) or 'none'}") from None
+
+    def download(self, version: ModelVersion, dst: str | Path) -> dict[str, Path]:
+        """Download a version's pyfunc model into ``dst``; returns its artifact files by name
+        (``{"generator": .../generator.pt, "evaluator": ...}``)."""
+        import mlflow.artifacts
+        from mlflow.models import Model
+
+        source = self.client.get_model_version_download_uri(version.name, version.version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=self.uri))
+        flavor = Model.load(str(local)).flavors.get("python_function", {})
+        return {key: local / spec["path"] for key, spec in (flavor.get("artifacts") or {}).items()}

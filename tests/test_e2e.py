@@ -43,6 +43,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["source"] = "digits"
     params["train"]["epochs"] = 1
+    params["evaluator"]["epochs"] = 1
+    params["evaluate"]["num_samples"] = 400
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], root)
     sh(["git", "config", "user.email", "t@example.com"], root)
@@ -103,3 +105,36 @@ def test_bad_source_stops_the_pipeline_and_keeps_the_outputs(project: Path):
     assert "error: data/source/bad.npz: expected uint8 pixels 0..255, got float64" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
     assert (project / "data/processed/train.npz").read_bytes() == before
+
+
+def test_evaluation_lists_every_score_beside_its_floor(project: Path):
+    scores = ["fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score"]
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    for name in scores:
+        assert isinstance(metrics[name], (int, float)) and isinstance(metrics[f"{name}_floor"], (int, float)), name
+    assert metrics["num_samples"] == 400 and metrics["sample_size"] == 180 and metrics["sets"] == 2
+    assert json.loads((project / "reports/evaluator/metrics.json").read_text())["epochs"] == 1
+    for png in ["samples", "nearest", "classes"]:
+        assert (project / f"reports/eval/{png}.png").stat().st_size > 0, png
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], project).stdout)
+    listed = {k for ws in shown.values() for f in ws["data"].values() for k in f.get("data", {})}
+    assert {*scores, *(f"{s}_floor" for s in scores)} <= listed, listed
+    run_id = json.loads((project / "models/run.json").read_text())["run_id"]
+    run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
+    assert run.data.metrics["eval/fid"] == pytest.approx(metrics["fid"])
+
+
+def test_the_data_quality_gate_passed_and_its_report_is_a_dvc_metric(project: Path):
+    summary = json.loads((project / "reports/data_quality/summary.json").read_text())
+    assert summary["passed"] is True and summary["counts"]["records"] == 1797
+    assert all(e["passed"] for e in summary["expectations"].values())
+    assert "Data-quality gate PASSED" in (project / "reports/data_quality/report.html").read_text()
+    assert sorted(p.name for p in (project / "data/validated").iterdir()) == ["images.npy", "labels.npy",
+                                                                              "metadata.csv"]
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], project).stdout)
+    files = {f for ws in shown.values() for f in ws["data"]}
+    assert "reports/data_quality/summary.json" in files, files
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("aigc").experiment_id],
+                              filter_string="tags.`aigc.stage` = 'validate'")
+    assert runs and all(r.data.tags["aigc.dq_passed"] == "true" for r in runs)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -13,24 +14,28 @@ from tests.conftest import ROOT, run_module
 pytestmark = pytest.mark.slow
 
 
-def prefect_servers() -> list[str]:
-    res = subprocess.run(["pgrep", "-f", f"{Path(sys.executable).parent}/prefect server start"],
-                         capture_output=True, text=True)
-    return res.stdout.split()
+def server_port(stderr: str) -> int:
+    match = re.search(r"Prefect server for this run at http://127\.0\.0\.1:(\d+)/api", stderr)
+    assert match, stderr
+    return int(match.group(1))
 
 
-def test_stage_flows_use_the_shared_server(tmp_path: Path):
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_stage_flows_use_the_shared_server_which_then_stops(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
     res = run_module(["-m", "pipeline.prefect_server", sys.executable, "-m", "pipeline.ingest",
                       "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "raw")], cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    assert "Prefect server for this run at http://127.0.0.1:" in res.stderr
     assert "Starting temporary server" not in res.stderr + res.stdout  # no ephemeral server per stage
     assert (tmp_path / "raw" / "images.npy").exists()
-    assert not prefect_servers()
+    assert not listening(server_port(res.stderr))
 
 
-def test_the_command_exit_code_passes_through_and_the_server_stops():
+def test_the_command_exit_code_passes_through():
     res = run_module(["-m", "pipeline.prefect_server", sys.executable, "-c", "import sys; sys.exit(3)"], cwd=ROOT)
     assert res.returncode == 3
-    assert not prefect_servers()
+    assert not listening(server_port(res.stderr))
