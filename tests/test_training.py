@@ -67,3 +67,17 @@ def test_cuda_requested_without_one():
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match="no CUDA device"):
         train_gan(TrainConfig(device="cuda", batch_size=16), NetConfig("mlp", 8, 1, 8, 8), tiny(), seed=0, progress=False)
+
+
+def test_channels_last_trains_the_same_networks():
+    # NHWC is a memory layout, not a different model: same seed, (numerically) the same losses.
+    rows = {}
+    for cl in (False, True):
+        got: list[dict] = []
+        cfg = CFG.model_copy(update={"channels_last": cl, "epochs": 1})
+        train_gan(cfg, NetConfig("dcgan", 8, 1, 8, 8), tiny(), seed=3, on_steps=lambda w: got.extend(w.rows),
+                  progress=False)
+        rows[cl] = got
+    for a, b in zip(rows[False], rows[True]):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-4), k
