@@ -46,6 +46,26 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def load_net_file(path: str | Path, fmt: str, kind: str, missing_hint: str = "",
+                  map_location: Any = "cpu") -> dict[str, Any]:
+    """The payload of a network file (``{"format", "config", "state_dict"}``), checked, or a UserError
+    naming what is wrong with it. ``kind`` names the file in messages ("generator", "evaluator")."""
+    import torch
+
+    from aigc.errors import UserError
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{kind} file {path} not found{missing_hint}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable {kind} file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise UserError(f"{path}: not an aigc {kind} file (expected format {fmt!r})")
+    return payload
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

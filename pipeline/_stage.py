@@ -39,6 +39,19 @@ def as_flow(fn: Callable[..., Any], name: str):
     return flow(name=name, log_prints=True, validate_parameters=False)(body)
 
 
+def read_stage_json(path: str, what: str, stage: str) -> dict[str, Any]:
+    """A JSON file an earlier stage wrote, or a UserError saying which stage to (re)run."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found; run the {stage} stage first (dvc repro {stage})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid JSON ({exc}); rerun the {stage} stage") from None
+
+
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)

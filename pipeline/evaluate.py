@@ -12,7 +12,6 @@ evaluator's weights), so only the first evaluation with a given evaluator embeds
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,16 +31,7 @@ from aigc.models import load_generator, sample
 from aigc.metrics.evaluator import load_evaluator, weights_sha256
 from aigc.runtime import resolve_device
 from aigc.tracking import Run
-from pipeline._stage import main
-
-
-def _read_run_file(path: str) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"run file {path} not found; run the train stage first (dvc repro train)") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"run file {path} is not valid JSON ({exc}); rerun the train stage") from None
+from pipeline._stage import main, read_stage_json
 
 
 def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str, evaluator: str, processed: str,
@@ -50,7 +40,7 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
     """Score GENERATOR's samples against PROCESSED with EVALUATOR's features; log them to the training's run."""
     cfg = evaluate
     t_start = time.perf_counter()
-    tracker = Run.attach(_read_run_file(run), tracking)  # first: a dead server costs no work
+    tracker = Run.attach(read_stage_json(run, "run file", "train"), tracking)  # first: a dead server costs no work
     info = load_info(processed)
     train, test = load_split(processed, "train"), load_split(processed, "test")
     G, gnet = load_generator(generator)

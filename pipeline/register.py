@@ -13,7 +13,6 @@ new model; a rerun on the same generator file reuses its version instead of regi
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile
@@ -21,24 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from aigc.config import RegisterConfig, TrackingConfig
-from aigc.errors import UserError
 from aigc.io import file_sha256, write_json
 from aigc.models import load_generator, sample
 from aigc.registry import decide, output_problem, params_hash
 from aigc.tracking import ModelVersion, Registry, Run
-from pipeline._stage import main
+from pipeline._stage import main, read_stage_json
 
 METRIC_TAG = "metric."  # version tags "metric.fid", "metric.fid_floor", ...: the champion's scores
 GENERATOR_TAG = "aigc.generator_sha256"
-
-
-def _read_json(path: str, what: str, stage: str) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} not found; run the {stage} stage first (dvc repro {stage})") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{what} {path} is not valid JSON ({exc}); rerun the {stage} stage") from None
 
 
 def tag_metrics(tags: dict[str, str]) -> dict[str, float]:
@@ -58,9 +47,9 @@ def register(register: RegisterConfig, tracking: TrackingConfig, generator: str,
     """Register GENERATOR as a new version of register.model_name; move register.alias to it only if it
     passes the gates and beats the current champion on register.metric. REGISTRY records the decision."""
     cfg = register
-    run_info = _read_json(run, "run file", "train")
-    scores = _read_json(metrics, "metrics file", "evaluate")
-    gate = _read_json(data_gate, "data-quality summary", "validate")
+    run_info = read_stage_json(run, "run file", "train")
+    scores = read_stage_json(metrics, "metrics file", "evaluate")
+    gate = read_stage_json(data_gate, "data-quality summary", "validate")
 
     # (1) Is the generator broken? NaN or constant output is refused whatever the metrics say.
     G, net = load_generator(generator)

@@ -46,6 +46,23 @@ def digit_images(n: int = 40, size: int = 8, classes: int = 4, seed: int = 0) ->
     return images, labels
 
 
+PROJECT_FILES = ["aigc", "pipeline", "dvc.yaml", "params.yaml", ".gitignore", "data/source/README.md"]
+
+
+def copy_project(root: Path) -> Path:
+    """A throwaway copy of the project (code, pipeline, params) at ``root``, for real ``dvc repro`` runs."""
+    import shutil
+
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    return root
+
+
 def run_module(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600):
     """Run ``python -m ...`` (or a console tool) in a subprocess, capturing its output."""
     import subprocess

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,12 +14,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import ROOT, run_module
+from tests.conftest import copy_project, run_module
 
 pytestmark = pytest.mark.slow
-
-PROJECT_FILES = ["aigc", "pipeline", "dvc.yaml", "params.yaml", ".gitignore", "data/source/README.md"]
-
 
 def sh(args: list[str], cwd: Path, ok: bool = True, timeout: int = 900):
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -33,13 +29,7 @@ def sh(args: list[str], cwd: Path, ok: bool = True, timeout: int = 900):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_project(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["source"] = "digits"
     params["train"]["epochs"] = 1

@@ -9,7 +9,6 @@ nothing downstream changes.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,8 @@ from PIL import Image
 
 from aigc.config import DataConfig
 from aigc.data.sources import load_source
-from tests.conftest import ROOT
-from tests.test_e2e import PROJECT_FILES, sh
+from tests.conftest import copy_project
+from tests.test_e2e import sh
 
 pytestmark = pytest.mark.slow
 
@@ -55,13 +54,7 @@ def write_digits_folder(root: Path) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pii-project")
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_project(root)
     write_digits_folder(root / "data/source/planted")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(source="folder", path="data/source/planted")

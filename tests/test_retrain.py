@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from filelock import FileLock
 from mlflow import MlflowClient
 
 from pipeline.retrain import LOCK, registry_record, retrain
-from tests.conftest import ROOT, run_module
+from tests.conftest import ROOT, copy_project, run_module
 
 PY = sys.executable
 
@@ -102,9 +101,6 @@ def test_the_flow_once_under_prefect(tmp_path: Path, caplog: pytest.LogCaptureFi
 
 # --- the real pipeline: tiny project, digits from an NPZ "source" --------------------------------
 
-PROJECT_FILES = ["aigc", "pipeline", "dvc.yaml", "params.yaml", ".gitignore", "data/source/README.md"]
-
-
 def write_source(path: Path, n: int) -> None:
     from sklearn.datasets import load_digits
 
@@ -116,13 +112,7 @@ def write_source(path: Path, n: int) -> None:
 @pytest.mark.slow
 def test_new_source_data_retrains_and_no_change_is_a_cheap_noop(tmp_path: Path):
     root = tmp_path / "project"
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_project(root)
     write_source(root / "data/source/digits.npz", 1200)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(source="npz", path="data/source/digits.npz")

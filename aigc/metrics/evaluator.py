@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from aigc.config import EvaluatorConfig
 from aigc.errors import UserError
+from aigc.io import load_net_file
 from aigc.runtime import resolve_device
 
 EVALUATOR_FORMAT = "aigc.evaluator/1"
@@ -188,15 +189,8 @@ def evaluator_payload(model: Evaluator) -> dict[str, Any]:
 
 def load_evaluator(path: str | Path, map_location: str | torch.device = "cpu") -> Evaluator:
     """Rebuild the evaluator from its file alone; returned in eval mode."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"evaluator file {path} not found; run the train_evaluator stage (dvc repro train_evaluator)")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable evaluator file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("format") != EVALUATOR_FORMAT:
-        raise UserError(f"{path}: not an aigc evaluator file (expected format {EVALUATOR_FORMAT!r})")
+    payload = load_net_file(path, EVALUATOR_FORMAT, "evaluator", map_location=map_location,
+                            missing_hint="; run the train_evaluator stage (dvc repro train_evaluator)")
     model = Evaluator(EvaluatorNet.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     return model.eval()

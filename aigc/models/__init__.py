@@ -73,15 +73,9 @@ def generator_payload(G: nn.Module, cfg: NetConfig) -> dict[str, Any]:
 
 def load_generator(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, NetConfig]:
     """Rebuild a generator from its file alone; returned in eval mode."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"generator file {path} not found")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable generator file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("format") != GENERATOR_FORMAT:
-        raise UserError(f"{path}: not an aigc generator file (expected format {GENERATOR_FORMAT!r})")
+    from aigc.io import load_net_file
+
+    payload = load_net_file(path, GENERATOR_FORMAT, "generator", map_location=map_location)
     cfg = NetConfig(**payload["config"])
     G = build_generator(cfg)
     G.load_state_dict(payload["state_dict"])
