@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,23 +24,16 @@ def _check_params(args: argparse.Namespace) -> None:
     print(f"{args.params}: OK", file=sys.stderr)
 
 
-def _tracking_uri(params: str) -> str:
-    """Where registered models live: MLFLOW_TRACKING_URI if set, else params.yaml's tracking.uri
-    (the same rule as the pipeline's)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    from aigc.config import TrackingConfig, load_section
-
-    return load_section(params, "tracking", TrackingConfig).uri
-
-
 def _model_files(args: argparse.Namespace, tmp: str) -> tuple[dict[str, Path], str]:
     """The generator (and evaluator) files behind --model: a local file, or a registered
     version (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) downloaded into ``tmp``."""
     if args.model.startswith("models:"):
         from aigc.tracking import Registry
 
-        registry = Registry(_tracking_uri(args.params))
+        from aigc.config import TrackingConfig, load_section
+
+        # MLFLOW_TRACKING_URI if set, else params.yaml's tracking.uri: the pipeline's own rule
+        registry = Registry.open(load_section(args.params, "tracking", TrackingConfig))
         version = registry.resolve(args.model)
         files = registry.download(version, tmp)
         what = f"{args.model} (version {version.version})"

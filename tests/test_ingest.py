@@ -222,3 +222,15 @@ def test_many_offenders_are_listed_up_to_five(tmp_path: Path):
         (root / "0" / f"bad{i}.png").write_bytes(b"junk")
     with pytest.raises(DataError, match=r"8 unreadable.*bad4.png \(UnidentifiedImageError\) \(and 3 more\)"):
         load_source(DataConfig(source="folder", path=str(root)))
+
+
+def test_folder_source_pointing_at_a_file(tmp_path: Path):
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(DataError, match="is not a folder"):
+        load_source(DataConfig(source="folder", path=str(tmp_path / "x.png")))
+
+
+def test_incomplete_raw_folder(tmp_path: Path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(DataError, match="incomplete raw dataset .*images.npy missing.*run the ingest stage"):
+        load_raw(tmp_path / "raw")

@@ -53,3 +53,15 @@ def test_bad_generator_files(tmp_path: Path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not an aigc generator file"):
         load_generator(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("n", ["0", "100000"])
+def test_generate_with_an_impossible_count(tmp_path: Path, capsys, n: str):
+    from aigc.cli import main as cli
+
+    cfg = NetConfig("mlp", 8, 1, 8, 8)
+    torch.save(generator_payload(build_generator(cfg), cfg), tmp_path / "g.pt")
+    assert cli(["generate", "--model", str(tmp_path / "g.pt"), "-n", n, "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: n = {n}: ask for 1 to ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()

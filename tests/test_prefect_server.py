@@ -39,3 +39,12 @@ def test_the_command_exit_code_passes_through():
     res = run_module(["-m", "pipeline.prefect_server", sys.executable, "-c", "import sys; sys.exit(3)"], cwd=ROOT)
     assert res.returncode == 3
     assert not listening(server_port(res.stderr))
+
+
+def test_a_server_that_cannot_start_is_one_error_line(tmp_path: Path):
+    # an unusable database URL makes `prefect server start` exit at once
+    res = run_module(["-m", "pipeline.prefect_server", sys.executable, "-c", "print('never')"], cwd=ROOT,
+                     env={"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_DATABASE_CONNECTION_URL": "nosuchdb://x"})
+    assert res.returncode != 0
+    assert "never" not in res.stdout
+    assert "error: the Prefect server did not start (see " in res.stderr and "Traceback" not in res.stderr.split("error:")[0]

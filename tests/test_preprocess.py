@@ -82,3 +82,13 @@ def test_stage_writes_splits_and_dataset_json(tmp_path: Path):
     assert on_disk == json.loads(json.dumps(info))
     assert on_disk["resolution"] == [12, 12] and on_disk["channels"] == 1 and on_disk["classes"] == [0, 1, 2, 3]
     assert len(load_split(tmp_path / "processed", "train")["images"]) == on_disk["counts"]["train"] == 36
+
+
+def test_missing_or_foreign_processed_folder(tmp_path: Path):
+    with pytest.raises(DataError, match="dataset.json not found; run the preprocess stage first"):
+        load_info(tmp_path)
+    with pytest.raises(DataError, match="train.npz not found; run the preprocess stage first"):
+        load_split(tmp_path, "train")
+    (tmp_path / "dataset.json").write_text('{"format": "other/9"}')
+    with pytest.raises(DataError, match="format 'other/9', expected 'aigc.dataset/1'; rerun preprocess"):
+        load_info(tmp_path)
