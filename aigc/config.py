@@ -45,6 +45,12 @@ class DataConfig(_Section):
     test_size: float = Field(default=0.1, gt=0.0, lt=1.0)
     # Images whose pixel standard deviation (0..255 scale) is below this are blank/constant.
     blank_std: float = Field(default=1.0, ge=0.0)
+    # 16-bit images (PNG/TIFF "I;16", uint16 arrays): "scale" maps 0..65535 onto 0..255 (x / 257,
+    # rounded); "refuse" stops ingest naming the files. Never clipped.
+    high_bit_depth: Literal["scale", "refuse"] = "scale"
+    # Float pixels: "auto" accepts an unambiguous range ([0, 1], [-1, 1], or whole numbers in
+    # 0..255) and refuses anything else with the range found; or declare the range.
+    float_range: Literal["auto", "0..1", "-1..1", "0..255"] = "auto"
 
 
 class ModelConfig(_Section):

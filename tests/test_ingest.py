@@ -20,7 +20,8 @@ from tests.conftest import digit_images
 
 def write_idx(path: Path, array: np.ndarray, dtype_code: int = 0x08, gz: bool = False) -> Path:
     header = struct.pack(">HBB", 0, dtype_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    raw = header + array.astype(">u1" if dtype_code == 0x08 else ">i4").tobytes()
+    dtype = {0x08: ">u1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[dtype_code]
+    raw = header + array.astype(dtype).tobytes()
     if gz:
         path = path.with_name(path.name + ".gz")
         path.write_bytes(gzip.compress(raw))
@@ -140,7 +141,7 @@ def _mixed_shapes(tmp: Path) -> DataConfig:
 
 
 def _float_npz(tmp: Path) -> DataConfig:
-    np.savez(tmp / "f.npz", images=np.random.default_rng(0).random((5, 8, 8)))
+    np.savez(tmp / "f.npz", images=np.random.default_rng(0).random((5, 8, 8)) * 3.7)  # [0, 3.7]: no known range
     return DataConfig(source="npz", path=str(tmp / "f.npz"))
 
 
@@ -171,7 +172,9 @@ def _truncated_idx(tmp: Path) -> DataConfig:
 
 
 def _int_idx(tmp: Path) -> DataConfig:
-    return DataConfig(source="idx", path=str(write_idx(tmp / "i-images-idx3-ubyte", digit_images(4)[0], 0x0C)))
+    images = digit_images(4)[0].astype(np.int32)
+    images[2, 3, 4] = 70_000
+    return DataConfig(source="idx", path=str(write_idx(tmp / "i-images-idx3-ubyte", images, 0x0C)))
 
 
 def _missing_path(tmp: Path) -> DataConfig:
@@ -183,13 +186,13 @@ def _missing_path(tmp: Path) -> DataConfig:
     [
         (_corrupt_folder, r"1 unreadable image file\(s\): 1/broken.png"),
         (_mixed_shapes, r"mixed image shapes; most are \(8, 8, 1\).*2/odd.png \(10, 12, 1\)"),
-        (_float_npz, "expected uint8 pixels 0..255, got float64"),
+        (_float_npz, r"float pixels in \[0\.0\d+, 3\.6\d+\] are not in an unambiguous range.*data.float_range"),
         (_empty_folder, "no images found"),
         (_empty_csv, "no images found"),
-        (_nan_csv, r"integers 0..255; rows 1 hold e.g. \[nan\]"),
-        (_big_values_csv, r"rows 1 hold e.g. \[1000.0\]"),
+        (_nan_csv, r"1 NaN pixel\(s\) \(float64\); first at \[1, 1\]"),
+        (_big_values_csv, r"integer pixels \(int64\) in 0..1000 are outside 0..255; first at \[1, 1\]"),
         (_truncated_idx, "truncated"),
-        (_int_idx, "expected 0x08"),
+        (_int_idx, r"in 0..70000 are outside 0..255; first at \[2, 3, 4\]"),
         (_missing_path, "does not exist"),
     ],
     ids=["corrupt-image", "mixed-shapes", "float-dtype", "empty-folder", "empty-csv", "nan-csv",
@@ -234,3 +237,107 @@ def test_incomplete_raw_folder(tmp_path: Path):
     (tmp_path / "raw").mkdir()
     with pytest.raises(DataError, match="incomplete raw dataset .*images.npy missing.*run the ingest stage"):
         load_raw(tmp_path / "raw")
+
+
+# --- unusual but legitimate pixels: scaled exactly or refused by name, never clipped -------------
+
+def test_16bit_png_and_tiff_are_scaled_not_clipped(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    deep = rng.integers(0, 65536, size=(6, 8, 8), dtype=np.uint16)
+    root = tmp_path / "deep"
+    for i, im in enumerate(deep):
+        (root / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(root / str(i % 2) / f"{i}.{'png' if i < 3 else 'tif'}")
+    ds = load_source(DataConfig(source="folder", path=str(root)))
+    order = [0, 2, 4, 1, 3, 5]  # sorted by folder, then name
+    expected = np.round(deep[order] / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(ds.images[..., 0], expected)
+    assert abs(ds.images.mean() - deep.mean() / 257.0) < 1.0  # not clipped to near-white (254 before)
+
+
+def test_16bit_refused_names_the_files_and_the_option(tmp_path: Path):
+    images, labels = digit_images(4)
+    root = write_folder(tmp_path / "imgs", images, labels)
+    Image.fromarray(np.full((8, 8), 40_000, np.uint16)).save(root / "1" / "deep.png")
+    with pytest.raises(DataError, match=r"1 16-bit image file\(s\): 1/deep.png; set data.high_bit_depth: scale"):
+        load_source(DataConfig(source="folder", path=str(root), high_bit_depth="refuse"))
+
+
+def test_uint16_npz_is_scaled(tmp_path: Path):
+    deep = np.array([0, 257, 65535, 32896], np.uint16).reshape(1, 2, 2).repeat(3, axis=0)
+    np.savez(tmp_path / "d.npz", images=deep)
+    ds = load_source(DataConfig(source="npz", path=str(tmp_path / "d.npz")))
+    assert ds.images[0, ..., 0].tolist() == [[0, 1], [255, 128]]
+
+
+@pytest.mark.parametrize("lo, hi, declared", [(0.0, 1.0, "auto"), (-1.0, 1.0, "auto"), (0.0, 255.0, "auto"),
+                                              (0.0, 1.0, "0..1"), (-1.0, 1.0, "-1..1")])
+def test_float_images_in_a_known_range_are_accepted(tmp_path: Path, lo: float, hi: float, declared: str):
+    images = digit_images(5)[0].astype(np.float64)  # 0..255 whole numbers
+    floats = lo + images / 255.0 * (hi - lo)
+    np.savez(tmp_path / "f.npz", images=floats.astype(np.float32))
+    ds = load_source(DataConfig(source="npz", path=str(tmp_path / "f.npz"), float_range=declared))
+    np.testing.assert_array_equal(ds.images[..., 0], images.astype(np.uint8))
+
+
+def test_float_outside_the_declared_range_is_refused(tmp_path: Path):
+    np.savez(tmp_path / "f.npz", images=np.linspace(-1, 1, 5 * 64).reshape(5, 8, 8))
+    with pytest.raises(DataError, match=r"float pixels in \[-1, 1\], outside the declared data.float_range 0..1; "
+                                        r"first at \[0, 0, 0\]"):
+        load_source(DataConfig(source="npz", path=str(tmp_path / "f.npz"), float_range="0..1"))
+
+
+@pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "inf")])
+def test_nan_and_inf_are_named_with_their_first_indices(tmp_path: Path, bad: float, word: str):
+    images = np.random.default_rng(0).random((5, 8, 8)).astype(np.float32)
+    images[3, 2, 1] = bad
+    images[4, 0, 0] = bad
+    np.savez(tmp_path / "f.npz", images=images)
+    with pytest.raises(DataError, match=rf"2 {word} pixel\(s\) \(float32\); first at \[3, 2, 1\], \[4, 0, 0\]"):
+        load_source(DataConfig(source="npz", path=str(tmp_path / "f.npz")))
+
+
+def test_float_idx_in_0_1_is_accepted(tmp_path: Path):
+    images = digit_images(4)[0]
+    path = write_idx(tmp_path / "f-images-idx3-ubyte", images / 255.0, 0x0D)
+    np.testing.assert_array_equal(load_source(DataConfig(source="idx", path=str(path))).images[..., 0], images)
+
+
+def test_float_tiff_folder_shares_one_range(tmp_path: Path):
+    images, labels = digit_images(4)
+    root = tmp_path / "f"
+    for i, (im, y) in enumerate(zip(images, labels)):
+        (root / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((im / 255.0).astype(np.float32)).save(root / str(y) / f"{i}.tif")
+    ds = load_source(DataConfig(source="folder", path=str(root)))
+    np.testing.assert_array_equal(np.sort(ds.images.ravel()), np.sort(images.ravel()))
+
+
+def test_palette_cmyk_and_exif_rotated_images(tmp_path: Path):
+    grey = digit_images(3, size=8)[0]
+    root = tmp_path / "odd"
+    root.mkdir()
+    Image.fromarray(grey[0]).convert("P").save(root / "a_palette.png")  # a palette of greys stays grey
+    ds = load_source(DataConfig(source="folder", path=str(root)))
+    assert ds.images.shape == (1, 8, 8, 1)
+    np.testing.assert_array_equal(ds.images[0, ..., 0], grey[0])
+
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    rgb = np.random.default_rng(2).integers(0, 256, (8, 6, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(colour / "cmyk.jpg", quality=100)
+    (ds_cmyk,) = load_source(DataConfig(source="folder", path=str(colour))).images
+    assert ds_cmyk.shape == (8, 6, 3)
+    assert np.abs(ds_cmyk.astype(int) - rgb).mean() < 20  # CMYK converted back to RGB, not garbage
+
+    turned = tmp_path / "turned"
+    turned.mkdir()
+    marked = np.zeros((16, 12, 3), np.uint8)
+    marked[:4, :4] = 255  # a bright top-left corner, smooth enough for JPEG
+    im = Image.fromarray(marked)
+    exif = im.getexif()
+    exif[0x0112] = 6  # Orientation 6: the camera was turned; show it rotated 90 degrees clockwise
+    im.save(turned / "rotated.jpg", exif=exif, quality=100)
+    (upright,) = load_source(DataConfig(source="folder", path=str(turned))).images
+    assert upright.shape == (12, 16, 3)
+    assert upright[:4, -4:].mean() > 200 and upright[:4, :4].mean() < 50  # turned clockwise: top-right

@@ -23,7 +23,7 @@ import pandas as pd
 from aigc.config import DataConfig
 from aigc.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 MAX_LISTED = 5  # offending files named in an error message
 
 
@@ -44,17 +44,76 @@ def _listed(items: list[str]) -> str:
     return ", ".join(items[:MAX_LISTED]) + more
 
 
+def _first(mask: np.ndarray) -> str:
+    """The first offending indices of a boolean array, as ``[i, j, ...]`` tuples."""
+    idx = np.argwhere(mask)
+    return _listed([str(list(map(int, i))) for i in idx]) if idx.ndim > 1 else _listed([str(int(i)) for i in idx])
+
+
+FLOAT_RANGES = {"0..1": (0.0, 1.0), "-1..1": (-1.0, 1.0), "0..255": (0.0, 255.0)}
+
+
+def to_uint8(pixels: np.ndarray, what: str, cfg: DataConfig) -> np.ndarray:
+    """Pixels of any numeric dtype as uint8 0..255, or a :class:`DataError` saying why not.
+
+    Never a silent conversion: 8-bit data is kept; 16-bit data is scaled (x / 257, the exact map
+    of 0..65535 onto 0..255) or refused (``data.high_bit_depth``); floats must lie in a declared or
+    unambiguous range (``data.float_range``); NaN/inf and out-of-range values are named with the
+    first offending indices.
+    """
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8) * 255
+    if np.issubdtype(pixels.dtype, np.integer):
+        lo, hi = int(pixels.min()), int(pixels.max())
+        if pixels.itemsize == 2 and lo >= 0:  # a 16-bit image (uint16; PNG/TIFF "I;16")
+            if cfg.high_bit_depth == "refuse":
+                raise DataError(f"{what}: 16-bit pixels ({pixels.dtype}, values {lo}..{hi}); set "
+                                "data.high_bit_depth: scale to map 0..65535 onto 0..255, or convert them to 8 bits")
+            return np.round(pixels.astype(np.float64) / 257.0).astype(np.uint8)
+        if lo >= 0 and hi <= 255:
+            return pixels.astype(np.uint8)  # wider integers holding 8-bit values: exact
+        # Values beyond 8 bits in a container that does not say its depth (CSV, int32, int64):
+        # 12-bit? 16-bit? Guessing would silently darken or clip, so ask.
+        raise DataError(f"{what}: integer pixels ({pixels.dtype}) in {lo}..{hi} are outside 0..255; first at "
+                        f"{_first((pixels < 0) | (pixels > 255))}. Store 16-bit images as uint16 (scaled by "
+                        "data.high_bit_depth) or convert them to uint8")
+    if not np.issubdtype(pixels.dtype, np.floating):
+        raise DataError(f"{what}: expected numeric pixels, got {pixels.dtype}")
+    bad = ~np.isfinite(pixels)
+    if bad.any():
+        kinds = " and ".join(k for k, m in (("NaN", np.isnan(pixels)), ("inf", np.isinf(pixels))) if m.any())
+        raise DataError(f"{what}: {int(bad.sum())} {kinds} pixel(s) ({pixels.dtype}); first at {_first(bad)}")
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if cfg.float_range != "auto":
+        a, b = FLOAT_RANGES[cfg.float_range]
+        if lo < a or hi > b:
+            raise DataError(f"{what}: float pixels in [{lo:g}, {hi:g}], outside the declared data.float_range "
+                            f"{cfg.float_range}; first at {_first((pixels < a) | (pixels > b))}")
+    elif lo >= 0.0 and hi <= 1.0:
+        a, b = 0.0, 1.0
+    elif lo >= -1.0 and hi <= 1.0:
+        a, b = -1.0, 1.0
+    elif lo >= 0.0 and hi <= 255.0 and np.array_equal(pixels, np.round(pixels)):
+        a, b = 0.0, 255.0
+    else:
+        raise DataError(f"{what}: float pixels in [{lo:g}, {hi:g}] are not in an unambiguous range ([0, 1], [-1, 1] "
+                        "or whole numbers 0..255); declare it with data.float_range or convert to uint8")
+    return np.round((pixels.astype(np.float64) - a) * (255.0 / (b - a))).astype(np.uint8)
+
+
 def _finish(images: np.ndarray, labels: np.ndarray | None, origin: list[str], extra: pd.DataFrame | None,
-            what: str) -> RawDataset:
+            what: str, cfg: DataConfig | None = None) -> RawDataset:
     """Common checks and the metadata table for every source."""
     if len(images) == 0:
         raise DataError(f"{what}: no images found (the source is empty)")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise DataError(f"{what}: expected images shaped (N, H, W) or (N, H, W, 1|3), got {images.shape}")
     if images.dtype != np.uint8:
-        raise DataError(f"{what}: expected uint8 pixels 0..255, got {images.dtype}")
+        images = to_uint8(images, what, cfg or DataConfig())  # indices in errors: (image, y, x[, channel])
+    if images.ndim == 3:
+        images = images[..., None]
     n = len(images)
     labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels)
     if labels.shape != (n,):
@@ -99,8 +158,11 @@ def _existing(path: str, what: str) -> Path:
     return p
 
 
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}  # the IDX spec's types
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (plain or .gz). Only unsigned-byte data (type 0x08) is image data."""
+    """Read one IDX file (plain or .gz), of any of the format's data types (big-endian)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -110,13 +172,17 @@ def _read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a readable IDX file ({exc})") from None
     if zero != 0 or ndim == 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
-    if dtype_code != 0x08:
-        raise DataError(f"{path}: IDX data type 0x{dtype_code:02x}, expected 0x08 (unsigned byte)")
+    if dtype_code not in IDX_DTYPES:
+        raise DataError(f"{path}: IDX data type 0x{dtype_code:02x} is not one of the format's types "
+                        f"({', '.join(f'0x{c:02x}' for c in IDX_DTYPES)})")
+    dtype = np.dtype(IDX_DTYPES[dtype_code])
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} = {int(np.prod(dims))} values, file holds {body.size} (truncated?)")
-    return body.reshape(dims)
+    count = int(np.prod(dims))
+    body_bytes = len(raw) - 4 - 4 * ndim
+    if body_bytes != count * dtype.itemsize:
+        raise DataError(f"{path}: header says {dims} = {count} values of {dtype.itemsize} byte(s), file holds "
+                        f"{body_bytes} bytes (truncated?)")
+    return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 def _idx_labels_beside(images_path: Path) -> Path | None:
@@ -141,11 +207,14 @@ def load_idx(cfg: DataConfig) -> RawDataset:
     labels_path = Path(cfg.labels_path) if cfg.labels_path else _idx_labels_beside(path)
     labels = None
     if labels_path is not None:
-        labels = _read_idx(_existing(str(labels_path), "idx labels")).astype(np.int64)
+        labels = _read_idx(_existing(str(labels_path), "idx labels"))
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{labels_path}: labels must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int64)
         if labels.ndim != 1 or len(labels) != len(images):
             raise DataError(f"{labels_path}: {labels.shape} labels do not match {len(images)} images in {path}")
     origin = [f"{path.name}:{i}" for i in range(len(images))]
-    return _finish(images, labels, origin, None, str(path))
+    return _finish(images, labels, origin, None, str(path), cfg)
 
 
 def load_npz(cfg: DataConfig) -> RawDataset:
@@ -165,7 +234,7 @@ def load_npz(cfg: DataConfig) -> RawDataset:
     labels = arrays.pop(lkey) if lkey else None
     extra = {k: v for k, v in arrays.items() if v.ndim == 1 and len(v) == len(images)}
     origin = [f"{path.name}:{i}" for i in range(len(images))]
-    return _finish(images, labels, origin, pd.DataFrame(extra) if extra else None, str(path))
+    return _finish(images, labels, origin, pd.DataFrame(extra) if extra else None, str(path), cfg)
 
 
 _PIXEL_COLUMN = re.compile(r"^(pixel|px|p)?[_ ]?\d+(x\d+)?$", re.IGNORECASE)
@@ -197,13 +266,8 @@ def load_csv(cfg: DataConfig) -> RawDataset:
     bad_cols = [str(c) for c in pixel_cols if not pd.api.types.is_numeric_dtype(pixels[c])]
     if bad_cols:
         raise DataError(f"{path}: non-numeric values in pixel columns {_listed(bad_cols)}")
-    values = pixels.to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values) | (values < 0) | (values > 255) | (values != np.round(values))
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
-        raise DataError(f"{path}: pixel values must be integers 0..255; rows {_listed([str(r) for r in rows])} "
-                        f"hold e.g. {values[bad][:3].tolist()}")
-    images = values.astype(np.uint8).reshape(-1, side, side, channels)
+    values = pixels.to_numpy()  # int64 when every cell is a whole number, else float64
+    images = to_uint8(values, f"{path} (row, pixel column)", cfg).reshape(-1, side, side, channels)
     labels = None
     if cfg.label_column in df.columns:
         col = df[cfg.label_column]
@@ -212,24 +276,42 @@ def load_csv(cfg: DataConfig) -> RawDataset:
         labels = col.to_numpy(np.int64)
     extra = df.drop(columns=pixel_cols + ([cfg.label_column] if labels is not None else []))
     origin = [f"{path.name}:{i}" for i in range(len(df))]
-    return _finish(images, labels, origin, extra, str(path))
+    return _finish(images, labels, origin, extra, str(path), cfg)
+
+
+def _pixels(im) -> np.ndarray:
+    """One PIL image as an (H, W, C) array of its own depth: grey stays one channel (8 or 16 bits,
+    32-bit int or float as stored), a palette of greys becomes grey, every other mode (RGB, RGBA,
+    CMYK, YCbCr, a coloured palette) becomes 8-bit RGB."""
+    if im.mode in ("1", "L", "LA"):
+        arr = np.asarray(im.convert("L"))
+    elif im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.asarray(im)
+    else:
+        arr = np.asarray(im.convert("RGB"))
+        if im.mode == "P" and (arr == arr[..., :1]).all():
+            arr = arr[..., 0]
+    return arr if arr.ndim == 3 else arr[..., None]
 
 
 def load_folder(cfg: DataConfig) -> RawDataset:
-    """A folder of PNG/JPEG images; the sub-folder name is the label (``cats/001.png``).
+    """A folder of PNG/JPEG/TIFF/BMP/WebP images; the sub-folder name is the label (``cats/001.png``).
+
+    8- and 16-bit grey, float TIFFs, palettes, RGB(A), CMYK: see :func:`_pixels` and :func:`to_uint8`.
 
     Numeric sub-folder names become those integer labels; other names are numbered in sorted
     order and kept in a ``class_name`` column. Images directly in the folder are unlabelled.
     A ``metadata.csv`` with a ``file`` column (path relative to the folder) adds columns.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     root = _existing(cfg.path, "folder")
     if not root.is_dir():
         raise DataError(f"data.path = {cfg.path!r} is not a folder (data.source = folder)")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise DataError(f"{root}: no images found (the source is empty; expected *.png, *.jpg, *.jpeg)")
+        raise DataError(f"{root}: no images found (the source is empty; expected "
+                        f"{', '.join('*' + x for x in sorted(IMAGE_SUFFIXES))})")
 
     arrays: list[np.ndarray] = []
     unreadable: list[str] = []
@@ -237,8 +319,7 @@ def load_folder(cfg: DataConfig) -> RawDataset:
         try:
             with Image.open(f) as im:
                 im.load()
-                # Grey stays one channel, everything else (RGB, RGBA, palette) becomes RGB.
-                arr = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB"))
+                arr = _pixels(ImageOps.exif_transpose(im))  # EXIF-rotated photos come upright
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             unreadable.append(f"{f.relative_to(root)} ({type(exc).__name__})")
             continue
@@ -253,7 +334,20 @@ def load_folder(cfg: DataConfig) -> RawDataset:
         raise DataError(f"{root}: mixed image shapes; most are {common} (H, W, C), these differ: {_listed(odd)}. "
                         "Resize them to one size first (data.image_size resizes after ingest, not mixed inputs)")
 
+    # 8-bit files stay, 16-bit files are scaled (or refused) file by file, by their own depth;
+    # float files (TIFF mode F) share one range decision, so one dataset is scaled one way.
     rel = [f.relative_to(root) for f in files]
+    deep = [r.as_posix() for a, r in zip(arrays, rel) if a.dtype.kind in "iu" and a.itemsize == 2]
+    if deep and cfg.high_bit_depth == "refuse":
+        raise DataError(f"{root}: {len(deep)} 16-bit image file(s): {_listed(deep)}; set data.high_bit_depth: scale "
+                        "to map 0..65535 onto 0..255, or convert them to 8 bits first")
+    floats = [i for i, a in enumerate(arrays) if a.dtype.kind == "f"]
+    if floats:
+        scaled = to_uint8(np.stack([arrays[i] for i in floats]), f"{root} float images (image, y, x, channel)", cfg)
+        for j, i in enumerate(floats):
+            arrays[i] = scaled[j]
+    arrays = [a if a.dtype.kind == "f" or a.dtype == np.uint8 else to_uint8(a, f"{root}/{r.as_posix()}", cfg)
+              for a, r in zip(arrays, rel)]
     dirs = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
     names = sorted({d for d in dirs if d is not None})
     numeric = all(d.isdigit() for d in names)
@@ -272,7 +366,7 @@ def load_folder(cfg: DataConfig) -> RawDataset:
             raise DataError(f"{meta_csv}: needs a 'file' column (image path relative to {root})")
         extra = extra.merge(side.drop_duplicates("file"), on="file", how="left")
     origin = [f"{root.name}/{r.as_posix()}" for r in rel]
-    return _finish(np.stack(arrays), labels, origin, extra, str(root))
+    return _finish(np.stack(arrays), labels, origin, extra, str(root), cfg)
 
 
 LOADERS: dict[str, Callable[[DataConfig], RawDataset]] = {
