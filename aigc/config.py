@@ -255,6 +255,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        key = key if key.isprintable() else repr(key)  # a control character must not break the line
         value = "(missing)" if err["type"] == "missing" else repr(err.get("input"))
         lines.append(f"{source}: {key} = {value}: {_describe(err)}")
     return "\n".join(lines)
@@ -279,15 +280,25 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found (run from the project root, or pass --params)") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as a UTF-8 text file ({type(exc).__name__})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
+        raise ConfigError(f"{path}:{where} is not valid YAML: {problem}") from None
     for dotted, value in (overrides or {}).items():
-        node = raw = raw or {}
+        node = raw = {} if raw is None else raw
         *parents, leaf = dotted.split(".")
+        walked: list[str] = []
         for key in parents:
+            if not isinstance(node, dict):
+                break
+            walked.append(key)
             node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: {'.'.join(walked) or 'the top level'} must be a mapping to set {dotted}, "
+                              f"got {node!r}")
         node[leaf] = value
     return parse_params(raw, str(path))
 
