@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -21,11 +23,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     becomes ``path``. On an exception the temporary path is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        _raise_if_disk_full(exc, path)
+        raise
     target = tmp / path.name  # let the body create a file or a folder under a fresh name
     try:
-        yield target
+        try:
+            yield target
+        except OSError as exc:
+            _raise_if_disk_full(exc, path)
+            raise
         if not target.exists():
             raise RuntimeError(f"nothing was written for {path}")
         if path.is_dir() and not path.is_symlink():
@@ -38,6 +48,47 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large for this filesystem or limit",
+             errno.EDQUOT: "disk quota exceeded"}
+
+
+def _raise_if_disk_full(exc: OSError, path: Path) -> None:
+    """A write that ran out of room is the user's to fix, not a bug: one clear line, the old file kept."""
+    if exc.errno in DISK_FULL:
+        from aigc.errors import UserError
+
+        raise UserError(f"cannot write {path}: {DISK_FULL[exc.errno]} ({errno.errorcode[exc.errno]}); the previous "
+                        f"{path.name} (if any) is untouched. Free space under {path.parent.resolve()} and rerun") from None
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically, serialised in memory first so that a full disk surfaces as Python's
+    own OSError (errno ENOSPC/EFBIG) rather than an opaque error from torch's C++ writer."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buf.getbuffer())
+
+
+class _PythonWrites:
+    """A file seen by numpy as a plain writable object, so it writes through Python's ``write``:
+    a full disk then raises OSError with its errno (ENOSPC/EFBIG) instead of numpy's short-write
+    OSError that carries none."""
+
+    def __init__(self, f: Any) -> None:
+        self.write = f.write
+
+
+def save_npy(path: str | Path, array: Any) -> None:
+    """``np.save`` to ``path`` (inside an :func:`atomic_path` body) with a full disk reported clearly."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.save(_PythonWrites(f), array, allow_pickle=False)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from aigc.config import DataConfig
 from aigc.errors import DataError
+from aigc.io import save_npy
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 MAX_LISTED = 5  # offending files named in an error message
@@ -389,8 +390,8 @@ def load_source(cfg: DataConfig) -> RawDataset:
 def save_raw(ds: RawDataset, folder: Path) -> None:
     """Write ``images.npy``, ``labels.npy`` and ``metadata.csv`` into ``folder`` (which must be new)."""
     folder.mkdir(parents=True)
-    np.save(folder / "images.npy", ds.images)
-    np.save(folder / "labels.npy", ds.labels)
+    save_npy(folder / "images.npy", ds.images)
+    save_npy(folder / "labels.npy", ds.labels)
     ds.metadata.to_csv(folder / "metadata.csv", index=False)
 
 
