@@ -90,8 +90,13 @@ def child(args: argparse.Namespace) -> None:
     marks = [args.budget * (i + 1) / args.marks for i in range(args.marks)]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     snaps: list[dict[str, Any]] = []
+    sep = {"run": 0, "longest": 0, "steps": 0}  # D separating every real from every fake (the guard's signal)
 
     def on_steps(w: StepWindow) -> None:
+        for row in w.rows:
+            sep["run"] = sep["run"] + 1 if row.get("d_separated") == 1.0 else 0
+            sep["longest"] = max(sep["longest"], sep["run"])
+            sep["steps"] += int(row.get("d_separated") == 1.0)
         cpu = time.process_time() - cpu0
         while len(snaps) < len(marks) and cpu >= marks[len(snaps)]:
             snaps.append({"cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - wall0, 1),
@@ -103,7 +108,9 @@ def child(args: argparse.Namespace) -> None:
     cpu = time.process_time() - cpu0
     torch.save({"name": args.child, "net": net.to_dict(), "ema": cfg.ema_kimg > 0, "snapshots": snaps,
                 "steps": result.steps, "cpu_seconds": cpu, "wall_seconds": time.perf_counter() - wall0,
-                "images_per_cpu_s": result.steps * cfg.batch_size / cpu, "last": result.last}, args.out)
+                "images_per_cpu_s": result.steps * cfg.batch_size / cpu, "last": result.last,
+                "d_separated_longest_run": sep["longest"], "d_separated_share": sep["steps"] / max(result.steps, 1)},
+               args.out)
 
 
 def score(runs: list[dict[str, Any]], args: argparse.Namespace, seed: int) -> None:
@@ -180,6 +187,9 @@ def main() -> None:
     ap.add_argument("--processed", default=str(ROOT / "data" / "processed"))
     ap.add_argument("--evaluator", default=str(ROOT / "models" / "evaluator.pt"),
                     help="the ONE evaluator file every candidate is scored with")
+    ap.add_argument("--runs", default=str(ROOT / "benchmarks" / ".work" / "time_to_quality"),
+                    help="where each candidate's snapshots are kept (default: %(default)s)")
+    ap.add_argument("--score-only", action="store_true", help="score the snapshots already in --runs, train nothing")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -190,27 +200,35 @@ def main() -> None:
     from aigc.errors import UserError
     from aigc.metrics.evaluator import load_evaluator
 
-    try:
-        params = load_params(ROOT / "params.yaml")
-        load_evaluator(args.evaluator)
-        if not (Path(args.processed) / "train.npz").exists():
-            raise UserError(f"{args.processed}/train.npz not found")
-    except UserError as exc:
-        sys.exit(f"error: {exc} (run `dvc repro train_evaluator` first: this benchmark uses its data and evaluator)")
+    params = load_params(ROOT / "params.yaml")
+    if not (Path(args.processed) / "train.npz").exists():
+        sys.exit(f"error: {args.processed}/train.npz not found (run `dvc repro train_evaluator` first: this "
+                 "benchmark uses its data and evaluator)")
     names = args.only or list(CANDIDATES)
-    tmp = Path(tempfile.mkdtemp(prefix="ttq-"))
-    t0, loads = time.perf_counter(), [os.getloadavg()[0]]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.time_to_quality", "--child", name,
-                               "--out", str(tmp / f"{i}.pt"), "--budget", str(args.budget), "--marks", str(args.marks),
-                               "--processed", args.processed], cwd=ROOT, env=env)
-             for i, name in enumerate(names)]
-    while any(p.poll() is None for p in procs):
-        time.sleep(10)
-        loads.append(os.getloadavg()[0])
-    wall = time.perf_counter() - t0
-    if any(p.returncode for p in procs):
-        sys.exit(f"error: a candidate failed (exit codes {[p.returncode for p in procs]})")
+    tmp = Path(args.runs)
+    tmp.mkdir(parents=True, exist_ok=True)
+    meta_path = tmp / "meta.json"
+    if args.score_only:
+        meta = json.loads(meta_path.read_text())
+        names, wall, loads = meta["names"], meta["wall_seconds"], meta["loads"]
+    else:
+        t0, loads = time.perf_counter(), [os.getloadavg()[0]]
+        env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.time_to_quality", "--child", name,
+                                   "--out", str(tmp / f"{i}.pt"), "--budget", str(args.budget), "--marks",
+                                   str(args.marks), "--processed", args.processed], cwd=ROOT, env=env)
+                 for i, name in enumerate(names)]
+        while any(p.poll() is None for p in procs):
+            time.sleep(10)
+            loads.append(os.getloadavg()[0])
+        wall = time.perf_counter() - t0
+        if any(p.returncode for p in procs):
+            sys.exit(f"error: a candidate failed (exit codes {[p.returncode for p in procs]})")
+        meta_path.write_text(json.dumps({"names": names, "wall_seconds": wall, "loads": loads}))
+    try:  # the evaluator is needed only now: it may still be training while the candidates do
+        load_evaluator(args.evaluator)
+    except UserError as exc:
+        sys.exit(f"error: {exc}; the trained candidates are kept in {tmp}: rerun with --score-only")
     runs = [torch.load(tmp / f"{i}.pt", weights_only=False) for i in range(len(names))]
     score(runs, args, params.seed)
     report = {
@@ -225,6 +243,8 @@ def main() -> None:
                         "images_per_cpu_s": round(r["images_per_cpu_s"], 1), "steps": r["steps"],
                         "cpu_seconds": round(r["cpu_seconds"], 1), "wall_seconds": round(r["wall_seconds"], 1),
                         "last_window": {k: round(v, 4) for k, v in r["last"].items()},
+                        "d_separated_longest_run": r["d_separated_longest_run"],
+                        "d_separated_share": round(r["d_separated_share"], 3),
                         "snapshots": r["snapshots"]} for r in runs],
     }
     OUT.mkdir(parents=True, exist_ok=True)
