@@ -103,8 +103,11 @@ def child(args: argparse.Namespace) -> None:
                           "step": w.steps[-1], "images_seen": w.steps[-1] * cfg.batch_size,
                           "state": copy.deepcopy(w.G.state_dict())})
 
+    # Stop at the last mark, or when the wall-clock cap runs out on a busy machine (the marks
+    # reached so far are kept; every candidate gets the same share of the CPU, so they reach the
+    # same marks).
     result = train_gan(cfg, net, images, params.seed, on_steps=on_steps, progress=False,
-                       abort=lambda: len(snaps) >= len(marks))
+                       abort=lambda: len(snaps) >= len(marks) or time.perf_counter() - wall0 > args.max_wall)
     cpu = time.process_time() - cpu0
     torch.save({"name": args.child, "net": net.to_dict(), "ema": cfg.ema_kimg > 0, "snapshots": snaps,
                 "steps": result.steps, "cpu_seconds": cpu, "wall_seconds": time.perf_counter() - wall0,
@@ -139,6 +142,26 @@ def score(runs: list[dict[str, Any]], args: argparse.Namespace, seed: int) -> No
                      "classes": len(ref.class_share)}
             print(f"{run['name']:40s} {snap['cpu_seconds']:6.0f} s  FID gap {snap['fid_gap']:7.2f}  "
                   f"modes {snap['modes']}")
+
+
+def sample_grids(runs: list[dict[str, Any]], seed: int, path: Path, n: int = 64) -> None:
+    """One 8x8 sample grid per candidate, from its last scored snapshot, side by side."""
+    from aigc.ema import recompute_batchnorm
+    from aigc.images import make_grid, save_png
+    from aigc.models import NetConfig, build_generator, sample
+
+    import numpy as np
+
+    grids = []
+    for run in runs:
+        net = NetConfig(**run["net"])
+        G = build_generator(net)
+        G.load_state_dict(run["last_state"])
+        if run["ema"]:
+            recompute_batchnorm(G, net.z_dim, "cpu", seed=seed)
+        grids.append(make_grid(sample(G, net.z_dim, n, seed=0)))
+    gap = np.full((grids[0].shape[0], 8, grids[0].shape[2]), 255, np.uint8)
+    save_png(np.concatenate([x for g in grids for x in (g, gap)][:-1], axis=1), path)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -183,6 +206,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=240, help="CPU seconds of training per candidate (default: %(default)s)")
     ap.add_argument("--marks", type=int, default=4, help="scored snapshots per candidate (default: %(default)s)")
     ap.add_argument("--samples", type=int, default=2000, help="generated images per score (default: %(default)s)")
+    ap.add_argument("--max-wall", type=float, default=1500,
+                    help="wall-clock cap per candidate in seconds; marks not reached by then are dropped (default: %(default)s)")
     ap.add_argument("--only", nargs="*", help="candidate names to run (default: all)")
     ap.add_argument("--processed", default=str(ROOT / "data" / "processed"))
     ap.add_argument("--evaluator", default=str(ROOT / "models" / "evaluator.pt"),
@@ -216,7 +241,8 @@ def main() -> None:
         env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.time_to_quality", "--child", name,
                                    "--out", str(tmp / f"{i}.pt"), "--budget", str(args.budget), "--marks",
-                                   str(args.marks), "--processed", args.processed], cwd=ROOT, env=env)
+                                   str(args.marks), "--processed", args.processed, "--max-wall", str(args.max_wall)],
+                                  cwd=ROOT, env=env)
                  for i, name in enumerate(names)]
         while any(p.poll() is None for p in procs):
             time.sleep(10)
@@ -230,7 +256,13 @@ def main() -> None:
     except UserError as exc:
         sys.exit(f"error: {exc}; the trained candidates are kept in {tmp}: rerun with --score-only")
     runs = [torch.load(tmp / f"{i}.pt", weights_only=False) for i in range(len(names))]
+    common = min(len(r["snapshots"]) for r in runs)  # compare only the marks every candidate reached
+    for r in runs:
+        r["snapshots"] = r["snapshots"][:common]
+        r["last_state"] = r["snapshots"][-1]["state"]
     score(runs, args, params.seed)
+    OUT.mkdir(parents=True, exist_ok=True)
+    sample_grids(runs, params.seed, OUT / "time_to_quality_samples.png")
     report = {
         "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
         "evaluator": str(Path(args.evaluator).resolve().relative_to(ROOT)) if Path(args.evaluator).resolve().is_relative_to(ROOT)
@@ -246,6 +278,8 @@ def main() -> None:
                         "d_separated_longest_run": r["d_separated_longest_run"],
                         "d_separated_share": round(r["d_separated_share"], 3),
                         "snapshots": r["snapshots"]} for r in runs],
+        "samples_png": "time_to_quality_samples.png: 64 samples of each candidate at its last mark, left to right "
+                       "in the order above (seed 0)",
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "time_to_quality.json").write_text(json.dumps(report, indent=2) + "\n")
