@@ -58,6 +58,22 @@ class ModelConfig(_Section):
 
     family: Literal["dcgan", "mlp"] = "dcgan"
     z_dim: int = Field(default=100, ge=1, le=4096)
+    # dcgan only. G's channels from the projection on (the last two layers double H and W; any
+    # before them keep the size), D's stride-2 convolutions, and the kernel of both.
+    g_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [256, 128, 64],
+                                                                 min_length=2, max_length=8)
+    d_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [64, 128, 256],
+                                                                 min_length=1, max_length=8)
+    kernel: int = Field(default=5, ge=2, le=9)
+    d_dropout: float = Field(default=0.3, ge=0.0, lt=1.0)  # after each D convolution (0: none)
+    spectral_norm: bool = False  # D's weights divided by their largest singular value (any family)
+
+    @model_validator(mode="after")
+    def _kernel_fits(self) -> "ModelConfig":
+        if self.kernel % 2 == 0 and len(self.g_widths) > 2:
+            raise ValueError(f"kernel = {self.kernel} is even, but g_widths {self.g_widths} has size-keeping "
+                             "(stride-1) layers, which need an odd kernel; use an odd kernel or two g_widths")
+        return self
 
 
 class TrainConfig(_Section):
@@ -81,6 +97,31 @@ class TrainConfig(_Section):
     # A sample grid (from a fixed z) every this many epochs, and always after the last.
     sample_every: int = Field(default=1, ge=1)
     grid_size: int = Field(default=64, ge=1, le=1024)
+    # The adversarial loss (aigc/losses.py): bce (non-saturating) | hinge | wgan (needs gp_weight).
+    loss: Literal["bce", "hinge", "wgan"] = "bce"
+    # R1 penalty on real images (gamma/2 * ||dD(x)/dx||^2; 0 = off), applied lazily as its own D
+    # step every r1_interval steps, with stylegan2-ada's lr/beta correction for the extra steps.
+    r1_gamma: float = Field(default=0.0, ge=0.0, le=1e4)
+    r1_interval: int = Field(default=16, ge=1, le=10_000)
+    # WGAN-GP's gradient penalty weight (10 in the paper; 0 = off).
+    gp_weight: float = Field(default=0.0, ge=0.0, le=1e4)
+    # EMA of G (aigc/ema.py): half-life in thousands of images (0 = off), ramped up over the
+    # first images seen (ema_nimg = min(ema_kimg*1000, seen*ema_rampup); null = no ramp-up).
+    ema_kimg: float = Field(default=0.0, ge=0.0, le=1e6)
+    ema_rampup: float | None = Field(default=0.05, gt=0.0, le=1.0)
+    # DiffAugment for everything D sees (aigc/augment.py): translation, cutout (fill -1), color (RGB only).
+    augment: list[Literal["translation", "cutout", "color"]] = Field(default_factory=list)
+    # The divergence guard: stop when D separates every real from every fake image for this many
+    # consecutive steps (0 = off). Non-finite losses always stop the run.
+    guard_steps: int = Field(default=500, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.loss == "wgan" and self.gp_weight == 0:
+            raise ValueError("loss = 'wgan' needs a Lipschitz critic: set gp_weight (10 in WGAN-GP)")
+        if len(set(self.augment)) != len(self.augment):
+            raise ValueError(f"augment = {self.augment} lists a policy twice")
+        return self
 
 
 class TrackingConfig(_Section):

@@ -1,19 +1,30 @@
 """The GAN training loop: one plain function of (config, tensors, hooks).
 
-It knows nothing about MLflow, files or Prefect. Progress leaves through two hooks
-(stylegan2-ada's ``progress_fn`` idea):
+It knows nothing about MLflow, files or Prefect. Progress leaves through plain hooks
+(stylegan2-ada's ``progress_fn`` / ``abort_fn`` idea):
 
-* ``on_steps(window)`` every ``train.log_every`` steps: the per-step scalars of that window;
+* ``on_steps(window)`` every ``train.log_every`` steps: the named scalars each step reported
+  (``aigc.stats.Stats``: losses, penalties, D's outputs, the EMA decay ...), whatever they are;
 * ``on_epoch(end)`` every ``train.sample_every`` epochs: an :class:`EpochEnd` with a sample grid
   from a fixed z (so grids from different epochs and runs are comparable), the training time
-  so far, and the live generator (for a hook that snapshots or scores it; it must not change it).
+  so far, and the generator that is sampled (for a hook that snapshots or scores it; it must not
+  change it);
+* ``abort()`` after every window: True ends training there (a time budget, a benchmark).
+
+What runs in a step is switched by ``train`` params: the loss (bce, hinge, wgan), the gradient
+penalty, a lazy R1 step, DiffAugment on everything D sees, and an EMA of G, which is then the
+generator that is sampled and saved. D's step and G's step are separate blocks under banners:
+a wrapper of D (differential privacy) needs to see them apart.
 
 Per-step scalars stay on the device and are copied to the host once per window: no ``.item()``
-on the hot path, so a CUDA step never waits on a host sync.
+on the hot path, so a CUDA step never waits on a host sync. The divergence guard reads them
+there: a non-finite value, or D separating every real from every fake image for
+``train.guard_steps`` consecutive steps, stops the run with :class:`TrainingDiverged`.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -25,14 +36,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from aigc.augment import check_policy, diff_augment
 from aigc.config import TrainConfig
+from aigc.ema import GeneratorEMA
 from aigc.errors import UserError
 from aigc.images import make_grid
-from aigc.losses import d_loss_nonsaturating, g_loss_nonsaturating
+from aigc.losses import D_LOSSES, G_LOSSES, gradient_penalty, lazy_regularisation_scaling, r1_penalty
 from aigc.models import NetConfig, build_discriminator, build_generator
 from aigc.runtime import CoreWatch, choose_threads, free_threads, resolve_device
+from aigc.stats import Stats
 
-STEP_KEYS = ("d_loss", "g_loss", "d_real", "d_fake")  # d_real = mean D(x), d_fake = mean D(G(z))
+
+class TrainingDiverged(UserError):
+    """The run stopped because the game broke down (non-finite values, or D winning outright)."""
 
 
 @dataclass
@@ -41,8 +57,10 @@ class StepWindow:
 
     epoch: int
     steps: list[int]
-    rows: list[dict[str, float]]  # one {d_loss, g_loss, d_real, d_fake} per step
+    rows: list[dict[str, float]]  # one {name: value} per step: whatever that step reported
     images_per_s: float  # throughput over this window
+    seconds: float = 0.0  # training time so far
+    G: torch.nn.Module | None = None  # the generator that is sampled (the EMA one when on); do not change it
 
 
 @dataclass
@@ -71,6 +89,12 @@ class TrainResult:
     rng: dict[str, Any] = field(default_factory=dict)
     threads: int = 0  # CPU threads at the end (0 on CUDA)
     device: str = "cpu"
+    G_ema: torch.nn.Module | None = None  # the EMA generator (train.ema_kimg > 0), BN statistics re-estimated
+
+    @property
+    def generator(self) -> torch.nn.Module:
+        """What is saved, sampled, evaluated and served: the EMA generator when there is one."""
+        return self.G_ema if self.G_ema is not None else self.G
 
 
 def train_gan(
@@ -81,13 +105,16 @@ def train_gan(
     on_steps: Callable[[StepWindow], None] | None = None,
     on_epoch: Callable[[EpochEnd], None] | None = None,
     progress: bool = True,
+    abort: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train G and D on ``images`` ([-1, 1], (N, C, H, W)) with the non-saturating GAN loss."""
+    """Train G and D on ``images`` ([-1, 1], (N, C, H, W)) with the recipe ``cfg`` describes."""
     if len(images) < cfg.batch_size:
         raise UserError(f"the train split has {len(images)} images, fewer than train.batch_size = "
                         f"{cfg.batch_size}; lower the batch size")
     if tuple(images.shape[1:]) != net.image_shape:
         raise UserError(f"images are {tuple(images.shape[1:])}, the model expects {net.image_shape}")
+    policy = tuple(cfg.augment)
+    check_policy(policy, net.channels)
 
     device = resolve_device(cfg.device)
     threads = torch.get_num_threads()
@@ -96,7 +123,7 @@ def train_gan(
         threads = choose_threads(cfg.threads)
         torch.set_num_threads(threads)
         watch = CoreWatch() if cfg.threads == "auto" else None
-    torch.manual_seed(seed)  # weights, dropout and z all follow from the seed
+    torch.manual_seed(seed)  # weights, dropout, z and augmentation all follow from the seed
     order = torch.Generator().manual_seed(seed)  # batch order, independent of the device
     G = build_generator(net).to(device)
     D = build_discriminator(net).to(device)
@@ -104,11 +131,22 @@ def train_gan(
     G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)
     # The optimisers hold the real modules; the step may run compiled views of them.
     G_step, D_step = (torch.compile(G), torch.compile(D)) if cfg.compile else (G, D)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+    betas = (cfg.beta1, cfg.beta2)
+    lr_d, betas_d = cfg.lr_d, betas
+    lazy_r1 = cfg.r1_gamma > 0
+    if lazy_r1:  # interval + 1 D steps per interval: stylegan2-ada's correction keeps the schedule
+        lr_d, betas_d = lazy_regularisation_scaling(cfg.lr_d, betas, cfg.r1_interval)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=betas_d)
+    ema = GeneratorEMA(G, cfg.ema_kimg, cfg.ema_rampup) if cfg.ema_kimg > 0 else None
+    d_loss_fn, g_loss_fn = D_LOSSES[cfg.loss], G_LOSSES[cfg.loss]
     # Mixed precision on CUDA only (bf16 needs no loss scaling); CPU stays fp32.
     amp = (torch.autocast("cuda", dtype=torch.bfloat16)
            if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
+
+    def D_sees(x: torch.Tensor) -> torch.Tensor:
+        """D's logits for ``x`` as D sees it: through DiffAugment, in D's step and in G's alike."""
+        return D_step(diff_augment(x, policy) if policy else x)
 
     # The whole split lives on the device: batches are slices of one tensor, no per-item collation.
     data = images.to(device, dtype=torch.float32).contiguous(memory_format=fmt)
@@ -117,33 +155,50 @@ def train_gan(
     steps_per_epoch = n // b  # drop the ragged last batch: BatchNorm and D's statistics want full ones
     total = steps_per_epoch * cfg.epochs
 
-    buf: list[torch.Tensor] = []
-    buf_steps: list[int] = []
+    stats = Stats()
     last: dict[str, float] = {}
+    separated_run = 0  # consecutive steps in which D separated every real from every fake
     step, t_start, t_hooks = 0, time.perf_counter(), 0.0
     t_window, imgs_window = t_start, 0
     # In a log file (no terminal) a bar line every 15 s instead of every second.
     bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 15.0, desc=f"epoch 1/{cfg.epochs}")
 
+    def sampled() -> torch.nn.Module:
+        return ema.G if ema is not None else G
+
     def flush(epoch: int) -> None:
-        nonlocal t_window, imgs_window, last
-        if not buf:
+        nonlocal t_window, imgs_window, last, separated_run
+        if not len(stats):
             return
-        values = torch.stack(buf).float().cpu().tolist()  # the one host sync per window
-        rows = [dict(zip(STEP_KEYS, v)) for v in values]
+        collected = stats.collect()  # the one host sync per window
+        for s, row in collected:  # the divergence guard
+            for key, value in row.items():
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"training diverged at step {s} (epoch {epoch}): {key} = {value}; nothing was saved. "
+                        f"Lower train.lr_d / train.lr_g, or switch train.loss / add model.spectral_norm or train.r1_gamma")
+            separated_run = separated_run + 1 if row.get("d_separated") == 1.0 else 0
+            if cfg.guard_steps and separated_run >= cfg.guard_steps:
+                raise TrainingDiverged(
+                    f"training stopped at step {s} (epoch {epoch}): D separated every real from every fake image for "
+                    f"{separated_run} consecutive steps (train.guard_steps), so G gets no useful signal; nothing was "
+                    "saved. Weaken D (model.spectral_norm, train.r1_gamma, train.augment, a lower train.lr_d)")
+        steps_, rows = [s for s, _ in collected], [r for _, r in collected]
         now = time.perf_counter()
         ips = imgs_window / max(now - t_window, 1e-9)
-        last = {k: float(np.mean([r[k] for r in rows])) for k in STEP_KEYS}
-        bar.set_postfix(D=f"{last['d_loss']:.3f}", G=f"{last['g_loss']:.3f}", img_s=f"{ips:.0f}", threads=threads)
+        keys = dict.fromkeys(k for r in rows for k in r)
+        last = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+        bar.set_postfix(D=f"{last.get('d_loss', float('nan')):.3f}", G=f"{last.get('g_loss', float('nan')):.3f}",
+                        img_s=f"{ips:.0f}", threads=threads)
         if on_steps:
-            on_steps(StepWindow(epoch, list(buf_steps), rows, ips))
-        buf.clear()
-        buf_steps.clear()
+            on_steps(StepWindow(epoch, steps_, rows, ips, now - t_start - t_hooks, sampled()))
         t_window, imgs_window = time.perf_counter(), 0
 
     G.train()
     D.train()
+    stopped = False
+    epoch = 0
     for epoch in range(1, cfg.epochs + 1):
         if epoch > 1:
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
@@ -152,37 +207,65 @@ def train_gan(
             real = data[perm[i * b:(i + 1) * b]]
             z = torch.randn(b, net.z_dim, device=device)
 
-            # (1) Update D: maximise log D(x) + log(1 - D(G(z)))
+            # (1) Update D: tell real from fake (the loss of train.loss), plus WGAN-GP's penalty.
             with amp:
                 fake = G_step(z)
-                real_logits = D_step(real)
-                fake_logits = D_step(fake.detach())
-                d_loss = d_loss_nonsaturating(real_logits, fake_logits)
+                real_logits = D_sees(real)
+                fake_logits = D_sees(fake.detach())
+                d_loss = d_loss_fn(real_logits, fake_logits)
+                d_total = d_loss
+                if cfg.gp_weight > 0:
+                    gp = gradient_penalty(D_sees, real, fake)
+                    d_total = d_loss + cfg.gp_weight * gp
+                    stats.report("gp_penalty", gp)
             opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
+            d_total.backward()
             opt_d.step()
+            stats.report("d_loss", d_loss)
+            stats.report("d_real", torch.sigmoid(real_logits.detach().float()).mean())  # mean D(x) as a probability
+            stats.report("d_fake", torch.sigmoid(fake_logits.detach().float()).mean())
+            stats.report("d_separated", (real_logits.detach().min() > fake_logits.detach().max()).float())
 
-            # (2) Update G: maximise log D(G(z)). D is frozen here: its weight gradients would
+            # (1b) Lazy R1 on real images, every r1_interval steps, as its own D step (stylegan2-ada's
+            # "Dreg"): gamma/2 * ||dD(x)/dx||^2, times the interval it stands for.
+            if lazy_r1 and step % cfg.r1_interval == 0:
+                with amp:
+                    r1 = r1_penalty(D_sees, real)
+                opt_d.zero_grad(set_to_none=True)
+                (r1 * (cfg.r1_gamma / 2) * cfg.r1_interval).backward()
+                opt_d.step()
+                stats.report("r1_penalty", r1)
+
+            # (2) Update G: make D call the fakes real. D is frozen here: its weight gradients would
             # be thrown away, and not computing them saves a third of D's backward pass.
             D.requires_grad_(False)
             with amp:
-                g_logits = D_step(fake)
-                g_loss = g_loss_nonsaturating(g_logits)
+                g_logits = D_sees(fake)
+                g_loss = g_loss_fn(g_logits)
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             opt_g.step()
             D.requires_grad_(True)
+            stats.report("g_loss", g_loss)
+
+            # (3) The EMA of G follows the step just taken.
+            if ema is not None:
+                stats.report("ema_beta", ema.update(G, b, seen=(step + 1) * b))
 
             step += 1
             imgs_window += b
-            buf.append(torch.stack([d_loss.detach(), g_loss.detach(),
-                                    torch.sigmoid(real_logits.detach()).mean(),
-                                    torch.sigmoid(fake_logits.detach()).mean()]))
-            buf_steps.append(step)
+            stats.end_step(step)
             bar.update(1)
-            if len(buf) >= cfg.log_every:
+            if len(stats) >= cfg.log_every:
                 flush(epoch)
+                if abort is not None and abort():
+                    stopped = True
+                    break
+        if stopped:
+            break
         flush(epoch)
+        if abort is not None and abort():
+            break
         if watch is not None:
             # Re-check between epochs: a neighbour that grabbed (or freed) a core changes the
             # best thread count for the next epoch.
@@ -195,20 +278,26 @@ def train_gan(
         if on_epoch and (epoch % cfg.sample_every == 0 or epoch == cfg.epochs):
             t_hook = time.perf_counter()
             with torch.no_grad():
-                G.eval()
-                grid = make_grid(G(fixed_z).float())
-                on_epoch(EpochEnd(epoch, step, t_hook - t_start - t_hooks, grid, G))
+                if ema is not None:
+                    ema.recompute_batchnorm(net.z_dim, device, seed=seed)
+                Gs = sampled()
+                Gs.eval()
+                grid = make_grid(Gs(fixed_z).float())
+                on_epoch(EpochEnd(epoch, step, t_hook - t_start - t_hooks, grid, Gs))
                 G.train()
             t_window = time.perf_counter()  # sampling and hooks are not training time
             t_hooks += t_window - t_hook
     bar.close()
 
     seconds = time.perf_counter() - t_start - t_hooks
+    if ema is not None:
+        ema.recompute_batchnorm(net.z_dim, device, seed=seed)
     rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    return TrainResult(G, D, opt_g, opt_d, net, step, cfg.epochs, seconds, step * b / seconds, last, rng,
-                       threads=threads if device.type == "cpu" else 0, device=str(device))
+    return TrainResult(G, D, opt_g, opt_d, net, step, epoch, seconds, step * b / max(seconds, 1e-9), last, rng,
+                       threads=threads if device.type == "cpu" else 0, device=str(device),
+                       G_ema=ema.G if ema is not None else None)
 
 
 def checkpoint_payload(result: TrainResult, train_cfg: TrainConfig, seed: int) -> dict[str, Any]:
@@ -221,6 +310,7 @@ def checkpoint_payload(result: TrainResult, train_cfg: TrainConfig, seed: int) -
         "step": result.steps,
         "epoch": result.epochs,
         "G": result.G.state_dict(),
+        "G_ema": result.G_ema.state_dict() if result.G_ema is not None else None,
         "D": result.D.state_dict(),
         "opt_g": result.opt_g.state_dict(),
         "opt_d": result.opt_d.state_dict(),

@@ -1,11 +1,18 @@
-"""Time to quality: FID (with its floor) against training wall-clock for the default recipe.
+"""Time to quality: FID gap to the floor against training time for every candidate recipe.
 
-    python -m benchmarks.time_to_quality [--every 3]      # after `make run` (~8 min)
+    python -m benchmarks.time_to_quality --evaluator models/evaluator.pt [--budget 240 --marks 4]
 
-Trains the default run (params.yaml: seed, model, train) on the workspace's processed data and
-scores a snapshot of the generator every ``--every`` epochs with the evaluator the pipeline
-trained (models/evaluator.pt), after training, so scoring never counts as training time.
-Writes reports/benchmarks/time_to_quality.{json,png}.
+Trains each candidate (today's recipe and the combinations the ``model``/``train`` switches make
+possible) on the workspace's processed data, side by side: one process per candidate, one CPU
+thread each, all started together. The machine is shared, so no candidate gets a quiet minute
+the others do not: the scheduler interleaves them, and each one's clock is its own process's
+CPU time (with one thread, the seconds it actually computed). Each stops after ``--budget``
+CPU seconds and snapshots its generator (the EMA one when on) at ``--marks`` evenly spaced
+times. Afterwards every snapshot is scored with ONE evaluator file (FID and covered classes,
+``--samples`` images against the test split), so scoring never counts as training.
+
+Writes reports/benchmarks/time_to_quality.{json,md,png}: per candidate the FID gap at each mark,
+img/s, the CPU model and the load average sampled while they trained.
 """
 
 from __future__ import annotations
@@ -14,85 +21,272 @@ import argparse
 import copy
 import json
 import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
-
-from aigc.config import load_params
-from aigc.data.preprocess import load_info, load_split
-from aigc.errors import UserError
-from aigc.metrics import calc_metrics, embed, reference
-from aigc.metrics.evaluator import load_evaluator
-from aigc.models import build_generator, net_config, sample
-from aigc.training import EpochEnd, train_gan
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "benchmarks"
 
+LIGHT = {"g_widths": [128, 64], "d_widths": [64, 128], "kernel": 4}
+EMA = {"ema_kimg": 10.0, "ema_rampup": 0.05}
+# name -> (model overrides, train overrides), on top of params.yaml's model/train sections with
+# today's recipe restored (the 2015 DCGAN, non-saturating BCE, batch 64, no EMA/augmentation).
+TODAY_MODEL = {"g_widths": [256, 128, 64], "d_widths": [64, 128, 256], "kernel": 5, "d_dropout": 0.3,
+               "spectral_norm": False}
+TODAY_TRAIN = {"loss": "bce", "batch_size": 64, "lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999,
+               "r1_gamma": 0.0, "gp_weight": 0.0, "ema_kimg": 0.0, "augment": []}
+CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "today (dcgan 5x5, BCE)": ({}, {}),
+    "light (4x4, G 128-64, D 64-128), BCE": (LIGHT, {}),
+    "light + EMA": (LIGHT, EMA),
+    "light + hinge + SN + EMA": (LIGHT | {"spectral_norm": True}, EMA | {"loss": "hinge"}),
+    "light + EMA + DiffAugment": (LIGHT, EMA | {"augment": ["translation", "cutout"]}),
+}
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.time_to_quality", description=__doc__.splitlines()[0])
-    ap.add_argument("--every", type=int, default=3, help="epochs between scored snapshots (default: %(default)s)")
-    ap.add_argument("--samples", type=int, default=2000, help="generated images per score (default: %(default)s)")
-    ap.add_argument("--processed", default=str(ROOT / "data" / "processed"))
-    ap.add_argument("--evaluator", default=str(ROOT / "models" / "evaluator.pt"))
-    args = ap.parse_args()
+
+def recipe(params: Any, name: str) -> tuple[Any, Any]:
+    """The ModelConfig and TrainConfig of candidate ``name`` (validated like params.yaml)."""
+    from aigc.config import parse_params
+
+    model_o, train_o = CANDIDATES[name]
+    raw = params.model_dump()
+    raw["model"] |= TODAY_MODEL | model_o
+    raw["train"] |= TODAY_TRAIN | train_o
+    p = parse_params(raw, f"candidate {name!r}")
+    return p.model, p.train
+
+
+def cpu_model() -> str:
     try:
-        params = load_params(ROOT / "params.yaml")
-        info = load_info(args.processed)
-        ev = load_evaluator(args.evaluator)
-    except UserError as exc:
-        sys.exit(f"error: {exc} (run `make run` first: this benchmark uses its data and evaluator)")
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def child(args: argparse.Namespace) -> None:
+    """Train one candidate for ``--budget`` CPU seconds at one thread; save its snapshots."""
+    from aigc.config import load_params
+    from aigc.data.preprocess import load_info, load_split
+    from aigc.models import net_config
+    from aigc.training import StepWindow, train_gan
+
+    params = load_params(ROOT / "params.yaml")
+    model, train = recipe(params, args.child)
+    net = net_config(model, load_info(args.processed))
+    images = torch.from_numpy(load_split(args.processed, "train")["images"])
+    cfg = train.model_copy(update={"epochs": 10_000, "threads": 1, "log_every": 5, "guard_steps": 0,
+                                   "device": "cpu"})
+    marks = [args.budget * (i + 1) / args.marks for i in range(args.marks)]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    snaps: list[dict[str, Any]] = []
+    sep = {"run": 0, "longest": 0, "steps": 0}  # D separating every real from every fake (the guard's signal)
+
+    def on_steps(w: StepWindow) -> None:
+        for row in w.rows:
+            sep["run"] = sep["run"] + 1 if row.get("d_separated") == 1.0 else 0
+            sep["longest"] = max(sep["longest"], sep["run"])
+            sep["steps"] += int(row.get("d_separated") == 1.0)
+        cpu = time.process_time() - cpu0
+        while len(snaps) < len(marks) and cpu >= marks[len(snaps)]:
+            snaps.append({"cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - wall0, 1),
+                          "step": w.steps[-1], "images_seen": w.steps[-1] * cfg.batch_size,
+                          "state": copy.deepcopy(w.G.state_dict())})
+
+    # Stop at the last mark, or when the wall-clock cap runs out on a busy machine (the marks
+    # reached so far are kept; every candidate gets the same share of the CPU, so they reach the
+    # same marks).
+    result = train_gan(cfg, net, images, params.seed, on_steps=on_steps, progress=False,
+                       abort=lambda: len(snaps) >= len(marks) or time.perf_counter() - wall0 > args.max_wall)
+    cpu = time.process_time() - cpu0
+    torch.save({"name": args.child, "net": net.to_dict(), "ema": cfg.ema_kimg > 0, "snapshots": snaps,
+                "steps": result.steps, "cpu_seconds": cpu, "wall_seconds": time.perf_counter() - wall0,
+                "images_per_cpu_s": result.steps * cfg.batch_size / cpu, "last": result.last,
+                "d_separated_longest_run": sep["longest"], "d_separated_share": sep["steps"] / max(result.steps, 1)},
+               args.out)
+
+
+def score(runs: list[dict[str, Any]], args: argparse.Namespace, seed: int) -> None:
+    """FID gap and covered classes of every snapshot, with one evaluator file."""
+    from aigc.config import EvaluateConfig
+    from aigc.data.preprocess import load_split
+    from aigc.ema import recompute_batchnorm
+    from aigc.metrics import calc_metrics, embed, reference
+    from aigc.metrics.evaluator import load_evaluator
+    from aigc.models import NetConfig, build_generator, sample
+
+    ev = load_evaluator(args.evaluator)
     train, test = load_split(args.processed, "train"), load_split(args.processed, "test")
-    net = net_config(params.model, info)
-    cfg = params.train.model_copy(update={"sample_every": args.every})
-    load0 = os.getloadavg()
+    cfg = EvaluateConfig()
+    ref = reference(ev, embed(ev, train["images"]), embed(ev, test["images"]), train["labels"], args.samples, cfg.seed)
+    for run in runs:
+        net = NetConfig(**run["net"])
+        G = build_generator(net)
+        for snap in run["snapshots"]:
+            G.load_state_dict(snap.pop("state"))
+            if run["ema"]:
+                recompute_batchnorm(G, net.z_dim, "cpu", seed=seed)
+            s = calc_metrics(embed(ev, sample(G, net.z_dim, args.samples, cfg.seed)), ref, cfg, names=["fid", "modes"])
+            snap |= {"fid": round(s["fid"], 3), "fid_floor": round(s["fid_floor"], 3),
+                     "fid_gap": round(s["fid"] - s["fid_floor"], 3), "modes": s["modes"],
+                     "classes": len(ref.class_share)}
+            print(f"{run['name']:40s} {snap['cpu_seconds']:6.0f} s  FID gap {snap['fid_gap']:7.2f}  "
+                  f"modes {snap['modes']}")
 
-    snapshots: list[tuple[int, float, dict]] = []
 
-    def snapshot(end: EpochEnd) -> None:
-        snapshots.append((end.epoch, end.seconds, copy.deepcopy(end.G.state_dict())))
+def sample_grids(runs: list[dict[str, Any]], seed: int, path: Path, n: int = 64) -> None:
+    """One 8x8 sample grid per candidate, from its last scored snapshot, side by side."""
+    from aigc.ema import recompute_batchnorm
+    from aigc.images import make_grid, save_png
+    from aigc.models import NetConfig, build_generator, sample
 
-    result = train_gan(cfg, net, torch.from_numpy(train["images"]), params.seed, on_epoch=snapshot)
+    import numpy as np
 
-    ref = reference(ev, embed(ev, train["images"]), embed(ev, test["images"]), train["labels"], args.samples,
-                    params.evaluate.seed)
-    G = build_generator(net)
-    rows = []
-    for epoch, seconds, state in snapshots:
-        G.load_state_dict(state)
-        fake = embed(ev, sample(G, net.z_dim, args.samples, params.evaluate.seed))
-        scores = calc_metrics(fake, ref, params.evaluate, names=["fid"])
-        rows.append({"epoch": epoch, "train_seconds": round(seconds, 1), "fid": round(scores["fid"], 3),
-                     "fid_floor": round(scores["fid_floor"], 3)})
-        print(f"epoch {epoch:3d}  {seconds:6.0f} s  FID {scores['fid']:.2f} (floor {scores['fid_floor']:.2f})")
+    grids = []
+    for run in runs:
+        net = NetConfig(**run["net"])
+        G = build_generator(net)
+        G.load_state_dict(run["last_state"])
+        if run["ema"]:
+            recompute_batchnorm(G, net.z_dim, "cpu", seed=seed)
+        grids.append(make_grid(sample(G, net.z_dim, n, seed=0)))
+    gap = np.full((grids[0].shape[0], 8, grids[0].shape[2]), 255, np.uint8)
+    save_png(np.concatenate([x for g in grids for x in (g, gap)][:-1], axis=1), path)
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    report = {"recipe": {"model": params.model.model_dump(), "train": params.train.model_dump(), "seed": params.seed},
-              "samples_per_score": args.samples, "sample_size": ref.sample_size, "images_per_s": round(result.images_per_s, 1),
-              "threads": result.threads, "load_average_before": load0, "load_average_after": os.getloadavg(),
-              "curve": rows}
-    (OUT / "time_to_quality.json").write_text(json.dumps(report, indent=2) + "\n")
 
+def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot([r["train_seconds"] for r in rows], [r["fid"] for r in rows], "o-", label="generator")
-    ax.plot([r["train_seconds"] for r in rows], [r["fid_floor"] for r in rows], "--", color="grey",
-            label="floor (real test vs train)")
-    for r in rows:
-        ax.annotate(str(r["epoch"]), (r["train_seconds"], r["fid"]), textcoords="offset points", xytext=(0, 6),
-                    ha="center", fontsize=7)
-    ax.set(xlabel="training wall-clock (s)", ylabel="FID (evaluator features)", yscale="log",
-           title=f"Time to quality: {params.model.family}, batch {cfg.batch_size}, {result.images_per_s:.0f} img/s")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for run in report["candidates"]:
+        xs = [s["cpu_seconds"] for s in run["snapshots"]]
+        ax.plot(xs, [s["fid_gap"] for s in run["snapshots"]], "o-", label=f"{run['name']} ({run['images_per_cpu_s']:.0f} img/s)")
+    ax.set(xlabel="training time: CPU seconds of one thread (candidates side by side)", ylabel="FID - FID floor",
+           yscale="log", title=f"Time to quality, {report['cpu']}\nload average {report['load_average']['min']:.1f}"
+                               f"-{report['load_average']['max']:.1f} while training")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(OUT / "time_to_quality.png")
-    print(f"wrote {OUT / 'time_to_quality.json'} and time_to_quality.png")
+    fig.savefig(path)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    marks = [s["cpu_seconds"] for s in report["candidates"][0]["snapshots"]]
+    head = " | ".join(f"gap @ ~{m:.0f} s" for m in marks)
+    lines = [f"# Time to quality (`python -m benchmarks.time_to_quality`)", "",
+             f"CPU: {report['cpu']}, {report['cores']} cores; candidates side by side at 1 thread each; "
+             f"load average {report['load_average']['min']:.1f}-{report['load_average']['max']:.1f} "
+             f"(mean {report['load_average']['mean']:.1f}) while training; {report['wall_seconds']:.0f} s wall in all. "
+             f"FID on the evaluator `{report['evaluator']}` ({report['samples']} samples vs the test split); "
+             "gap = FID - floor; modes = classes covered of 10.", "",
+             f"| candidate | img/s (1 thread) | {head} | modes at the end |",
+             "| --- | --- | " + " | ".join("---" for _ in marks) + " | --- |"]
+    for run in report["candidates"]:
+        gaps = " | ".join(f"{s['fid_gap']:.2f}" for s in run["snapshots"])
+        modes = run["snapshots"][-1]["modes"] if run["snapshots"] else "-"
+        lines.append(f"| {run['name']} | {run['images_per_cpu_s']:.0f} | {gaps} | {modes} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.time_to_quality", description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=240, help="CPU seconds of training per candidate (default: %(default)s)")
+    ap.add_argument("--marks", type=int, default=4, help="scored snapshots per candidate (default: %(default)s)")
+    ap.add_argument("--samples", type=int, default=2000, help="generated images per score (default: %(default)s)")
+    ap.add_argument("--max-wall", type=float, default=1500,
+                    help="wall-clock cap per candidate in seconds; marks not reached by then are dropped (default: %(default)s)")
+    ap.add_argument("--only", nargs="*", help="candidate names to run (default: all)")
+    ap.add_argument("--processed", default=str(ROOT / "data" / "processed"))
+    ap.add_argument("--evaluator", default=str(ROOT / "models" / "evaluator.pt"),
+                    help="the ONE evaluator file every candidate is scored with")
+    ap.add_argument("--runs", default=str(ROOT / "benchmarks" / ".work" / "time_to_quality"),
+                    help="where each candidate's snapshots are kept (default: %(default)s)")
+    ap.add_argument("--score-only", action="store_true", help="score the snapshots already in --runs, train nothing")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    from aigc.config import load_params
+    from aigc.errors import UserError
+    from aigc.metrics.evaluator import load_evaluator
+
+    params = load_params(ROOT / "params.yaml")
+    if not (Path(args.processed) / "train.npz").exists():
+        sys.exit(f"error: {args.processed}/train.npz not found (run `dvc repro train_evaluator` first: this "
+                 "benchmark uses its data and evaluator)")
+    names = args.only or list(CANDIDATES)
+    tmp = Path(args.runs)
+    tmp.mkdir(parents=True, exist_ok=True)
+    meta_path = tmp / "meta.json"
+    if args.score_only:
+        meta = json.loads(meta_path.read_text())
+        names, wall, loads = meta["names"], meta["wall_seconds"], meta["loads"]
+    else:
+        t0, loads = time.perf_counter(), [os.getloadavg()[0]]
+        env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.time_to_quality", "--child", name,
+                                   "--out", str(tmp / f"{i}.pt"), "--budget", str(args.budget), "--marks",
+                                   str(args.marks), "--processed", args.processed, "--max-wall", str(args.max_wall)],
+                                  cwd=ROOT, env=env)
+                 for i, name in enumerate(names)]
+        while any(p.poll() is None for p in procs):
+            time.sleep(10)
+            loads.append(os.getloadavg()[0])
+        wall = time.perf_counter() - t0
+        if any(p.returncode for p in procs):
+            sys.exit(f"error: a candidate failed (exit codes {[p.returncode for p in procs]})")
+        meta_path.write_text(json.dumps({"names": names, "wall_seconds": wall, "loads": loads}))
+    try:  # the evaluator is needed only now: it may still be training while the candidates do
+        load_evaluator(args.evaluator)
+    except UserError as exc:
+        sys.exit(f"error: {exc}; the trained candidates are kept in {tmp}: rerun with --score-only")
+    runs = [torch.load(tmp / f"{i}.pt", weights_only=False) for i in range(len(names))]
+    common = min(len(r["snapshots"]) for r in runs)  # compare only the marks every candidate reached
+    for r in runs:
+        r["snapshots"] = r["snapshots"][:common]
+        r["last_state"] = r["snapshots"][-1]["state"]
+    score(runs, args, params.seed)
+    OUT.mkdir(parents=True, exist_ok=True)
+    sample_grids(runs, params.seed, OUT / "time_to_quality_samples.png")
+    report = {
+        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+        "evaluator": str(Path(args.evaluator).resolve().relative_to(ROOT)) if Path(args.evaluator).resolve().is_relative_to(ROOT)
+        else args.evaluator,
+        "samples": args.samples, "budget_cpu_seconds": args.budget, "wall_seconds": round(wall, 1),
+        "load_average": {"min": min(loads), "max": max(loads), "mean": round(sum(loads) / len(loads), 2),
+                         "samples_every_10s": [round(x, 2) for x in loads]},
+        "candidates": [{"name": r["name"], "model": {**TODAY_MODEL, **CANDIDATES[r["name"]][0]},
+                        "train": {**TODAY_TRAIN, **CANDIDATES[r["name"]][1]},
+                        "images_per_cpu_s": round(r["images_per_cpu_s"], 1), "steps": r["steps"],
+                        "cpu_seconds": round(r["cpu_seconds"], 1), "wall_seconds": round(r["wall_seconds"], 1),
+                        "last_window": {k: round(v, 4) for k, v in r["last"].items()},
+                        "d_separated_longest_run": r["d_separated_longest_run"],
+                        "d_separated_share": round(r["d_separated_share"], 3),
+                        "snapshots": r["snapshots"]} for r in runs],
+        "samples_png": "time_to_quality_samples.png: 64 samples of each candidate at its last mark, left to right "
+                       "in the order above (seed 0)",
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "time_to_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    (OUT / "time_to_quality.md").write_text(markdown(report))
+    plot(report, OUT / "time_to_quality.png")
+    print(markdown(report))
+    print(f"wrote {OUT}/time_to_quality.{{json,md,png}}")
 
 
 if __name__ == "__main__":

@@ -22,16 +22,21 @@ from aigc.images import save_png
 from aigc.io import atomic_path, file_sha256, write_json
 from aigc.models import generator_payload, net_config
 from aigc.tracking import Run, git_commit
-from aigc.training import STEP_KEYS, EpochEnd, StepWindow, checkpoint_payload, train_gan
+from aigc.training import EpochEnd, StepWindow, checkpoint_payload, train_gan
 from pipeline._stage import main
 
 
 class Recorder:
-    """Collects the per-step scalars for the DVC plot file and forwards them to MLflow in batches."""
+    """Collects the per-step scalars for the DVC plot file and forwards them to MLflow in batches.
+
+    It takes whatever names the loop and the losses reported (aigc/stats.py): a new penalty or
+    statistic appears in losses.csv and MLflow without a change here.
+    """
 
     def __init__(self, run: Run) -> None:
         self.run = run
         self.rows: list[dict[str, float]] = []
+        self.keys: dict[str, None] = {}  # every reported name, in order of first appearance
         self.grid: np.ndarray | None = None
         self.tracking_seconds = 0.0  # time spent in MLflow calls while training (the overhead)
 
@@ -39,7 +44,8 @@ class Recorder:
         t = time.perf_counter()
         for step, row in zip(w.steps, w.rows):
             self.rows.append({"step": step, "epoch": w.epoch, **row})
-        metrics = [(k, row[k], step) for step, row in zip(w.steps, w.rows) for k in STEP_KEYS]
+            self.keys.update(dict.fromkeys(row))
+        metrics = [(k, v, step) for step, row in zip(w.steps, w.rows) for k, v in row.items()]
         metrics.append(("images_per_s", w.images_per_s, w.steps[-1]))
         self.run.log_metric_rows(metrics)
         self.tracking_seconds += time.perf_counter() - t
@@ -52,7 +58,8 @@ class Recorder:
 
     def write_losses(self, path: str) -> None:
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", "epoch", *STEP_KEYS])
+            # A name reported only on some steps (R1 every r1_interval) leaves the others blank.
+            writer = csv.DictWriter(f, fieldnames=["step", "epoch", *self.keys], restval="")
             writer.writeheader()
             writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows)
 
@@ -79,7 +86,8 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
                            on_steps=rec.on_steps, on_epoch=rec.on_epoch)
 
         with atomic_path(generator) as tmp:
-            torch.save(generator_payload(result.G, net), tmp)
+            # The EMA generator when train.ema_kimg > 0: what is sampled, evaluated, registered, served.
+            torch.save(generator_payload(result.generator, net), tmp)
         with atomic_path(checkpoint) as tmp:
             torch.save(checkpoint_payload(result, train, seed), tmp)
         rec.write_losses(losses)

@@ -81,3 +81,119 @@ def test_channels_last_trains_the_same_networks():
     for a, b in zip(rows[False], rows[True]):
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-4), k
+
+
+# --- the switches of issue 9: stats sink, losses, R1, spectral norm, EMA, DiffAugment, guard ---------
+
+
+def rows_of(cfg: TrainConfig, net: NetConfig, images: torch.Tensor, seed: int = 0, **kw) -> tuple[list, object]:
+    steps: list[tuple[int, dict]] = []
+    result = train_gan(cfg, net, images, seed=seed, progress=False,
+                       on_steps=lambda w: steps.extend(zip(w.steps, w.rows)), **kw)
+    return steps, result
+
+
+@pytest.mark.parametrize("loss,extra", [("hinge", {}), ("wgan", {"gp_weight": 10.0})])
+def test_other_losses_train_and_report_their_scalars(loss: str, extra: dict):
+    cfg = CFG.model_copy(update={"loss": loss, **extra})
+    steps, _ = rows_of(cfg, NetConfig("dcgan", 8, 1, 8, 8), tiny())
+    assert len(steps) == 6 and all(math.isfinite(v) for _, r in steps for v in r.values())
+    assert ("gp_penalty" in steps[0][1]) == (loss == "wgan")
+
+
+def test_r1_runs_lazily_with_scaled_lr_and_betas():
+    cfg = CFG.model_copy(update={"r1_gamma": 1.0, "r1_interval": 4})
+    steps, result = rows_of(cfg, NetConfig("dcgan", 8, 1, 8, 8), tiny())
+    assert [s for s, r in steps if "r1_penalty" in r] == [1, 5]  # steps 1, 1 + 4, ...
+    assert all(r["r1_penalty"] >= 0 for _, r in steps if "r1_penalty" in r)
+    group = result.opt_d.param_groups[0]
+    assert group["lr"] == pytest.approx(cfg.lr_d * 4 / 5)
+    assert group["betas"] == pytest.approx((cfg.beta1 ** 0.8, cfg.beta2 ** 0.8))
+    assert result.opt_g.param_groups[0]["lr"] == cfg.lr_g  # G's optimiser is untouched
+
+
+def test_spectral_norm_on_and_off():
+    from torch import nn
+
+    from aigc.models import build_discriminator
+
+    plain = build_discriminator(NetConfig("dcgan", 8, 1, 8, 8))
+    assert not any(hasattr(m, "parametrizations") for m in plain.modules())
+    D = build_discriminator(NetConfig("dcgan", 8, 1, 8, 8, spectral_norm=True))
+    layers = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert layers and all(hasattr(m, "parametrizations") for m in layers)
+    for _ in range(30):  # each training-mode forward runs one power iteration
+        D(torch.randn(4, 1, 8, 8))
+    for m in layers:
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)
+        assert sigma.item() == pytest.approx(1.0, abs=0.05)
+    raw = [torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2).item()
+           for m in plain.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert any(abs(s - 1.0) > 0.1 for s in raw)  # without it, weights are not unit-norm
+
+
+def test_ema_generator_is_the_result_and_reports_its_decay():
+    cfg = CFG.model_copy(update={"ema_kimg": 1.0, "ema_rampup": 0.5})
+    ends: list[EpochEnd] = []
+    steps, result = rows_of(cfg, NetConfig("dcgan", 8, 1, 8, 8), tiny(), on_epoch=ends.append)
+    # beta = 0.5 ** (batch / min(1000, seen * 0.5)) with seen = step * 16
+    for s, r in steps:
+        assert r["ema_beta"] == pytest.approx(0.5 ** (16 / min(1000, s * 16 * 0.5)))
+    assert result.G_ema is not None and result.generator is result.G_ema and ends[-1].G is result.G_ema
+    differs = any(not torch.equal(a, b) for a, b in zip(result.G_ema.parameters(), result.G.parameters()))
+    assert differs and not result.G_ema.training
+
+
+def test_diffaugment_is_on_everything_d_sees_in_both_steps(monkeypatch: pytest.MonkeyPatch):
+    """With cutout, every batch D sees -- reals and fakes in D's step, fakes in G's -- carries a
+    blanked square of exactly -1; without it, none does. D runs 3 times per step either way."""
+    import aigc.training as training
+
+    seen: list[torch.Tensor] = []
+    build = training.build_discriminator
+
+    def recording(net):
+        D = build(net)
+        D.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+        return D
+
+    monkeypatch.setattr(training, "build_discriminator", recording)
+    ones = torch.ones(48, 1, 8, 8)  # real images without a single background pixel
+    for policy in ([], ["cutout"]):
+        seen.clear()
+        train_gan(CFG.model_copy(update={"augment": policy, "epochs": 1}), NetConfig("dcgan", 8, 1, 8, 8), ones,
+                  seed=0, progress=False)
+        assert len(seen) == 3 * 3  # 3 steps x (real, fake in D's step, fake in G's step)
+        blanked = torch.stack([(x == -1).flatten(1).sum(1).min() for x in seen])
+        if policy:
+            assert (blanked >= 4).all()  # every image of every batch had its square cut out
+        else:
+            assert (blanked == 0).all()
+
+
+def test_guard_stops_on_a_non_finite_loss_and_names_the_step():
+    from aigc.training import TrainingDiverged
+
+    images = tiny()
+    images[:, :, 0, 0] = float("nan")  # every batch poisoned: the first step already fails
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 1 \(epoch 1\): d_loss = nan"):
+        train_gan(CFG, NetConfig("dcgan", 8, 1, 8, 8), images, seed=0, progress=False)
+
+
+def test_guard_stops_when_d_wins_outright():
+    from aigc.training import TrainingDiverged
+
+    # Reals all white, a D with a 10x learning rate: it separates them from G's grey at once.
+    cfg = CFG.model_copy(update={"guard_steps": 4, "lr_d": 0.002, "epochs": 20})
+    with pytest.raises(TrainingDiverged, match=r"D separated every real from every fake image for 4 consecutive"):
+        train_gan(cfg, NetConfig("dcgan", 8, 1, 8, 8), torch.ones(48, 1, 8, 8), seed=0, progress=False)
+    steps, _ = rows_of(cfg.model_copy(update={"guard_steps": 0, "epochs": 2}), NetConfig("dcgan", 8, 1, 8, 8),
+                       torch.ones(48, 1, 8, 8))
+    assert len(steps) == 6  # guard_steps 0: off
+
+
+def test_abort_hook_ends_training_early():
+    calls = []
+    result = train_gan(CFG.model_copy(update={"epochs": 5}), NetConfig("mlp", 8, 1, 8, 8), tiny(), seed=0,
+                       progress=False, abort=lambda: calls.append(1) or len(calls) >= 2)
+    assert result.steps == 3  # a window of log_every = 2 steps, then the epoch's last step (a window of 1)

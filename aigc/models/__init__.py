@@ -26,6 +26,17 @@ class NetConfig:
     channels: int
     height: int
     width: int
+    # dcgan only (the defaults are the source documents' net, so older files rebuild unchanged):
+    g_widths: tuple[int, ...] = (256, 128, 64)  # G's channels from the projection on; the last two layers upsample
+    d_widths: tuple[int, ...] = (64, 128, 256)  # D's stride-2 convolutions
+    kernel: int = 5
+    d_dropout: float = 0.3
+    spectral_norm: bool = False  # D's conv/linear weights divided by their largest singular value
+
+    def __post_init__(self) -> None:
+        # From JSON or a checkpoint the widths arrive as lists; keep the config hashable and comparable.
+        object.__setattr__(self, "g_widths", tuple(int(w) for w in self.g_widths))
+        object.__setattr__(self, "d_widths", tuple(int(w) for w in self.d_widths))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -62,7 +73,18 @@ def build_discriminator(cfg: NetConfig) -> nn.Module:
 
     D = {"dcgan": dcgan.Discriminator, "mlp": mlp.Discriminator}[cfg.family](cfg)
     D.apply(init_weights)
+    if cfg.spectral_norm:
+        apply_spectral_norm(D)
     return D
+
+
+def apply_spectral_norm(module: nn.Module) -> nn.Module:
+    """Spectral normalisation (Miyato et al. 2018) of every conv and linear weight of ``module``:
+    each layer becomes 1-Lipschitz, which bounds how fast D's logits can run away from G."""
+    for m in list(module.modules()):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.utils.parametrizations.spectral_norm(m)
+    return module
 
 
 def generator_payload(G: nn.Module, cfg: NetConfig) -> dict[str, Any]:
@@ -98,4 +120,6 @@ def sample(G: nn.Module, z_dim: int, n: int, seed: int, device: str | torch.devi
 def net_config(model: Any, info: dict[str, Any]) -> NetConfig:
     """The network config from params' ``model`` section and what dataset.json says of the data."""
     h, w = info["resolution"]
-    return NetConfig(family=model.family, z_dim=model.z_dim, channels=int(info["channels"]), height=int(h), width=int(w))
+    return NetConfig(family=model.family, z_dim=model.z_dim, channels=int(info["channels"]), height=int(h), width=int(w),
+                     g_widths=tuple(model.g_widths), d_widths=tuple(model.d_widths), kernel=model.kernel,
+                     d_dropout=model.d_dropout, spectral_norm=model.spectral_norm)

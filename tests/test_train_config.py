@@ -1,0 +1,42 @@
+"""The model/train switches of issue 9 fail at load, in one line, when their values are bad."""
+
+from __future__ import annotations
+
+import pytest
+
+from aigc.config import parse_params
+from aigc.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "raw, key, fragment",
+    [
+        ({"train": {"loss": "lsgan"}}, "train.loss", "must be one of 'bce', 'hinge' or 'wgan'"),
+        ({"train": {"loss": "wgan"}}, "train", "needs a Lipschitz critic: set gp_weight"),
+        ({"train": {"r1_gamma": -1.0}}, "train.r1_gamma", "greater than or equal to 0"),
+        ({"train": {"r1_interval": 0}}, "train.r1_interval", "greater than or equal to 1"),
+        ({"train": {"ema_kimg": -1.0}}, "train.ema_kimg", "greater than or equal to 0"),
+        ({"train": {"ema_rampup": 0.0}}, "train.ema_rampup", "greater than 0"),
+        ({"train": {"augment": ["flip"]}}, "train.augment.0", "'translation', 'cutout' or 'color'"),
+        ({"train": {"augment": ["cutout", "cutout"]}}, "train", "lists a policy twice"),
+        ({"train": {"guard_steps": -1}}, "train.guard_steps", "greater than or equal to 0"),
+        ({"model": {"kernel": 1}}, "model.kernel", "greater than or equal to 2"),
+        ({"model": {"g_widths": [64]}}, "model.g_widths", "at least 2 items"),
+        ({"model": {"kernel": 4, "g_widths": [256, 128, 64]}}, "model", "need an odd kernel"),
+        ({"model": {"d_dropout": 1.0}}, "model.d_dropout", "less than 1"),
+        ({"model": {"spectral_norm": "yes"}}, "model.spectral_norm", "must be a valid boolean"),
+    ],
+)
+def test_bad_switches_fail_at_load(raw, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    msg = str(err.value)
+    assert msg.startswith(f"params.yaml: {key} = "), msg
+    assert fragment in msg and len(msg.splitlines()) == 1
+
+
+def test_good_combinations_load():
+    p = parse_params({"model": {"kernel": 4, "g_widths": [128, 64], "d_widths": [64, 128], "spectral_norm": True},
+                      "train": {"loss": "wgan", "gp_weight": 10.0, "ema_kimg": 10.0, "ema_rampup": None,
+                                "augment": ["translation", "cutout"], "r1_gamma": 0.1}})
+    assert p.model.kernel == 4 and p.train.augment == ["translation", "cutout"] and p.train.ema_rampup is None
