@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from aigc import distributed
 from aigc.config import TrainConfig
 from aigc.errors import UserError
 from aigc.images import make_grid
@@ -89,7 +90,12 @@ def train_gan(
     if tuple(images.shape[1:]) != net.image_shape:
         raise UserError(f"images are {tuple(images.shape[1:])}, the model expects {net.image_shape}")
 
-    device = resolve_device(cfg.device)
+    # Under torchrun: join the process group; train.batch_size is the global batch (aigc/distributed.py).
+    ddp = distributed.from_env()
+    device = distributed.setup(ddp, resolve_device(cfg.device))
+    if not ddp.is_main:  # hooks, the progress bar and every write belong to rank 0
+        on_steps = on_epoch = None
+        progress = False
     threads = torch.get_num_threads()
     watch = None
     if device.type == "cpu":
@@ -104,6 +110,8 @@ def train_gan(
     G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)
     # The optimisers hold the real modules; the step may run compiled views of them.
     G_step, D_step = (torch.compile(G), torch.compile(D)) if cfg.compile else (G, D)
+    G_step, D_step = distributed.wrap(G_step, D_step, ddp, device)  # DDP (+ SyncBatchNorm on CUDA)
+    D_frozen = distributed.unwrap(D_step)  # the G step's D: no gradients, so no DDP reduction
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
     # Mixed precision on CUDA only (bf16 needs no loss scaling); CPU stays fp32.
@@ -113,7 +121,7 @@ def train_gan(
     # The whole split lives on the device: batches are slices of one tensor, no per-item collation.
     data = images.to(device, dtype=torch.float32).contiguous(memory_format=fmt)
     fixed_z = torch.randn(cfg.grid_size, net.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    n, b = len(data), cfg.batch_size
+    n, b = len(data), cfg.batch_size  # b: the global batch
     steps_per_epoch = n // b  # drop the ragged last batch: BatchNorm and D's statistics want full ones
     total = steps_per_epoch * cfg.epochs
 
@@ -130,7 +138,8 @@ def train_gan(
         nonlocal t_window, imgs_window, last
         if not buf:
             return
-        values = torch.stack(buf).float().cpu().tolist()  # the one host sync per window
+        # the one host sync per window (and, distributed, the one all-reduce: the global batch's means)
+        values = distributed.mean_across(torch.stack(buf).float(), ddp).cpu().tolist()
         rows = [dict(zip(STEP_KEYS, v)) for v in values]
         now = time.perf_counter()
         ips = imgs_window / max(now - t_window, 1e-9)
@@ -149,8 +158,9 @@ def train_gan(
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
         perm = torch.randperm(n, generator=order).to(device)
         for i in range(steps_per_epoch):
-            real = data[perm[i * b:(i + 1) * b]]
-            z = torch.randn(b, net.z_dim, device=device)
+            # every rank draws the same global batch and z and keeps its slice (one process: all of it)
+            real = data[distributed.shard(perm[i * b:(i + 1) * b], ddp)]
+            z = distributed.shard(torch.randn(b, net.z_dim, device=device), ddp)
 
             # (1) Update D: maximise log D(x) + log(1 - D(G(z)))
             with amp:
@@ -166,7 +176,7 @@ def train_gan(
             # be thrown away, and not computing them saves a third of D's backward pass.
             D.requires_grad_(False)
             with amp:
-                g_logits = D_step(fake)
+                g_logits = D_frozen(fake)
                 g_loss = g_loss_nonsaturating(g_logits)
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
@@ -202,6 +212,7 @@ def train_gan(
             t_window = time.perf_counter()  # sampling and hooks are not training time
             t_hooks += t_window - t_hook
     bar.close()
+    distributed.teardown(ddp)
 
     seconds = time.perf_counter() - t_start - t_hooks
     rng = {"torch": torch.get_rng_state(), "order": order.get_state()}

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aigc import distributed
 from aigc.config import ModelConfig, TrackingConfig, TrainConfig, flatten
 from aigc.data.preprocess import DATASET_JSON, load_info, load_split
 from aigc.images import save_png
@@ -69,7 +70,8 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family}
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    tracker = Run.start(tracking, run_name=f"{model.family}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
+    ddp = distributed.from_env()  # under torchrun only rank 0 tracks and writes (aigc/distributed.py)
+    tracker = Run.disabled() if not ddp.is_main else Run.start(tracking, run_name=f"{model.family}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
     if tracker.active:
         print(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracking.experiment!r})")
     rec = Recorder(tracker)
@@ -77,6 +79,9 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     try:
         result = train_gan(train, net, torch.from_numpy(split["images"]), seed,
                            on_steps=rec.on_steps, on_epoch=rec.on_epoch)
+        if not ddp.is_main:
+            ok = True
+            return {"rank": ddp.rank, "steps": result.steps}
 
         with atomic_path(generator) as tmp:
             torch.save(generator_payload(result.G, net), tmp)
