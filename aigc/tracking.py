@@ -61,6 +61,29 @@ def _check_reachable(uri: str) -> None:
             raise UserError(f"MLflow tracking URI {uri}: folder {db.parent} does not exist; create it or fix tracking.uri")
 
 
+def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts. A tracking server decides for itself (None):
+    with ``--artifacts-destination`` it proxies them (``mlflow-artifacts:/``), so clients need no
+    access to the store -- a local folder here would be this machine's, wrong for every teammate.
+    A local store gets ``tracking.artifact_root`` (a folder, resolved; or a URI such as s3://...)."""
+    root = cfg.artifact_root
+    if "://" in root:
+        return root
+    if uri.startswith(("http://", "https://")):
+        return None
+    return Path(root).resolve().joinpath(cfg.experiment).as_uri()
+
+
+def _create_experiment(client: MlflowClient, cfg: TrackingConfig, uri: str) -> str:
+    """Create the experiment; if a teammate's pipeline created it a moment ago, use theirs."""
+    try:
+        return client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, uri))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := client.get_experiment_by_name(cfg.experiment)) is None:
+            raise
+        return exp.experiment_id
+
+
 def git_commit() -> str | None:
     """The current commit, with '-dirty' when tracked files differ from it; None outside git."""
     try:
@@ -95,9 +118,7 @@ class Run:
             if exp is None:
                 # An explicit artifact location: MLflow's default for SQLite stores is ./mlruns,
                 # which MLflow itself later mistakes for an old file store.
-                root = cfg.artifact_root
-                location = root if "://" in root else Path(root).resolve().joinpath(cfg.experiment).as_uri()
-                exp_id = client.create_experiment(cfg.experiment, artifact_location=location)
+                exp_id = _create_experiment(client, cfg, uri)
             else:
                 exp_id = exp.experiment_id
             run = client.create_run(exp_id, run_name=run_name, tags=tags)
