@@ -96,4 +96,4 @@ def test_dcgan_with_batchnorm_on_gloo_stays_close(tmp_path: Path):
     two = run(tmp_path, "dcgan", 2)[0]["rows"]
     diff = max(abs(a[k] - b[k]) for a, b in zip(one, two, strict=True) for k in ("d_loss", "g_loss"))
     print(f"dcgan (BatchNorm per rank on gloo), 1 vs 2 processes: largest |loss difference| {diff:.3f}")
-    assert len(one) == len(two) == 36 and diff < 0.5
+    assert len(one) == len(two) == 36 and diff < 0.2  # measured 0.015
