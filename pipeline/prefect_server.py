@@ -102,8 +102,13 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    if os.environ.get("PREFECT_API_URL") or nothing_to_run(argv):
+    if os.environ.get("PREFECT_API_URL"):
         return subprocess.call(argv)
+    if nothing_to_run(argv):
+        # DVC is loaded already: let it report "up to date" in this process (no second start-up)
+        from dvc.cli import main as dvc_main
+
+        return dvc_main(argv[1:])
     t = time.perf_counter()
     proc, url = start_server()
     print(f"Prefect server for this run at {url} (started in {time.perf_counter() - t:.1f} s)", file=sys.stderr)
