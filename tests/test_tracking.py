@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -114,8 +115,9 @@ def test_two_stores_in_one_process_never_mix(tmp_path: Path, monkeypatch: pytest
 
     decoy = f"sqlite:///{tmp_path / 'decoy.db'}"
     real = f"sqlite:///{tmp_path / 'real.db'}"
-    mlflow.set_tracking_uri(decoy)  # MLflow's global (it also exports the variable: drop that,
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # as MLFLOW_TRACKING_URI would rightly win)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # remembered as unset, restored so
+    mlflow.set_tracking_uri(decoy)  # MLflow's global; it also exports the variable, which would
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # rightly win over tracking.uri: drop that copy
     try:
         class Echo(mlflow.pyfunc.PythonModel):
             def predict(self, context, model_input):
@@ -132,6 +134,7 @@ def test_two_stores_in_one_process_never_mix(tmp_path: Path, monkeypatch: pytest
         run.end(ok=True)
     finally:
         mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     assert run.uri == real and version.version == "1" and version.run_id == run.run_id
     assert files["weights"].read_text() == "w"
     assert str(MlflowClient(real).get_model_version_by_alias("m", "champion").version) == "1"
