@@ -12,18 +12,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-# Offline and quiet (../shared/stack.md); pipeline/__init__.py sets the same for `dvc repro` by hand.
+# The venv's tools first. The offline/quiet environment (telemetry off, start-up budgets) is set in
+# one place, aigc/environment.py: every python entry point applies it, and tools started here
+# directly run under `python -m aigc.environment`.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-export DO_NOT_TRACK := true
-export MLFLOW_DISABLE_TELEMETRY := true
-export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
-export PREFECT_HOME := $(CURDIR)/.prefect
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
-export DVC_NO_ANALYTICS := 1
-export GX_ANALYTICS_ENABLED := False
+WITH_ENV := python -m aigc.environment
 
-.PHONY: help run test test-fast ui bench install install-dev dvc-init serve retrain schedule
+.PHONY: help run test test-fast ui bench install install-dev dvc-init serve retrain schedule services services-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,8 +39,8 @@ install-dev: $(VENV)/.installed-dev
 
 dvc-init:
 	@test -d .dvc || dvc init -q
-	@dvc config core.analytics false
-	@dvc config core.check_update false
+	@grep -qs "analytics = false" .dvc/config || dvc config core.analytics false
+	@grep -qs "check_update = false" .dvc/config || dvc config core.check_update false
 
 run: install dvc-init  ## train on the default data: dvc repro (only what changed runs)
 	python -m pipeline.prefect_server dvc repro
@@ -60,10 +55,10 @@ bench: install  ## speed and overhead figures -> reports/benchmarks/ (~5 min)
 	python -m benchmarks
 
 ui: install  ## open the MLflow UI on http://127.0.0.1:5000 for the local store
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(WITH_ENV) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 serve: install  ## serve the champion on http://127.0.0.1:5001 (POST /invocations; README)
-	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} mlflow models serve \
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} $(WITH_ENV) mlflow models serve \
 		-m models:/aigc-generator@champion --env-manager local --host 127.0.0.1 --port 5001
 
 retrain: install dvc-init  ## retrain once: dvc repro under the retraining lock, then the registry's decision
@@ -72,3 +67,9 @@ retrain: install dvc-init  ## retrain once: dvc repro under the retraining lock,
 CRON ?= 0 3 * * 1
 schedule: install dvc-init  ## retrain on a cron schedule (CRON="0 3 * * 1"), until Ctrl-C
 	python -m pipeline.retrain serve --cron "$(CRON)"
+
+services: install  ## start PostgreSQL + an MLflow server on it + a Prefect server, on loopback (README, "Team setup")
+	python -m pipeline.services up
+
+services-down: install  ## stop what `make services` started (the data stays in .services/)
+	python -m pipeline.services down

@@ -130,7 +130,8 @@ class TrackingConfig(_Section):
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
     experiment: str = Field(default="aigc", min_length=1)
-    # Where a new experiment stores its artifacts (local folder or a URI such as s3://...).
+    # Where a new experiment stores its artifacts (local folder or a URI such as s3://...); a
+    # tracking server (http) without a URI here keeps them itself (proxied artifacts).
     artifact_root: str = "mlartifacts"
 
 

@@ -9,6 +9,8 @@ recorder, the DVC plot file, MLflow) takes whatever names appear, with no fixed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -42,11 +44,15 @@ class Stats:
     def __len__(self) -> int:
         return len(self._steps)
 
-    def collect(self) -> list[tuple[int, dict[str, float]]]:
+    def collect(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[tuple[int, dict[str, float]]]:
         """The closed steps since the last call as ``(step, {name: value})``, in order; one
-        device-to-host copy for all of them."""
+        device-to-host copy for all of them. ``reduce`` (e.g. a mean across data-parallel ranks)
+        is applied to the stacked values first, as one collective call."""
         tensors = [v for _, _, vals in self._steps for v in vals if isinstance(v, torch.Tensor)]
-        host = iter(torch.stack(tensors).cpu().tolist()) if tensors else iter(())
+        stacked = torch.stack(tensors) if tensors else None
+        if stacked is not None and reduce is not None:
+            stacked = reduce(stacked)
+        host = iter(stacked.cpu().tolist()) if stacked is not None else iter(())
         rows = []
         for step, names, vals in self._steps:
             rows.append((step, {n: (next(host) if isinstance(v, torch.Tensor) else float(v))

@@ -6,29 +6,26 @@ this module turns them into MLflow calls. One training = one MLflow run. The mod
 what to promote is plain logic in ``aigc/registry.py``.
 
 The store is ``tracking.uri`` from params.yaml (a local SQLite file by default) unless
-``MLFLOW_TRACKING_URI`` is set, which wins, as MLflow users expect.
+``MLFLOW_TRACKING_URI`` is set, which wins, as MLflow users expect. That choice is made once
+(``resolve_uri``) and then travels as an explicit ``MlflowClient``/URI: nothing here sets MLflow's
+module-level tracking URI or writes ``os.environ``, so two stores in one process (a shared server
+and a local file, an earlier run's store) never get mixed up.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Offline and quiet, whoever imports us first (stack.md); a user's own setting wins.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
-os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per model download
-# A dead server should fail in seconds, not after MLflow's default minutes of retries.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+from aigc import environment
+
+environment.apply()  # offline and quiet before MLflow loads (aigc/environment.py, the one place)
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
@@ -62,6 +59,29 @@ def _check_reachable(uri: str) -> None:
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.parent.exists():
             raise UserError(f"MLflow tracking URI {uri}: folder {db.parent} does not exist; create it or fix tracking.uri")
+
+
+def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts. A tracking server decides for itself (None):
+    with ``--artifacts-destination`` it proxies them (``mlflow-artifacts:/``), so clients need no
+    access to the store -- a local folder here would be this machine's, wrong for every teammate.
+    A local store gets ``tracking.artifact_root`` (a folder, resolved; or a URI such as s3://...)."""
+    root = cfg.artifact_root
+    if "://" in root:
+        return root
+    if uri.startswith(("http://", "https://")):
+        return None
+    return Path(root).resolve().joinpath(cfg.experiment).as_uri()
+
+
+def _create_experiment(client: MlflowClient, cfg: TrackingConfig, uri: str) -> str:
+    """Create the experiment; if a teammate's pipeline created it a moment ago, use theirs."""
+    try:
+        return client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, uri))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := client.get_experiment_by_name(cfg.experiment)) is None:
+            raise
+        return exp.experiment_id
 
 
 def git_commit() -> str | None:
@@ -98,9 +118,7 @@ class Run:
             if exp is None:
                 # An explicit artifact location: MLflow's default for SQLite stores is ./mlruns,
                 # which MLflow itself later mistakes for an old file store.
-                root = cfg.artifact_root
-                location = root if "://" in root else Path(root).resolve().joinpath(cfg.experiment).as_uri()
-                exp_id = client.create_experiment(cfg.experiment, artifact_location=location)
+                exp_id = _create_experiment(client, cfg, uri)
             else:
                 exp_id = exp.experiment_id
             run = client.create_run(exp_id, run_name=run_name, tags=tags)
@@ -180,13 +198,27 @@ class Run:
         """
         if not self.active:
             raise RuntimeError("log_pyfunc_model needs an active run (tracking.enabled)")
-        import mlflow.pyfunc
+        import tempfile
 
-        with _fluent(self.uri), mlflow.start_run(run_id=self.run_id):  # re-opens the run, then ends it again
-            info = mlflow.pyfunc.log_model(name=name, python_model=python_model, artifacts=artifacts,
-                                           signature=signature, input_example=input_example,
-                                           pip_requirements=pip_requirements)
-        return info.model_uri
+        import mlflow.pyfunc
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        # What mlflow.pyfunc.log_model does, through this run's own client instead of the
+        # module-level (fluent) API and its global tracking URI.
+        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
+                                                tags={"mlflow.modelFlavor": "python_function"})
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
+        with tempfile.TemporaryDirectory(prefix="aigc-model-") as tmp:
+            local = Path(tmp) / "model"
+            meta = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=self.run_id,
+                         model_id=model.model_id)
+            mlflow.pyfunc.save_model(path=str(local), python_model=python_model, artifacts=artifacts,
+                                     signature=signature, input_example=input_example,
+                                     pip_requirements=pip_requirements, mlflow_model=meta)
+            self.client.log_model_artifacts(model.model_id, str(local))
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        return f"models:/{model.model_id}"
 
     def info(self) -> dict[str, Any]:
         """What later stages need to find this run again (written to the run file)."""
@@ -194,29 +226,6 @@ class Run:
 
 
 # --- The model registry: versions, their tags and aliases (never the deprecated stages) ---------
-
-
-@contextlib.contextmanager
-def _fluent(uri: str) -> Iterator[None]:
-    """Point MLflow's module-level (fluent) API at ``uri`` for a block: model logging and
-    ``register_model`` only exist there."""
-    import mlflow
-
-    # set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses), which resolve_uri would
-    # then read: put the environment back exactly as it was, not as MLflow's default.
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # None: back to unset
-        mlflow.set_registry_uri(env["MLFLOW_REGISTRY_URI"])
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @dataclass(frozen=True)
@@ -275,10 +284,20 @@ class Registry:
 
     def register(self, model_uri: str, name: str, tags: dict[str, str]) -> ModelVersion:
         """A new version of ``name`` (created if needed) from a logged model's URI, with ``tags``."""
-        import mlflow
-
-        with _fluent(self.uri):
-            mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        source, run_id, model_id = model_uri, None, None
+        if model_uri.startswith("models:/m-"):
+            # Resolve the logged model here, through this client: given a models:/ source (or no
+            # run id), MLflow 3.17's SQL registry store looks the model up through a new
+            # MlflowClient() -- the process-wide URI, i.e. possibly another store.
+            logged = self.client.get_logged_model(model_uri.removeprefix("models:/"))
+            source, run_id, model_id = logged.artifact_location, logged.source_run_id, logged.model_id
+        mv = self.client.create_model_version(name, source=source, run_id=run_id,
+                                              tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
         return _version(self.client.get_model_version(name, mv.version))
 
     def set_tags(self, version: ModelVersion, tags: dict[str, str]) -> None:
@@ -321,6 +340,7 @@ class Registry:
         from mlflow.models import Model
 
         source = self.client.get_model_version_download_uri(version.name, version.version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=self.uri))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=self.uri,
+                                                         registry_uri=self.uri))
         flavor = Model.load(str(local)).flavors.get("python_function", {})
         return {key: local / spec["path"] for key, spec in (flavor.get("artifacts") or {}).items()}

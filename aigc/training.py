@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from aigc import distributed
 from aigc.augment import check_policy, diff_augment
 from aigc.config import TrainConfig
 from aigc.ema import GeneratorEMA
@@ -116,7 +117,13 @@ def train_gan(
     policy = tuple(cfg.augment)
     check_policy(policy, net.channels)
 
-    device = resolve_device(cfg.device)
+    # Under torchrun: join the process group; train.batch_size is the global batch (aigc/distributed.py).
+    ddp = distributed.from_env()
+    device = distributed.setup(ddp, resolve_device(cfg.device))
+    distributed.per_rank_batch(cfg.batch_size, ddp)  # the global batch must split evenly over the ranks
+    if not ddp.is_main:  # hooks, the progress bar and every write belong to rank 0
+        on_steps = on_epoch = None
+        progress = False
     threads = torch.get_num_threads()
     watch = None
     if device.type == "cpu":
@@ -131,6 +138,8 @@ def train_gan(
     G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)
     # The optimisers hold the real modules; the step may run compiled views of them.
     G_step, D_step = (torch.compile(G), torch.compile(D)) if cfg.compile else (G, D)
+    G_step, D_step = distributed.wrap(G_step, D_step, ddp, device)  # DDP (+ SyncBatchNorm on CUDA)
+    D_frozen = distributed.unwrap(D_step)  # the G step's D: no gradients, so no DDP reduction
     betas = (cfg.beta1, cfg.beta2)
     lr_d, betas_d = cfg.lr_d, betas
     lazy_r1 = cfg.r1_gamma > 0
@@ -144,14 +153,14 @@ def train_gan(
     amp = (torch.autocast("cuda", dtype=torch.bfloat16)
            if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
 
-    def D_sees(x: torch.Tensor) -> torch.Tensor:
+    def D_sees(x: torch.Tensor, D_: torch.nn.Module | None = None) -> torch.Tensor:
         """D's logits for ``x`` as D sees it: through DiffAugment, in D's step and in G's alike."""
-        return D_step(diff_augment(x, policy) if policy else x)
+        return (D_ or D_step)(diff_augment(x, policy) if policy else x)
 
     # The whole split lives on the device: batches are slices of one tensor, no per-item collation.
     data = images.to(device, dtype=torch.float32).contiguous(memory_format=fmt)
     fixed_z = torch.randn(cfg.grid_size, net.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    n, b = len(data), cfg.batch_size
+    n, b = len(data), cfg.batch_size  # b: the global batch
     steps_per_epoch = n // b  # drop the ragged last batch: BatchNorm and D's statistics want full ones
     total = steps_per_epoch * cfg.epochs
 
@@ -171,7 +180,8 @@ def train_gan(
         nonlocal t_window, imgs_window, last, separated_run
         if not len(stats):
             return
-        collected = stats.collect()  # the one host sync per window
+        # the one host sync per window (and, distributed, the one all-reduce: the global batch's means)
+        collected = stats.collect(reduce=lambda t: distributed.mean_across(t, ddp))
         for s, row in collected:  # the divergence guard
             for key, value in row.items():
                 if not math.isfinite(value):
@@ -204,8 +214,9 @@ def train_gan(
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
         perm = torch.randperm(n, generator=order).to(device)
         for i in range(steps_per_epoch):
-            real = data[perm[i * b:(i + 1) * b]]
-            z = torch.randn(b, net.z_dim, device=device)
+            # every rank draws the same global batch and z and keeps its slice (one process: all of it)
+            real = data[distributed.shard(perm[i * b:(i + 1) * b], ddp)]
+            z = distributed.shard(torch.randn(b, net.z_dim, device=device), ddp)
 
             # (1) Update D: tell real from fake (the loss of train.loss), plus WGAN-GP's penalty.
             with amp:
@@ -240,7 +251,7 @@ def train_gan(
             # be thrown away, and not computing them saves a third of D's backward pass.
             D.requires_grad_(False)
             with amp:
-                g_logits = D_sees(fake)
+                g_logits = D_sees(fake, D_frozen)
                 g_loss = g_loss_fn(g_logits)
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
@@ -288,6 +299,7 @@ def train_gan(
             t_window = time.perf_counter()  # sampling and hooks are not training time
             t_hooks += t_window - t_hook
     bar.close()
+    distributed.teardown(ddp)
 
     seconds = time.perf_counter() - t_start - t_hooks
     if ema is not None:

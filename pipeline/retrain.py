@@ -11,7 +11,13 @@ Two runs never share the workspace: a run takes a file lock (``.dvc/tmp/aigc-ret
 around ``dvc repro``. A second run that finds it taken skips with a message (or, with
 ``wait_s``, waits up to that long first). Prefect's ``serve()`` ignores schedule concurrency
 limits, so the lock, not Prefect, is the guard; it also covers a manual run beside a scheduled
-one. A ``dvc repro`` started by hand holds DVC's own repo lock: a run that meets it skips too.
+one. A ``dvc repro`` started by hand holds DVC's own repo lock: a run that meets it (DVC's
+``LockError``) skips too.
+
+The pipeline runs through DVC's Python API (``Repo.reproduce``), in this process: what ran is
+the list of stages it returns, a failure is DVC's exception -- no printed English is parsed.
+The stage processes get this environment's python first on PATH and this flow run's Prefect
+API (``run_env``), without touching this process's environment.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,8 +39,6 @@ from prefect.states import Failed
 import pipeline  # noqa: F401  (the offline/quiet environment, PREFECT_HOME)
 
 LOCK = Path(".dvc") / "tmp" / "aigc-retrain.lock"  # inside the project; .dvc/tmp is git-ignored by DVC
-DVC_BUSY = "Unable to acquire lock"  # what `dvc repro` says when another DVC process holds the repo
-UP_TO_DATE = "Data and pipelines are up to date"
 
 
 def registry_record(project: Path) -> Path:
@@ -60,17 +63,16 @@ def _api_url() -> str | None:
     return str(get_client(sync_client=True).api_url)
 
 
-def _stream(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run ``command``, printing each line as it comes (the flow's logger, via log_prints)."""
-    lines: list[str] = []
-    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            lines.append(line)
-            print(line)
-    return proc.returncode, lines
+def reproduce(root: Path, run_env: dict[str, str]) -> list[str]:
+    """``dvc repro`` in ``root`` through DVC's Python API; the names of the stages that ran (none:
+    everything was up to date). Raises DVC's ``LockError`` when another DVC process holds the
+    repo, its ``DvcException`` when a stage fails."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        # the project's dvc.yaml by absolute path: DVC resolves a relative target against the cwd
+        ran = repo.reproduce(str(Path(repo.root_dir) / "dvc.yaml"), run_env=run_env)
+    return [stage.name for stage in ran]
 
 
 def _holder(lock: Path) -> str:
@@ -82,15 +84,16 @@ def _holder(lock: Path) -> str:
 
 
 @flow(name="retrain", log_prints=True, validate_parameters=False)
-def retrain(project: str = ".", command: list[str] | None = None, wait_s: float = 0.0) -> dict[str, Any]:
-    """Run the pipeline in PROJECT with ``dvc repro`` (or ``command``) under the retraining lock, then
-    report the registry's decision (reports/registry.json). A second run skips, or waits ``wait_s``."""
+def retrain(project: str = ".", wait_s: float = 0.0) -> dict[str, Any]:
+    """Run the pipeline in PROJECT (``dvc repro``) under the retraining lock, then report the
+    registry's decision (reports/registry.json). A second run skips, or waits ``wait_s``."""
+    from dvc.exceptions import DvcException
+    from dvc.lock import LockError
     from prefect.runtime import flow_run
 
     root = Path(project).resolve()
     lock_path = root / LOCK
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    command = command or [str(Path(sys.executable).with_name("dvc")), "repro"]
     lock = FileLock(lock_path)
     try:
         lock.acquire(timeout=wait_s)
@@ -106,34 +109,36 @@ def retrain(project: str = ".", command: list[str] | None = None, wait_s: float 
         record = registry_record(root)
         before = record.read_bytes() if record.exists() else None
         # The stages run `python -m pipeline.<stage>`: this environment's python first on PATH.
-        env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        run_env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         if url := _api_url():
-            env["PREFECT_API_URL"] = url
-        print(f"retrain: {' '.join(command)} in {root}")
+            run_env["PREFECT_API_URL"] = url
+        print(f"retrain: dvc repro in {root}")
         t = time.perf_counter()
-        code, lines = _stream(command, root, env)
+        try:
+            ran = reproduce(root, run_env)
+        except LockError:
+            message = f"skipped: DVC's repo lock is held by another dvc process in {root}; nothing ran"
+            print(message)
+            return {"status": "skipped", "message": message, "seconds": round(time.perf_counter() - t, 1)}
+        except DvcException as exc:
+            cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+            return Failed(message=f"dvc repro failed after {time.perf_counter() - t:.1f} s: {exc}{cause}")
         seconds = round(time.perf_counter() - t, 1)
-        if code != 0:
-            if any(DVC_BUSY in line for line in lines):
-                message = f"skipped: DVC's repo lock is held by another dvc process in {root}; nothing ran"
-                print(message)
-                return {"status": "skipped", "message": message, "seconds": seconds}
-            errors = [line for line in lines if line.startswith(("error:", "ERROR:"))]
-            return Failed(message=f"{' '.join(command)} failed (exit {code}) after {seconds} s: "
-                                  f"{errors[-1] if errors else (lines[-1] if lines else 'no output')}")
         after = record.read_bytes() if record.exists() else None
         decision = json.loads(after) if after else None
-        status = "up to date" if any(UP_TO_DATE in line for line in lines) else "ran"
-        result = {"status": status, "seconds": seconds, "new_decision": after is not None and after != before,
-                  "decision": decision}
+        status = "ran" if ran else "up to date"
+        result = {"status": status, "stages": ran, "seconds": seconds,
+                  "new_decision": after is not None and after != before, "decision": decision}
+        print(f"retrain: {f'ran {len(ran)} stage(s): ' + ', '.join(ran) if ran else 'every stage up to date'} "
+              f"({seconds} s)")
         if decision is None:
-            print(f"retrain: {status} in {seconds} s; no registry decision yet ({record} is missing)")
+            print(f"retrain: no registry decision yet ({record} is missing)")
         elif result["new_decision"]:
-            print(f"retrain: {status} in {seconds} s; new registry decision: {decision['model_name']} "
+            print(f"retrain: new registry decision: {decision['model_name']} "
                   f"v{decision.get('version', '-')} {decision['outcome']}: {decision['reason']}; "
                   f"@{decision['alias']} -> v{decision.get('champion_version') or '-'}")
         else:
-            print(f"retrain: {status} in {seconds} s; no new model, the registry is unchanged "
+            print(f"retrain: no new model, the registry is unchanged "
                   f"(@{decision['alias']} -> v{decision.get('champion_version') or '-'})")
         return result
     finally:

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from aigc import distributed
 from aigc.config import ModelConfig, TrackingConfig, TrainConfig, flatten
 from aigc.data.preprocess import DATASET_JSON, load_info, load_split
 from aigc.images import save_png
-from aigc.io import atomic_path, file_sha256, write_json
+from aigc.io import atomic_path, save_torch, file_sha256, write_json
 from aigc.models import generator_payload, net_config
 from aigc.tracking import Run, git_commit
 from aigc.training import EpochEnd, StepWindow, checkpoint_payload, train_gan
@@ -76,7 +77,8 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family}
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    tracker = Run.start(tracking, run_name=f"{model.family}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
+    ddp = distributed.from_env()  # under torchrun only rank 0 tracks and writes (aigc/distributed.py)
+    tracker = Run.disabled() if not ddp.is_main else Run.start(tracking, run_name=f"{model.family}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
     if tracker.active:
         print(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracking.experiment!r})")
     rec = Recorder(tracker)
@@ -84,12 +86,14 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     try:
         result = train_gan(train, net, torch.from_numpy(split["images"]), seed,
                            on_steps=rec.on_steps, on_epoch=rec.on_epoch)
+        if not ddp.is_main:
+            ok = True
+            return {"rank": ddp.rank, "steps": result.steps}
 
-        with atomic_path(generator) as tmp:
-            # The EMA generator when train.ema_kimg > 0: what is sampled, evaluated, registered, served.
-            torch.save(generator_payload(result.generator, net), tmp)
-        with atomic_path(checkpoint) as tmp:
-            torch.save(checkpoint_payload(result, train, seed), tmp)
+        # The EMA generator when train.ema_kimg > 0: what is sampled, evaluated, registered, served.
+        # save_torch: atomic, and a full disk is one clear error with the previous file kept.
+        save_torch(generator_payload(result.generator, net), generator)
+        save_torch(checkpoint_payload(result, train, seed), checkpoint)
         rec.write_losses(losses)
         save_png(rec.grid, samples)
         summary = {

@@ -9,17 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aigc import environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
-# Offline and quiet, and never the user's own tracking server.
-os.environ.update({
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "False",
-})
+# Offline and quiet (aigc.environment, the one place), and never the user's own tracking server.
+environment.apply()
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 

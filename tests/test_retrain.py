@@ -22,20 +22,21 @@ from tests.conftest import ROOT, copy_project, run_module
 PY = sys.executable
 
 
-def tiny_project(root: Path) -> Path:
-    """A dvc.yaml whose register stage writes the record where the real one does, nothing else."""
+def tiny_project(root: Path, register_cmd: str, record: dict | None = None) -> Path:
+    """A real DVC project (no git) whose one stage, ``register``, runs ``register_cmd`` and writes the
+    record where the real register stage does (``record``, staged in decision.json)."""
+    root.mkdir(parents=True, exist_ok=True)
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"register": {
-        "cmd": "true", "outs": [{"reports/registry.json": {"cache": False}}]}}}))
+        "cmd": register_cmd, "deps": ["decision.json"], "outs": [{"reports/registry.json": {"cache": False}}]}}}))
+    (root / "decision.json").write_text(json.dumps(record or {}))
+    res = run_module([str(Path(PY).with_name("dvc")), "init", "--no-scm", "-q"], cwd=root)
+    assert res.returncode == 0, res.stderr
     return root
 
 
-def fake_repro(record: dict | None, say: str = "") -> list[str]:
-    """A stand-in for `dvc repro`: prints, and writes a registry record like the register stage."""
-    code = f"import json, os, pathlib; print({say!r}); print('api', os.environ.get('PREFECT_API_URL'))"
-    if record is not None:
-        code += (f"; p = pathlib.Path('reports/registry.json'); p.parent.mkdir(exist_ok=True); "
-                 f"p.write_text(json.dumps({record!r}))")
-    return [PY, "-c", code]
+# A stand-in register stage: prints the Prefect API it was given and writes the staged decision.
+REGISTER = ("python -c \"import os, pathlib, shutil; print('api', os.environ.get('PREFECT_API_URL')); "
+            "pathlib.Path('reports').mkdir(exist_ok=True); shutil.copy('decision.json', 'reports/registry.json')\"")
 
 
 DECISION = {"model_name": "aigc-generator", "alias": "champion", "version": "3", "outcome": "promoted",
@@ -47,56 +48,69 @@ def test_the_record_path_comes_from_dvc_yaml():
 
 
 def test_a_second_run_skips_while_the_first_holds_the_lock(tmp_path: Path):
-    project = tiny_project(tmp_path)
-    (project / LOCK).parent.mkdir(parents=True)
+    project = tiny_project(tmp_path, REGISTER, DECISION)
+    (project / LOCK).parent.mkdir(parents=True, exist_ok=True)
     (project / LOCK).with_suffix(".owner.json").write_text(json.dumps(
         {"pid": 4242, "host": "box", "flow_run": "f-1", "since": "2026-01-05T03:00:00"}))
     with FileLock(project / LOCK):  # the first run, mid-repro
         t = time.perf_counter()
-        got = retrain.fn(project=str(project), command=fake_repro(DECISION), wait_s=0.3)
+        got = retrain.fn(project=str(project), wait_s=0.3)
         waited = time.perf_counter() - t
     assert got["status"] == "skipped" and waited >= 0.3
     assert "another retraining run holds" in got["message"] and "pid 4242 on box, flow run f-1" in got["message"]
     assert "(waited 0.3 s)" in got["message"]
-    assert not registry_record(project).exists()  # the command never ran
-    got = retrain.fn(project=str(project), command=fake_repro(DECISION, "repro ran"))  # lock free again
-    assert got["status"] == "ran" and got["new_decision"] and got["decision"]["outcome"] == "promoted"
+    assert not registry_record(project).exists()  # nothing ran
+    got = retrain.fn(project=str(project))  # lock free again
+    assert got["status"] == "ran" and got["stages"] == ["register"]
+    assert got["new_decision"] and got["decision"]["outcome"] == "promoted"
+    again = retrain.fn(project=str(project))  # nothing changed: DVC runs no stage
+    assert again["status"] == "up to date" and again["stages"] == [] and not again["new_decision"]
 
 
 def test_dvc_holding_its_own_repo_lock_is_a_clean_skip(tmp_path: Path):
-    busy = [PY, "-c", "print('ERROR: Unable to acquire lock. Most likely another DVC process is running or was "
-                      "terminated abruptly.'); raise SystemExit(1)"]
-    got = retrain.fn(project=str(tiny_project(tmp_path)), command=busy)
+    import subprocess
+
+    project = tiny_project(tmp_path, REGISTER, DECISION)
+    holder = subprocess.Popen([PY, "-c", "import time; from dvc.repo import Repo; r = Repo('.'); r.lock.lock(); "
+                                         "print('held', flush=True); time.sleep(120)"],
+                              cwd=project, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # a `dvc repro` by hand, mid-run
+        got = retrain.fn(project=str(project))
+    finally:
+        holder.kill()
+        holder.wait()
     assert got["status"] == "skipped" and "DVC's repo lock is held by another dvc process" in got["message"]
+    assert not registry_record(project).exists()
 
 
-def test_a_failing_pipeline_fails_the_run_with_its_error_line(tmp_path: Path):
-    failing = [PY, "-c", "print('Running stage validate'); print('error: data-quality gate failed: labels'); "
-                         "raise SystemExit(1)"]
-    state = retrain.fn(project=str(tiny_project(tmp_path)), command=failing)
-    assert state.is_failed() and "failed (exit 1)" in state.message
-    assert state.message.endswith("error: data-quality gate failed: labels")
+def test_a_failing_pipeline_fails_the_run_with_dvcs_error(tmp_path: Path):
+    failing = 'python -c "import sys; sys.exit(3)"'
+    state = retrain.fn(project=str(tiny_project(tmp_path, failing)))
+    assert state.is_failed() and state.message.startswith("dvc repro failed after")
+    assert "register" in state.message  # DVC's ReproductionError names the stage
     assert FileLock(tmp_path / LOCK).acquire(timeout=0)  # released on the way out
 
 
 @pytest.mark.slow
-def test_the_flow_once_under_prefect(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_the_flow_once_under_prefect(tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture):
     from prefect.testing.utilities import prefect_test_harness
 
-    project = tiny_project(tmp_path)
+    project = tiny_project(tmp_path, REGISTER, DECISION)
     with prefect_test_harness(server_startup_timeout=120):
-        state = retrain(project=str(project), command=fake_repro(DECISION, "Running stage 'register'"),
-                        return_state=True)
+        state = retrain(project=str(project), return_state=True)
         assert state.is_completed()
         got = state.result()
         assert got["status"] == "ran" and got["new_decision"] and got["decision"]["version"] == "3"
-        again = retrain(project=str(project), command=fake_repro(DECISION, "Data and pipelines are up to date."))
+        again = retrain(project=str(project))
         assert again["status"] == "up to date" and not again["new_decision"]
     logs = caplog.text  # the flow's logger (log_prints)
-    # dvc's output reaches the flow's log, and the stage flows it starts are told this run's API
-    assert "Running stage 'register'" in logs and "api http://127.0.0.1:" in logs
+    assert "retrain: ran 1 stage(s): register" in logs
     assert "new registry decision: aigc-generator v3 promoted: fid - floor 8 beats champion v2's 18" in logs
+    assert "retrain: every stage up to date" in logs
     assert "no new model, the registry is unchanged (@champion -> v3)" in logs
+    # the stage process DVC starts is told this run's API (no ephemeral server of its own)
+    assert "api http://127.0.0.1:" in capfd.readouterr().out
 
 
 # --- the real pipeline: tiny project, digits from an NPZ "source" --------------------------------
@@ -135,7 +149,7 @@ def test_new_source_data_retrains_and_no_change_is_a_cheap_noop(tmp_path: Path):
     first, _ = run()
     assert "Running stage 'train'" in first and "new registry decision: aigc-generator v1 promoted" in first
     noop, seconds = run()
-    assert "Data and pipelines are up to date" in noop and "Running stage" not in noop
+    assert "retrain: every stage up to date" in noop and "Running stage" not in noop
     assert "no new model, the registry is unchanged (@champion -> v1)" in noop
     print(f"no-op retrain: {seconds:.1f} s")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -103,3 +104,41 @@ def test_train_stage_with_a_dead_server_writes_nothing(tmp_path: Path, processed
         train(0, ModelConfig(), TrainConfig(epochs=1), TrackingConfig(uri=f"http://127.0.0.1:{free_port()}"),
               str(processed_digits), **out)
     assert not any(Path(p).exists() for p in out.values())
+
+
+def test_two_stores_in_one_process_never_mix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The process-wide MLflow URI points at a decoy store; a run, a logged pyfunc model, a
+    registered version, an alias and the download all go to (and come from) the store passed in."""
+    import mlflow
+    import mlflow.pyfunc
+
+    from aigc.tracking import Registry
+
+    decoy = f"sqlite:///{tmp_path / 'decoy.db'}"
+    real = f"sqlite:///{tmp_path / 'real.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # remembered as unset, restored so
+    mlflow.set_tracking_uri(decoy)  # MLflow's global; it also exports the variable, which would
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # rightly win over tracking.uri: drop that copy
+    try:
+        class Echo(mlflow.pyfunc.PythonModel):
+            def predict(self, context, model_input):
+                return model_input  # noqa: the model is beside the point here
+
+        (tmp_path / "weights.txt").write_text("w")
+        cfg = TrackingConfig(uri=real, experiment="t", artifact_root=str(tmp_path / "art"))
+        run = Run.start(cfg, "r", {}, {})
+        uri = run.log_pyfunc_model("generator", Echo(), {"weights": str(tmp_path / "weights.txt")}, None, None, ["numpy"])
+        reg = Registry(real)
+        version = reg.register(uri, "m", {"k": "v"})
+        reg.set_alias(version, "champion")
+        files = reg.download(reg.resolve("models:/m@champion"), tmp_path / "dl")
+        run.end(ok=True)
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert run.uri == real and version.version == "1" and version.run_id == run.run_id
+    assert files["weights"].read_text() == "w"
+    assert str(MlflowClient(real).get_model_version_by_alias("m", "champion").version) == "1"
+    decoy_client = MlflowClient(decoy, registry_uri=decoy)
+    assert decoy_client.search_registered_models() == []
+    assert decoy_client.search_experiments(filter_string="name = 't'") == []

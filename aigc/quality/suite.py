@@ -11,18 +11,18 @@ one to a suite already in a context is pathologically slow in GX 1.24 (stack.md)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
+from aigc import environment
 from aigc.config import PrivacyConfig, ValidateConfig
 from aigc.privacy.pii import HASHED_VALUE, PERSON_NAME, PII_PATTERNS, name_like_columns
 from aigc.quality.summary import META
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # offline and quiet, whoever imports us first
+environment.apply()  # offline and quiet (GX_ANALYTICS_ENABLED), whoever imports us first
 
 
 @dataclass(frozen=True)
