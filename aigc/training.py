@@ -81,8 +81,17 @@ def train_gan(
     on_steps: Callable[[StepWindow], None] | None = None,
     on_epoch: Callable[[EpochEnd], None] | None = None,
     progress: bool = True,
+    labels: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Train G and D on ``images`` ([-1, 1], (N, C, H, W)) with the non-saturating GAN loss."""
+    """Train G and D on ``images`` ([-1, 1], (N, C, H, W)) with the non-saturating GAN loss.
+
+    A conditional ``net`` also needs ``labels``: class indices (N,) of the images. Real images are
+    judged with their own labels, fakes with classes drawn by ``net.class_share``.
+    """
+    # conditional: the labels must come with the images
+    if net.conditional and (labels is None or len(labels) != len(images)):
+        raise UserError(f"a conditional model needs one label per training image; got "
+                        f"{'none' if labels is None else len(labels)} for {len(images)} images")
     if len(images) < cfg.batch_size:
         raise UserError(f"the train split has {len(images)} images, fewer than train.batch_size = "
                         f"{cfg.batch_size}; lower the batch size")
@@ -113,6 +122,13 @@ def train_gan(
     # The whole split lives on the device: batches are slices of one tensor, no per-item collation.
     data = images.to(device, dtype=torch.float32).contiguous(memory_format=fmt)
     fixed_z = torch.randn(cfg.grid_size, net.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    # conditional: label tensors on the device; the grid shows the classes in order, in equal runs
+    fixed_y = None
+    if net.conditional:
+        y_data = labels.to(device, torch.int64)
+        share = torch.tensor(net.class_share, dtype=torch.float32, device=device)
+        fixed_y = (torch.arange(cfg.grid_size) * net.num_classes // cfg.grid_size).to(device)
+    cond = (lambda y: (y,)) if net.conditional else (lambda y: ())  # extra args of G and D
     n, b = len(data), cfg.batch_size
     steps_per_epoch = n // b  # drop the ragged last batch: BatchNorm and D's statistics want full ones
     total = steps_per_epoch * cfg.epochs
@@ -151,12 +167,17 @@ def train_gan(
         for i in range(steps_per_epoch):
             real = data[perm[i * b:(i + 1) * b]]
             z = torch.randn(b, net.z_dim, device=device)
+            # conditional: the reals' own labels; the fakes' drawn by the data's class shares
+            y_real = y_fake = None
+            if net.conditional:
+                y_real = y_data[perm[i * b:(i + 1) * b]]
+                y_fake = torch.multinomial(share, b, replacement=True)
 
             # (1) Update D: maximise log D(x) + log(1 - D(G(z)))
             with amp:
-                fake = G_step(z)
-                real_logits = D_step(real)
-                fake_logits = D_step(fake.detach())
+                fake = G_step(z, *cond(y_fake))
+                real_logits = D_step(real, *cond(y_real))
+                fake_logits = D_step(fake.detach(), *cond(y_fake))
                 d_loss = d_loss_nonsaturating(real_logits, fake_logits)
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -166,7 +187,7 @@ def train_gan(
             # be thrown away, and not computing them saves a third of D's backward pass.
             D.requires_grad_(False)
             with amp:
-                g_logits = D_step(fake)
+                g_logits = D_step(fake, *cond(y_fake))
                 g_loss = g_loss_nonsaturating(g_logits)
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
@@ -196,7 +217,7 @@ def train_gan(
             t_hook = time.perf_counter()
             with torch.no_grad():
                 G.eval()
-                grid = make_grid(G(fixed_z).float())
+                grid = make_grid(G(fixed_z, *cond(fixed_y)).float())
                 on_epoch(EpochEnd(epoch, step, t_hook - t_start - t_hooks, grid, G))
                 G.train()
             t_window = time.perf_counter()  # sampling and hooks are not training time

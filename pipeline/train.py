@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from aigc.config import ModelConfig, TrackingConfig, TrainConfig, flatten
+from aigc.config import ModelConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
 from aigc.data.preprocess import DATASET_JSON, load_info, load_split
 from aigc.images import save_png
 from aigc.io import atomic_path, file_sha256, write_json
 from aigc.models import generator_payload, net_config
 from aigc.tracking import Run, git_commit
-from aigc.training import STEP_KEYS, EpochEnd, StepWindow, checkpoint_payload, train_gan
+from aigc.training import EpochEnd, StepWindow, checkpoint_payload, train_gan
+from aigc.vae import train_vae, vae_checkpoint_payload
 from pipeline._stage import main
 
 
@@ -32,6 +33,7 @@ class Recorder:
     def __init__(self, run: Run) -> None:
         self.run = run
         self.rows: list[dict[str, float]] = []
+        self.keys: list[str] = []  # the scalars' names, in the loop's order (GAN: d_loss, ...; VAE: recon, ...)
         self.grid: np.ndarray | None = None
         self.tracking_seconds = 0.0  # time spent in MLflow calls while training (the overhead)
 
@@ -39,7 +41,8 @@ class Recorder:
         t = time.perf_counter()
         for step, row in zip(w.steps, w.rows):
             self.rows.append({"step": step, "epoch": w.epoch, **row})
-        metrics = [(k, row[k], step) for step, row in zip(w.steps, w.rows) for k in STEP_KEYS]
+            self.keys += [k for k in row if k not in self.keys]
+        metrics = [(k, v, step) for step, row in zip(w.steps, w.rows) for k, v in row.items()]
         metrics.append(("images_per_s", w.images_per_s, w.steps[-1]))
         self.run.log_metric_rows(metrics)
         self.tracking_seconds += time.perf_counter() - t
@@ -52,36 +55,50 @@ class Recorder:
 
     def write_losses(self, path: str) -> None:
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", "epoch", *STEP_KEYS])
+            writer = csv.DictWriter(f, fieldnames=["step", "epoch", *self.keys])
             writer.writeheader()
             writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows)
 
 
-def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingConfig, processed: str,
-          generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str) -> dict[str, Any]:
-    """Train the generator and discriminator on PROCESSED's train split and record the run in MLflow."""
+def train(seed: int, model: ModelConfig, train: TrainConfig, vae: VAEConfig, tracking: TrackingConfig,
+          processed: str, generator: str, checkpoint: str, run: str, metrics: str, losses: str,
+          samples: str) -> dict[str, Any]:
+    """Train the model (GAN: G and D; vae: encoder and decoder) on PROCESSED's train split and
+    record the run in MLflow."""
     info = load_info(processed)
     split = load_split(processed, "train")
-    net = net_config(model, info)
+    net = net_config(model, info)  # a conditional model on unlabelled data stops here
+    labels = net.class_indices(split["labels"]) if net.conditional else None
     dataset_sha = file_sha256(Path(processed) / DATASET_JSON)
     commit = git_commit()
     params = {"seed": seed} | flatten(model, "model.") | flatten(train, "train.")
-    tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family}
+    if model.family == "vae":
+        params |= flatten(vae, "vae.")
+    kind = f"{'c' if net.conditional else ''}{model.family}"  # dcgan, cdcgan, vae, cvae
+    tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family,
+            "aigc.conditional": str(net.conditional).lower()}
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    tracker = Run.start(tracking, run_name=f"{model.family}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
+    tracker = Run.start(tracking, run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
     if tracker.active:
         print(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracking.experiment!r})")
     rec = Recorder(tracker)
     ok = False
     try:
-        result = train_gan(train, net, torch.from_numpy(split["images"]), seed,
-                           on_steps=rec.on_steps, on_epoch=rec.on_epoch)
+        images = torch.from_numpy(split["images"])
+        if model.family == "vae":
+            result = train_vae(train, vae, net, images, seed, on_steps=rec.on_steps, on_epoch=rec.on_epoch,
+                               labels=labels)
+            state = vae_checkpoint_payload(result, train, vae, seed)
+        else:
+            result = train_gan(train, net, images, seed, on_steps=rec.on_steps, on_epoch=rec.on_epoch,
+                               labels=labels)
+            state = checkpoint_payload(result, train, seed)
 
         with atomic_path(generator) as tmp:
             torch.save(generator_payload(result.G, net), tmp)
         with atomic_path(checkpoint) as tmp:
-            torch.save(checkpoint_payload(result, train, seed), tmp)
+            torch.save(state, tmp)
         rec.write_losses(losses)
         save_png(rec.grid, samples)
         summary = {
@@ -107,11 +124,11 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
         ok = True
     finally:
         tracker.end(ok)
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} img/s); "
-          f"final D loss {result.last.get('d_loss', float('nan')):.3f}, G loss {result.last.get('g_loss', float('nan')):.3f}")
+    print(f"trained {kind}: {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} img/s); final "
+          + ", ".join(f"{k} {v:.3f}" for k, v in result.last.items()))
     return summary
 
 
 if __name__ == "__main__":
-    main(train, sections=("seed", "model", "train", "tracking"),
+    main(train, sections=("seed", "model", "train", "vae", "tracking"),
          paths=("processed", "generator", "checkpoint", "run", "metrics", "losses", "samples"))
