@@ -63,11 +63,12 @@ def _generate(args: argparse.Namespace) -> None:
             evaluator = load_evaluator(files["evaluator"])
         images = generate(G, cfg, args.n, args.seed, args.label, evaluator)
     save_png(make_grid(images), args.out)
-    label = ""
+    label = f" of class {args.label}" if args.label is not None else ""
+    how = ""
     if args.label is not None:
-        label = f" of class {args.label} ({'conditioned on it' if cfg.conditional else 'by rejection with the evaluator'})"
+        how = "; conditioned on the class" if cfg.conditional else "; class by rejection with the evaluator"
     kind = f"conditional {cfg.family}" if cfg.conditional else cfg.family
-    print(f"wrote {args.n} samples{label} from {what} ({kind}, {cfg.height}x{cfg.width}x{cfg.channels}) "
+    print(f"wrote {args.n} samples{label} from {what} ({kind}, {cfg.height}x{cfg.width}x{cfg.channels}{how}) "
           f"to {args.out}")
 
 
