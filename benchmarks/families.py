@@ -10,7 +10,7 @@ scored afterwards, so scoring never counts as training time: FID and its floor o
 generated images and, for conditional families, the label accuracy beside its floor (the
 evaluator's test accuracy). Families: dcgan, cdcgan (conditional dcgan), mlp, vae, cvae.
 Writes reports/benchmarks/families.{json,png} and one sample grid per family
-(families_<family>.png).
+(families_<family>.png; ``--out`` renames them).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=240.0, help="training seconds per family (default: %(default)s)")
     ap.add_argument("--families", default="dcgan,cdcgan,vae", help="comma-separated, of " + ", ".join(FAMILIES))
     ap.add_argument("--samples", type=int, default=2000, help="generated images per score (default: %(default)s)")
+    ap.add_argument("--out", default="families", help="name of the report files in reports/benchmarks (default: %(default)s)")
     args = ap.parse_args()
     names = args.families.split(",")
     if bad := [f for f in names if f not in FAMILIES]:
@@ -121,12 +122,12 @@ def main() -> None:
                   + (f"  label acc {row['label_accuracy']:.3f} (floor {row['label_accuracy_floor']:.3f}, worst class "
                      f"ratio {row['label_accuracy_worst_ratio']:.2f})" if asked is not None else ""), flush=True)
         save_png(make_grid(draw(G, net.z_dim, 64, 0, labels=(torch.arange(64) * max(net.num_classes, 1) // 64)
-                                if net.conditional else None)[0]), OUT / f"families_{name}.png")
+                                if net.conditional else None)[0]), OUT / f"{args.out}_{name}.png")
         report["families"][name] = {"model": model.model_dump(), "epochs": len(rows), "load_average_start": load_start,
                                     "load_average_end": os.getloadavg(), "curve": rows}
     report["load_average_after"] = os.getloadavg()
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "families.json").write_text(json.dumps(report, indent=2) + "\n")
+    (OUT / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
 
     import matplotlib
 
@@ -141,8 +142,8 @@ def main() -> None:
            title=f"Families at equal training time ({report['cpu'][:40]})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUT / "families.png")
-    print(f"wrote {OUT / 'families.json'}, families.png and the families_<name>.png grids")
+    fig.savefig(OUT / f"{args.out}.png")
+    print(f"wrote {OUT / args.out}.json, {args.out}.png and the {args.out}_<family>.png grids")
 
 
 if __name__ == "__main__":
