@@ -60,9 +60,9 @@ class Recorder:
             writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows)
 
 
-def train(seed: int, model: ModelConfig, train: TrainConfig, vae: VAEConfig, tracking: TrackingConfig,
-          processed: str, generator: str, checkpoint: str, run: str, metrics: str, losses: str,
-          samples: str) -> dict[str, Any]:
+def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingConfig, processed: str,
+          generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str,
+          vae: VAEConfig = VAEConfig()) -> dict[str, Any]:
     """Train the model (GAN: G and D; vae: encoder and decoder) on PROCESSED's train split and
     record the run in MLflow."""
     info = load_info(processed)

@@ -42,7 +42,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("families")
     save_processed(preprocess(load_source(DataConfig(source="digits")), DataConfig(), seed=0), root / "processed")
-    train_evaluator(0, EvaluatorConfig(epochs=3), str(root / "processed"), str(root / "evaluator.pt"),
+    train_evaluator(0, EvaluatorConfig(epochs=2), str(root / "processed"), str(root / "evaluator.pt"),
                     str(root / "evaluator.json"))
     return root
 
