@@ -3,6 +3,9 @@
     aigc check-params [params.yaml]          validate params.yaml, print the resolved values
     aigc generate --model models/generator.pt -n 64 --seed 0 --out grid.png
     aigc generate --model models:/aigc-generator@champion -n 64 --seed 0 --label 3 --out grid.png
+
+``--label`` on a conditional model (model.conditional: true) uses its own conditioning; on an
+unconditional one it rejection-samples with the evaluator classifier (aigc/sampling.py).
 """
 
 from __future__ import annotations
@@ -53,14 +56,19 @@ def _generate(args: argparse.Namespace) -> None:
         files, what = _model_files(args, tmp)
         G, cfg = load_generator(files["generator"])
         evaluator = None
-        if args.label is not None and "evaluator" in files:
+        # A conditional generator makes the class itself; only an unconditional one needs the evaluator.
+        if args.label is not None and not cfg.conditional and "evaluator" in files:
             from aigc.metrics.evaluator import load_evaluator  # loads torchmetrics: only for labels
 
             evaluator = load_evaluator(files["evaluator"])
         images = generate(G, cfg, args.n, args.seed, args.label, evaluator)
     save_png(make_grid(images), args.out)
     label = f" of class {args.label}" if args.label is not None else ""
-    print(f"wrote {args.n} samples{label} from {what} ({cfg.family}, {cfg.height}x{cfg.width}x{cfg.channels}) "
+    how = ""
+    if args.label is not None:
+        how = "; conditioned on the class" if cfg.conditional else "; class by rejection with the evaluator"
+    kind = f"conditional {cfg.family}" if cfg.conditional else cfg.family
+    print(f"wrote {args.n} samples{label} from {what} ({kind}, {cfg.height}x{cfg.width}x{cfg.channels}{how}) "
           f"to {args.out}")
 
 
@@ -77,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generator file (models/generator.pt) or registered model (models:/aigc-generator@champion, "
                         "models:/aigc-generator/3)")
     p.add_argument("--label", type=int, default=None,
-                   help="only images the evaluator classifies as this class (rejection sampling; needs an evaluator)")
+                   help="images of this class: a conditional model makes it directly; for an unconditional one, "
+                        "only images the evaluator classifies as it (rejection sampling; needs an evaluator)")
     p.add_argument("--evaluator", default=None,
                    help="evaluator file for --label with a generator file (models/evaluator.pt); a registered "
                         "model carries its own")

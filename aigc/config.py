@@ -54,9 +54,10 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The generator/discriminator family; resolution and channels come from dataset.json."""
+    """The model family; resolution and channels (and, when conditional, the classes) come from
+    dataset.json."""
 
-    family: Literal["dcgan", "mlp"] = "dcgan"
+    family: Literal["dcgan", "mlp", "vae"] = "dcgan"
     z_dim: int = Field(default=100, ge=1, le=4096)
     # dcgan only. G's channels from the projection on (the last two layers double H and W; any
     # before them keep the size), D's stride-2 convolutions, and the kernel of both.
@@ -74,6 +75,32 @@ class ModelConfig(_Section):
             raise ValueError(f"kernel = {self.kernel} is even, but g_widths {self.g_widths} has size-keeping "
                              "(stride-1) layers, which need an odd kernel; use an odd kernel or two g_widths")
         return self
+
+    # Condition on the class label: dcgan -> conditional-BatchNorm G + projection D; vae -> a
+    # conditional VAE. Needs a labelled dataset (checked when training reads dataset.json).
+    conditional: bool = False
+
+    @model_validator(mode="after")
+    def _family_can_be_conditional(self) -> "ModelConfig":
+        if self.conditional and self.family == "mlp":
+            raise ValueError("the mlp family has no conditional variant; use family dcgan or vae, "
+                             "or set model.conditional: false")
+        return self
+
+
+class VAEConfig(_Section):
+    """Training of the vae family (model.family: vae); epochs, batch size, device, threads and
+    logging come from the train section."""
+
+    # p(x|z): bernoulli (pixel intensity (x+1)/2 as a Bernoulli probability; the usual MNIST
+    # choice) or gaussian (mean tanh(o/2), fixed standard deviation `sigma` on the [-1, 1] scale).
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    sigma: float = Field(default=0.1, gt=0.0, le=10.0)
+    # The weight of the KL term (1 = the ELBO; beta-VAE otherwise) ...
+    beta: float = Field(default=1.0, gt=0.0, le=1000.0)
+    # ... ramped linearly from 0 over this many epochs (KL warm-up, Bowman et al. 2016; 0 = off).
+    kl_warmup_epochs: int = Field(default=0, ge=0, le=10_000)
+    lr: float = Field(default=1e-3, gt=0.0, le=1.0)  # Adam (betas 0.9, 0.999)
 
 
 class TrainConfig(_Section):
@@ -270,6 +297,7 @@ class Params(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    vae: VAEConfig = VAEConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluator: EvaluatorConfig = EvaluatorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

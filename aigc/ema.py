@@ -70,7 +70,12 @@ def recompute_batchnorm(G: nn.Module, z_dim: int, device: torch.device | str, ba
     gen = torch.Generator().manual_seed(seed)
     G.train()
     for _ in range(batches):
-        G(torch.randn(batch_size, z_dim, generator=gen).to(device))
+        z = torch.randn(batch_size, z_dim, generator=gen).to(device)
+        if getattr(G, "conditional", False):  # cBN's statistics see the classes in their data shares
+            y = torch.multinomial(G.class_share.float(), batch_size, replacement=True, generator=gen)
+            G(z, y.to(device))
+        else:
+            G(z)
     G.eval()
     for m, momentum in zip(norms, saved):
         m.momentum = momentum

@@ -1,9 +1,13 @@
 """Samples of a generator, optionally of one class: what ``aigc generate`` and the served model return.
 
-The generators are unconditional (z only), so "a sample of class 3" is done honestly by
-rejection: draw z in seeded batches, keep the images the evaluator classifier (the metrics'
-feature network, aigc/metrics/evaluator.py) puts in class 3, stop when there are ``n``. At most
-``max_draws_per_image * n`` draws are made; a class the generator (nearly) never makes is an
+A **conditional** generator (``model.conditional: true``) is asked for the class directly:
+``G(z, y)``, no classifier involved, nothing rejected. Without a label it draws the classes by
+the data's class shares (stored in its file).
+
+An **unconditional** generator (z only) has no class input, so "a sample of class 3" is done
+honestly by rejection: draw z in seeded batches, keep the images the evaluator classifier (the
+metrics' feature network, aigc/metrics/evaluator.py) puts in class 3, stop when there are ``n``. At
+most ``max_draws_per_image * n`` draws are made; a class the generator (nearly) never makes is an
 error saying how often it came up, not an endless loop.
 """
 
@@ -55,11 +59,14 @@ def generate(G: nn.Module, cfg: NetConfig, n: int, seed: int, label: int | None 
              batch_size: int = 256) -> torch.Tensor:
     """``n`` images in [-1, 1] (N, C, H, W); same arguments, same images.
 
-    ``label``: only images the evaluator classifies as that class (rejection sampling).
+    ``label`` (a dataset label value): a conditional generator makes that class; for an
+    unconditional one, only images the evaluator classifies as that class (rejection sampling).
     """
     check_request(n, seed)
     if label is None:
         return sample(G, cfg.z_dim, n, seed, batch_size=batch_size)
+    if cfg.conditional:  # the generator's own conditioning: every draw is kept
+        return sample(G, cfg.z_dim, n, seed, batch_size=batch_size, labels=torch.tensor(cfg.class_index(label)))
     target = check_label(label, evaluator, cfg)
     evaluator.eval()
     kept: list[torch.Tensor] = []

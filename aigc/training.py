@@ -107,8 +107,17 @@ def train_gan(
     on_epoch: Callable[[EpochEnd], None] | None = None,
     progress: bool = True,
     abort: Callable[[], bool] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Train G and D on ``images`` ([-1, 1], (N, C, H, W)) with the recipe ``cfg`` describes."""
+    """Train G and D on ``images`` ([-1, 1], (N, C, H, W)) with the recipe ``cfg`` describes.
+
+    A conditional ``net`` also needs ``labels``: class indices (N,) of the images. Real images are
+    judged with their own labels, fakes with classes drawn by ``net.class_share``.
+    """
+    # conditional: the labels must come with the images
+    if net.conditional and (labels is None or len(labels) != len(images)):
+        raise UserError(f"a conditional model needs one label per training image; got "
+                        f"{'none' if labels is None else len(labels)} for {len(images)} images")
     if len(images) < cfg.batch_size:
         raise UserError(f"the train split has {len(images)} images, fewer than train.batch_size = "
                         f"{cfg.batch_size}; lower the batch size")
@@ -153,13 +162,22 @@ def train_gan(
     amp = (torch.autocast("cuda", dtype=torch.bfloat16)
            if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
 
-    def D_sees(x: torch.Tensor, D_: torch.nn.Module | None = None) -> torch.Tensor:
-        """D's logits for ``x`` as D sees it: through DiffAugment, in D's step and in G's alike."""
-        return (D_ or D_step)(diff_augment(x, policy) if policy else x)
+    cond = (lambda y: (y,)) if net.conditional else (lambda y: ())  # conditional: the extra argument of G and D
+
+    def D_sees(x: torch.Tensor, y: torch.Tensor | None = None, D_: torch.nn.Module | None = None) -> torch.Tensor:
+        """D's logits for ``x`` (of classes ``y`` when conditional) as D sees it: through DiffAugment,
+        in D's step and in G's alike."""
+        return (D_ or D_step)(diff_augment(x, policy) if policy else x, *cond(y))
 
     # The whole split lives on the device: batches are slices of one tensor, no per-item collation.
     data = images.to(device, dtype=torch.float32).contiguous(memory_format=fmt)
     fixed_z = torch.randn(cfg.grid_size, net.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    # conditional: label tensors on the device; the grid shows the classes in order, in equal runs
+    fixed_y = None
+    if net.conditional:
+        y_data = labels.to(device, torch.int64)
+        share = torch.tensor(net.class_share, dtype=torch.float32, device=device)
+        fixed_y = (torch.arange(cfg.grid_size) * net.num_classes // cfg.grid_size).to(device)
     n, b = len(data), cfg.batch_size  # b: the global batch
     steps_per_epoch = n // b  # drop the ragged last batch: BatchNorm and D's statistics want full ones
     total = steps_per_epoch * cfg.epochs
@@ -215,18 +233,24 @@ def train_gan(
         perm = torch.randperm(n, generator=order).to(device)
         for i in range(steps_per_epoch):
             # every rank draws the same global batch and z and keeps its slice (one process: all of it)
-            real = data[distributed.shard(perm[i * b:(i + 1) * b], ddp)]
+            idx = distributed.shard(perm[i * b:(i + 1) * b], ddp)
+            real = data[idx]
             z = distributed.shard(torch.randn(b, net.z_dim, device=device), ddp)
+            # conditional: the reals' own labels; the fakes' drawn by the data's class shares
+            y_real = y_fake = None
+            if net.conditional:
+                y_real = y_data[idx]
+                y_fake = distributed.shard(torch.multinomial(share, b, replacement=True), ddp)
 
             # (1) Update D: tell real from fake (the loss of train.loss), plus WGAN-GP's penalty.
             with amp:
-                fake = G_step(z)
-                real_logits = D_sees(real)
-                fake_logits = D_sees(fake.detach())
+                fake = G_step(z, *cond(y_fake))
+                real_logits = D_sees(real, y_real)
+                fake_logits = D_sees(fake.detach(), y_fake)
                 d_loss = d_loss_fn(real_logits, fake_logits)
                 d_total = d_loss
-                if cfg.gp_weight > 0:
-                    gp = gradient_penalty(D_sees, real, fake)
+                if cfg.gp_weight > 0:  # on real/fake mixtures, judged with the reals' labels
+                    gp = gradient_penalty(lambda x: D_sees(x, y_real), real, fake)
                     d_total = d_loss + cfg.gp_weight * gp
                     stats.report("gp_penalty", gp)
             opt_d.zero_grad(set_to_none=True)
@@ -241,7 +265,7 @@ def train_gan(
             # "Dreg"): gamma/2 * ||dD(x)/dx||^2, times the interval it stands for.
             if lazy_r1 and step % cfg.r1_interval == 0:
                 with amp:
-                    r1 = r1_penalty(D_sees, real)
+                    r1 = r1_penalty(lambda x: D_sees(x, y_real), real)
                 opt_d.zero_grad(set_to_none=True)
                 (r1 * (cfg.r1_gamma / 2) * cfg.r1_interval).backward()
                 opt_d.step()
@@ -251,7 +275,7 @@ def train_gan(
             # be thrown away, and not computing them saves a third of D's backward pass.
             D.requires_grad_(False)
             with amp:
-                g_logits = D_sees(fake, D_frozen)
+                g_logits = D_sees(fake, y_fake, D_frozen)
                 g_loss = g_loss_fn(g_logits)
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
@@ -293,7 +317,7 @@ def train_gan(
                     ema.recompute_batchnorm(net.z_dim, device, seed=seed)
                 Gs = sampled()
                 Gs.eval()
-                grid = make_grid(Gs(fixed_z).float())
+                grid = make_grid(Gs(fixed_z, *cond(fixed_y)).float())
                 on_epoch(EpochEnd(epoch, step, t_hook - t_start - t_hooks, grid, Gs))
                 G.train()
             t_window = time.perf_counter()  # sampling and hooks are not training time

@@ -4,7 +4,7 @@
         --processed data/processed --run models/run.json --cache-dir .cache/eval \
         --metrics reports/metrics.json --summary reports/eval/evaluation.json \
         --samples reports/eval/samples.png --nearest reports/eval/nearest.png \
-        --classes reports/eval/classes.png
+        --classes reports/eval/classes.png --labels reports/eval/labels.png
 
 The real splits' embeddings are cached under CACHE_DIR (keyed by data, split, size and the
 evaluator's weights), so only the first evaluation with a given evaluator embeds them.
@@ -27,8 +27,9 @@ from aigc.metrics import calc_metrics, embed, real_embedding, reference
 from aigc.metrics.figures import class_bars, nearest_grid
 from aigc.metrics.memorisation import closest_pairs
 from aigc.metrics.modes import class_histogram
-from aigc.models import load_generator, sample
-from aigc.metrics.evaluator import load_evaluator, weights_sha256
+from aigc.models import draw, load_generator
+from aigc.metrics.evaluator import label_indices, load_evaluator, weights_sha256
+from aigc.metrics.labels import label_accuracy, label_bars, per_class_floor
 from aigc.runtime import resolve_device
 from aigc.tracking import Run
 from pipeline._stage import main, read_stage_json
@@ -36,7 +37,7 @@ from pipeline._stage import main, read_stage_json
 
 def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str, evaluator: str, processed: str,
              run: str, cache_dir: str, metrics: str, summary: str, samples: str, nearest: str,
-             classes: str) -> dict[str, float]:
+             classes: str, labels: str) -> dict[str, float]:
     """Score GENERATOR's samples against PROCESSED with EVALUATOR's features; log them to the training's run."""
     cfg = evaluate
     t_start = time.perf_counter()
@@ -66,7 +67,9 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
 
     # (2) The generated images, embedded once for every metric.
     t = time.perf_counter()
-    fake = sample(G.to(device), gnet.z_dim, cfg.num_samples, cfg.seed, device=device, batch_size=cfg.batch_size)
+    # A conditional G draws its classes by the data's shares; `requested` holds them (None otherwise).
+    fake, requested = draw(G.to(device), gnet.z_dim, cfg.num_samples, cfg.seed, device=device,
+                           batch_size=cfg.batch_size)
     t_sample = time.perf_counter() - t
     t = time.perf_counter()
     fake_emb = embed(ev, fake, cfg.batch_size, device)
@@ -77,6 +80,12 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
     t = time.perf_counter()
     ref = reference(ev, embedded["train"], embedded["test"], train["labels"], cfg.num_samples, cfg.seed)
     scores = calc_metrics(fake_emb, ref, cfg)
+    # Label accuracy (conditional generators): agreement with the requested class, beside the
+    # evaluator's own test accuracy (aigc/metrics/labels.py).
+    test_idx = label_indices(test["labels"], ev.cfg)
+    if requested is not None:
+        asked = label_indices(torch.tensor(gnet.classes)[requested].numpy(), ev.cfg)
+        scores |= label_accuracy(fake_emb, asked, embedded["test"], test_idx, list(ev.cfg.classes))
     t_metrics = time.perf_counter() - t
 
     # (4) Pictures: samples, the likeliest copies beside their nearest training images, class shares.
@@ -88,6 +97,11 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
     save_png(class_bars(list(ev.cfg.classes), ref.class_share.numpy(),
                         class_histogram(fake_emb, num_classes).numpy(),
                         class_histogram(ref.floor, num_classes).numpy()), classes)
+    save_png(label_bars(list(ev.cfg.classes), scores if requested is not None else
+                        per_class_floor(embedded["test"], test_idx, list(ev.cfg.classes)),
+                        f"label accuracy {scores['label_accuracy']:.3f} (floor {scores['label_accuracy_floor']:.3f})"
+                        if requested is not None else "unconditional generator: no requested labels; the floor only"),
+             labels)
     t_pictures = time.perf_counter() - t
 
     sets = cfg.num_samples // ref.sample_size
@@ -118,12 +132,12 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
 
     tracker.log_metrics({f"eval/{k}": v for k, v in report.items()})
     tracker.set_tags({"aigc.evaluator_weights_sha256": weights_sha256(ev)})
-    for path in (metrics, summary, samples, nearest, classes):
+    for path in (metrics, summary, samples, nearest, classes, labels):
         tracker.log_artifact(path, "evaluation")
     if tracker.active:
         print(f"logged to MLflow run {tracker.run_id} in {tracker.uri}")
     print("  ".join(f"{k} {scores[k]:.4g} (floor {scores[f'{k}_floor']:.4g})"
-                    for k in scores if f"{k}_floor" in scores))
+                    for k in scores if f"{k}_floor" in scores and not k.startswith("label_accuracy_")))
     print(f"{cfg.num_samples} samples evaluated in {seconds:.1f} s (sampling {t_sample:.1f} s, embedding "
           f"{t_embed:.1f} s, metrics {t_metrics:.1f} s, pictures {t_pictures:.1f} s)")
     return report
@@ -132,4 +146,4 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
 if __name__ == "__main__":
     main(evaluate, sections=("evaluate", "tracking"),
          paths=("generator", "evaluator", "processed", "run", "cache_dir", "metrics", "summary", "samples",
-                "nearest", "classes"))
+                "nearest", "classes", "labels"))

@@ -5,8 +5,9 @@
          -d '{"dataframe_split": {"columns": ["n", "seed"], "data": [[4, 0]]}}'
 
 Input, one row per request (a DataFrame): ``n`` (long), ``seed`` (long), optional ``label``
-(long; drawn by rejection with the evaluator classifier, aigc/sampling.py). Output: uint8 images
-(N, H, W, C), the rows' images one after another.
+(long). A conditional generator makes the label's class itself (and, without a label, draws
+classes by the data's shares); an unconditional one draws it by rejection with the evaluator
+classifier (aigc/sampling.py). Output: uint8 images (N, H, W, C), the rows' images one after another.
 
 The model's artifacts are the generator file and, for labels, the evaluator file; both rebuild
 from the file alone (``aigc.models.load_generator``, ``aigc.metrics.evaluator.load_evaluator``).
@@ -66,7 +67,8 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             for row in model_input.to_dict("records"):
                 label = row.get("label")
                 label = None if label is None or pd.isna(label) else int(label)
-                evaluator = self.evaluator() if label is not None else None
+                # Only an unconditional generator needs the classifier to honour a label.
+                evaluator = self.evaluator() if label is not None and not self.cfg.conditional else None
                 images.append(generate_uint8(self.G, self.cfg, int(row["n"]), int(row["seed"]), label, evaluator))
         except UserError as exc:  # the client's request is wrong: HTTP 400 with the message, not a 500
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None

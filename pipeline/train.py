@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from aigc import distributed
-from aigc.config import ModelConfig, TrackingConfig, TrainConfig, flatten
+from aigc.config import ModelConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
 from aigc.data.preprocess import DATASET_JSON, load_info, load_split
 from aigc.images import save_png
 from aigc.io import atomic_path, save_torch, file_sha256, write_json
 from aigc.models import generator_payload, net_config
 from aigc.tracking import Run, git_commit
 from aigc.training import EpochEnd, StepWindow, checkpoint_payload, train_gan
+from aigc.vae import train_vae, vae_checkpoint_payload
 from pipeline._stage import main
 
 
@@ -66,34 +67,49 @@ class Recorder:
 
 
 def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingConfig, processed: str,
-          generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str) -> dict[str, Any]:
-    """Train the generator and discriminator on PROCESSED's train split and record the run in MLflow."""
+          generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str,
+          vae: VAEConfig = VAEConfig()) -> dict[str, Any]:
+    """Train the model (GAN: G and D; vae: encoder and decoder) on PROCESSED's train split and
+    record the run in MLflow."""
     info = load_info(processed)
     split = load_split(processed, "train")
-    net = net_config(model, info)
+    net = net_config(model, info)  # a conditional model on unlabelled data stops here
+    labels = net.class_indices(split["labels"]) if net.conditional else None
     dataset_sha = file_sha256(Path(processed) / DATASET_JSON)
     commit = git_commit()
     params = {"seed": seed} | flatten(model, "model.") | flatten(train, "train.")
-    tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family}
+    if model.family == "vae":
+        params |= flatten(vae, "vae.")
+    kind = f"{'c' if net.conditional else ''}{model.family}"  # dcgan, cdcgan, vae, cvae
+    tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family,
+            "aigc.conditional": str(net.conditional).lower()}
     if commit:
         tags["mlflow.source.git.commit"] = commit
     ddp = distributed.from_env()  # under torchrun only rank 0 tracks and writes (aigc/distributed.py)
-    tracker = Run.disabled() if not ddp.is_main else Run.start(tracking, run_name=f"{model.family}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
+    tracker = (Run.disabled() if not ddp.is_main else
+               Run.start(tracking, run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags))
     if tracker.active:
         print(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracking.experiment!r})")
     rec = Recorder(tracker)
     ok = False
     try:
-        result = train_gan(train, net, torch.from_numpy(split["images"]), seed,
-                           on_steps=rec.on_steps, on_epoch=rec.on_epoch)
+        images = torch.from_numpy(split["images"])
+        if model.family == "vae":
+            result = train_vae(train, vae, net, images, seed, on_steps=rec.on_steps, on_epoch=rec.on_epoch,
+                               labels=labels)
+            state, G_saved = vae_checkpoint_payload(result, train, vae, seed), result.G
+        else:
+            result = train_gan(train, net, images, seed, on_steps=rec.on_steps, on_epoch=rec.on_epoch,
+                               labels=labels)
+            # The EMA generator when train.ema_kimg > 0: what is sampled, evaluated, registered, served.
+            state, G_saved = checkpoint_payload(result, train, seed), result.generator
         if not ddp.is_main:
             ok = True
             return {"rank": ddp.rank, "steps": result.steps}
 
-        # The EMA generator when train.ema_kimg > 0: what is sampled, evaluated, registered, served.
         # save_torch: atomic, and a full disk is one clear error with the previous file kept.
-        save_torch(generator_payload(result.generator, net), generator)
-        save_torch(checkpoint_payload(result, train, seed), checkpoint)
+        save_torch(generator_payload(G_saved, net), generator)
+        save_torch(state, checkpoint)
         rec.write_losses(losses)
         save_png(rec.grid, samples)
         summary = {
@@ -119,11 +135,11 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
         ok = True
     finally:
         tracker.end(ok)
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} img/s); "
-          f"final D loss {result.last.get('d_loss', float('nan')):.3f}, G loss {result.last.get('g_loss', float('nan')):.3f}")
+    print(f"trained {kind}: {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} img/s); final "
+          + ", ".join(f"{k} {v:.3f}" for k, v in result.last.items()))
     return summary
 
 
 if __name__ == "__main__":
-    main(train, sections=("seed", "model", "train", "tracking"),
+    main(train, sections=("seed", "model", "train", "vae", "tracking"),
          paths=("processed", "generator", "checkpoint", "run", "metrics", "losses", "samples"))

@@ -59,7 +59,8 @@ def stage_paths(root: Path, out: Path) -> dict[str, str]:
     paths = {"generator": root / "generator.pt", "evaluator": root / "evaluator.pt", "processed": root / "processed",
              "run": root / "run.json", "cache_dir": root / "cache", "metrics": out / "metrics.json",
              "summary": out / "eval/evaluation.json", "samples": out / "eval/samples.png",
-             "nearest": out / "eval/nearest.png", "classes": out / "eval/classes.png"}
+             "nearest": out / "eval/nearest.png", "classes": out / "eval/classes.png",
+             "labels": out / "eval/labels.png"}
     return {k: str(v) for k, v in paths.items()}
 
 

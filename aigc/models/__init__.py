@@ -1,8 +1,14 @@
 """Generators and discriminators, built from a small typed config that the checkpoint carries.
 
-``NetConfig`` holds everything needed to rebuild a network (family, z size, image shape), so
-``load_generator(path)`` works from the file alone, without params.yaml or dataset.json
-(nanoGPT's ``model_args``).
+``NetConfig`` holds everything needed to rebuild a network (family, z size, image shape, and for
+a conditional model its classes and their shares in the data), so ``load_generator(path)`` works
+from the file alone, without params.yaml or dataset.json (nanoGPT's ``model_args``).
+
+Families: ``dcgan`` and ``mlp`` (GANs: G and D), ``vae`` (encoder and decoder; the decoder is
+the generator). ``conditional`` dcgan swaps in aigc/models/conditional.py (conditional-BatchNorm
+G, projection D); a conditional vae feeds the class to both halves. A conditional generator is
+called ``G(z, y)`` with class indices y; :func:`sample` draws y by the data's class shares when
+no labels are given.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ GENERATOR_FORMAT = "aigc.generator/1"
 
 @dataclass(frozen=True)
 class NetConfig:
-    family: str  # "dcgan" | "mlp"
+    family: str  # "dcgan" | "mlp" | "vae"
     z_dim: int
     channels: int
     height: int
@@ -32,6 +38,10 @@ class NetConfig:
     kernel: int = 5
     d_dropout: float = 0.3
     spectral_norm: bool = False  # D's conv/linear weights divided by their largest singular value
+    # Conditional models only (defaults keep older, unconditional files loading):
+    conditional: bool = False
+    classes: tuple[int, ...] = ()  # the dataset's label values; class index i is classes[i]
+    class_share: tuple[float, ...] = ()  # each class's share of the train split (labels drawn by it)
 
     def __post_init__(self) -> None:
         # From JSON or a checkpoint the widths arrive as lists; keep the config hashable and comparable.
@@ -42,8 +52,34 @@ class NetConfig:
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"classes": list(self.classes), "class_share": list(self.class_share)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NetConfig":
+        return cls(**(d | {"classes": tuple(int(k) for k in d.get("classes", ())),
+                           "class_share": tuple(float(s) for s in d.get("class_share", ()))}))
+
+    def class_index(self, label: int) -> int:
+        """The class index of a dataset label value; a UserError naming the classes if unknown."""
+        if label not in self.classes:
+            raise UserError(f"unknown label {label}: the classes are {list(self.classes)}")
+        return self.classes.index(label)
+
+    def class_indices(self, labels: Any) -> torch.Tensor:
+        """Dataset label values (array-like) -> class indices (N,) int64; unknown values are a UserError."""
+        values = torch.as_tensor(labels, dtype=torch.int64)
+        lookup = {k: i for i, k in enumerate(self.classes)}
+        bad = sorted(set(values.tolist()) - set(lookup))
+        if bad:
+            raise UserError(f"labels {bad[:5]} are not among the model's classes {list(self.classes)}"
+                            + ("; -1 marks an unlabelled image, and conditional training needs every image "
+                               "labelled" if -1 in bad else ""))
+        return torch.tensor([lookup[v] for v in values.tolist()], dtype=torch.int64)
 
 
 def init_weights(m: nn.Module) -> None:
@@ -52,26 +88,41 @@ def init_weights(m: nn.Module) -> None:
         nn.init.normal_(m.weight, 0.0, 0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:  # conditional BN has no own affine
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
 
 
-def build_generator(cfg: NetConfig) -> nn.Module:
-    from aigc.models import dcgan, mlp
+def _check_conditional(cfg: NetConfig) -> None:
+    if cfg.conditional and cfg.family == "mlp":
+        raise UserError("model.conditional = True: the mlp family has no conditional variant; use dcgan or vae")
+    if cfg.conditional and (cfg.num_classes < 2 or len(cfg.class_share) != cfg.num_classes):
+        raise UserError(f"a conditional model needs at least 2 classes with their shares; got classes "
+                        f"{list(cfg.classes)} and shares {list(cfg.class_share)}")
 
-    family = {"dcgan": dcgan.Generator, "mlp": mlp.Generator}
+
+def build_generator(cfg: NetConfig) -> nn.Module:
+    """The generator (for ``vae``: the decoder), initialised."""
+    from aigc.models import conditional, dcgan, mlp, vae
+
+    family = {"dcgan": dcgan.Generator, "mlp": mlp.Generator, "vae": vae.Decoder}
     if cfg.family not in family:
         raise UserError(f"unknown model family {cfg.family!r}; expected one of {sorted(family)}")
-    G = family[cfg.family](cfg)
-    G.apply(init_weights)
+    _check_conditional(cfg)
+    G = (conditional.Generator if cfg.conditional and cfg.family == "dcgan" else family[cfg.family])(cfg)
+    if cfg.family != "vae":  # the DCGAN init is a GAN recipe; the VAE keeps PyTorch's defaults
+        G.apply(init_weights)
     return G
 
 
 def build_discriminator(cfg: NetConfig) -> nn.Module:
-    from aigc.models import dcgan, mlp
+    from aigc.models import conditional, dcgan, mlp
 
-    D = {"dcgan": dcgan.Discriminator, "mlp": mlp.Discriminator}[cfg.family](cfg)
+    if cfg.family == "vae":
+        raise UserError("the vae family has no discriminator (its other half is build_encoder)")
+    _check_conditional(cfg)
+    D = (conditional.ProjectionDiscriminator if cfg.conditional
+         else {"dcgan": dcgan.Discriminator, "mlp": mlp.Discriminator}[cfg.family])(cfg)
     D.apply(init_weights)
     if cfg.spectral_norm:
         apply_spectral_norm(D)
@@ -87,6 +138,21 @@ def apply_spectral_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+def build_encoder(cfg: NetConfig) -> nn.Module:
+    """The vae family's encoder q(z | x[, y])."""
+    from aigc.models import vae
+
+    if cfg.family != "vae":
+        raise UserError(f"the {cfg.family} family has no encoder")
+    _check_conditional(cfg)
+    return vae.Encoder(cfg)
+
+
+def is_conditional(G: nn.Module) -> bool:
+    """Whether ``G`` is called as ``G(z, y)``."""
+    return bool(getattr(G, "conditional", False))
+
+
 def generator_payload(G: nn.Module, cfg: NetConfig) -> dict[str, Any]:
     """What the generator file holds: weights plus the config that rebuilds the network."""
     state = {k: v.detach().cpu() for k, v in G.state_dict().items()}
@@ -98,28 +164,65 @@ def load_generator(path: str | Path, map_location: str | torch.device = "cpu") -
     from aigc.io import load_net_file
 
     payload = load_net_file(path, GENERATOR_FORMAT, "generator", map_location=map_location)
-    cfg = NetConfig(**payload["config"])
+    cfg = NetConfig.from_dict(payload["config"])
     G = build_generator(cfg)
     G.load_state_dict(payload["state_dict"])
     return G.eval(), cfg
 
 
 @torch.no_grad()
-def sample(G: nn.Module, z_dim: int, n: int, seed: int, device: str | torch.device = "cpu",
-           batch_size: int = 256) -> torch.Tensor:
-    """``n`` images in [-1, 1] (N, C, H, W) from ``G`` with a seeded z (same seed, same images)."""
+def draw(G: nn.Module, z_dim: int, n: int, seed: int, device: str | torch.device = "cpu",
+         batch_size: int = 256, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` images in [-1, 1] (N, C, H, W) from ``G`` with a seeded z (same seed, same images), and
+    the class indices they were asked for (None for an unconditional G).
+
+    A conditional G gets ``labels`` (class indices, (N,)) or, without them, classes drawn by the
+    data's class shares from the same seeded stream, after z (so z is the same either way).
+    """
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, z_dim, generator=gen)
+    y = None
+    if is_conditional(G):
+        y = (torch.multinomial(G.class_share, n, replacement=True, generator=gen) if labels is None
+             else torch.as_tensor(labels, dtype=torch.int64).expand(n))
     was_training = G.training
     G.eval()
-    out = torch.cat([G(z[i:i + batch_size].to(device)).float().cpu() for i in range(0, n, batch_size)])
+    out = torch.cat([(G(z[i:i + batch_size].to(device)) if y is None
+                      else G(z[i:i + batch_size].to(device), y[i:i + batch_size].to(device))).float().cpu()
+                     for i in range(0, n, batch_size)])
     G.train(was_training)
-    return out
+    return out, y
+
+
+def sample(G: nn.Module, z_dim: int, n: int, seed: int, device: str | torch.device = "cpu",
+           batch_size: int = 256, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The images of :func:`draw` (a conditional G without ``labels``: classes by the data's shares)."""
+    return draw(G, z_dim, n, seed, device, batch_size, labels)[0]
 
 
 def net_config(model: Any, info: dict[str, Any]) -> NetConfig:
-    """The network config from params' ``model`` section and what dataset.json says of the data."""
+    """The network config from params' ``model`` section and what dataset.json says of the data.
+
+    A conditional model takes its classes and their train-split shares from dataset.json; a
+    dataset without labels cannot train one (a UserError saying so).
+    """
     h, w = info["resolution"]
-    return NetConfig(family=model.family, z_dim=model.z_dim, channels=int(info["channels"]), height=int(h), width=int(w),
-                     g_widths=tuple(model.g_widths), d_widths=tuple(model.d_widths), kernel=model.kernel,
-                     d_dropout=model.d_dropout, spectral_norm=model.spectral_norm)
+    base = dict(family=model.family, z_dim=model.z_dim, channels=int(info["channels"]), height=int(h), width=int(w),
+                g_widths=tuple(model.g_widths), d_widths=tuple(model.d_widths), kernel=model.kernel,
+                d_dropout=model.d_dropout, spectral_norm=model.spectral_norm)
+    if not getattr(model, "conditional", False):
+        return NetConfig(**base)
+    classes = [int(k) for k in info.get("classes", [])]
+    per_class = info.get("counts", {}).get("train_per_class", {})
+    counts = [int(per_class.get(str(k), 0)) for k in classes]
+    if len(classes) < 2 or sum(counts) == 0:
+        raise UserError(f"model.conditional = true needs labelled data with at least 2 classes, but dataset.json "
+                        f"lists {len(classes)} class(es) {classes}; use a source with labels or set "
+                        "model.conditional: false")
+    unlabelled = int(per_class.get("-1", 0))
+    if unlabelled:
+        raise UserError(f"model.conditional = true needs every training image labelled, but {unlabelled} of "
+                        f"{unlabelled + sum(counts)} have no label (-1); label them, drop them from the source, "
+                        "or set model.conditional: false")
+    share = tuple(c / sum(counts) for c in counts)
+    return NetConfig(**base, conditional=True, classes=tuple(classes), class_share=share)

@@ -1,0 +1,83 @@
+"""The families sweep end to end (slow): on 8x8 digits, one epoch each, a baseline ``dvc repro``
+(dcgan), then ``dvc exp run --queue`` for the conditional dcgan and the VAE, run from the queue;
+``dvc exp show`` lists their scores side by side, and each one trained, was evaluated and was
+registered in the same MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import copy_project, run_module
+
+pytestmark = pytest.mark.slow
+
+
+def sh(args: list[str], cwd: Path, env: dict[str, str] | None = None, ok: bool = True, timeout: int = 1200):
+    full = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"} | (env or {})
+    res = run_module(args, cwd=cwd, env=full, timeout=timeout)
+    if ok:
+        assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
+    root = copy_project(tmp_path_factory.mktemp("families-project"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["source"] = "digits"
+    params["train"]["epochs"] = 1
+    params["evaluator"]["epochs"] = 1
+    params["evaluate"]["num_samples"] = 400
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Queued experiments run in temporary copies of the project: an absolute store keeps their runs here.
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                ["git", "config", "user.name", "t"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+        sh(cmd, root)
+    sh(["dvc", "repro"], root, env)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "baseline: dcgan"], root)
+    sh(["dvc", "exp", "run", "--queue", "-S", "model.conditional=true", "--name", "cdcgan"], root, env)
+    sh(["dvc", "exp", "run", "--queue", "-S", "model.family=vae", "--name", "vae"], root, env)
+    sh(["dvc", "exp", "run", "--run-all"], root, env)
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], root).stdout)
+    exps = {}
+    for base in shown:
+        for exp in [base, *(base.get("experiments") or [])]:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                metrics = data.get("metrics", {}).get("reports/metrics.json", {}).get("data", {})
+                exps[rev.get("name") or data.get("rev")] = {"metrics": metrics, "params": data.get("params", {})}
+    return root, exps
+
+
+def test_the_sweep_lists_each_family_with_its_scores(sweep):
+    root, exps = sweep
+    assert {"cdcgan", "vae"} <= set(exps), list(exps)
+    for name in ("cdcgan", "vae"):
+        assert isinstance(exps[name]["metrics"].get("fid"), float), (name, exps[name]["metrics"])
+    assert 0 <= exps["cdcgan"]["metrics"]["label_accuracy"] <= 1
+    assert exps["cdcgan"]["metrics"]["label_accuracy_floor"] > 0.5  # the evaluator's test accuracy
+    assert "label_accuracy" not in exps["vae"]["metrics"]  # unconditional: nothing requested to score
+
+
+def test_each_family_trained_evaluated_and_registered_in_one_store(sweep):
+    root, _ = sweep
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("aigc")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`aigc.stage` = 'train'")
+    kinds = {(r.data.tags["aigc.family"], r.data.tags["aigc.conditional"]) for r in runs}
+    assert {("dcgan", "false"), ("dcgan", "true"), ("vae", "false")} <= kinds, kinds
+    vae = next(r for r in runs if r.data.tags["aigc.family"] == "vae")
+    assert {"recon", "kl", "neg_elbo", "eval/fid", "eval/fid_floor"} <= set(vae.data.metrics), vae.data.metrics
+    assert vae.data.params["vae.likelihood"] == "bernoulli"
+    versions = client.search_model_versions("name = 'aigc-generator'")
+    assert {v.tags.get("aigc.family") for v in versions} >= {"dcgan", "vae"}
+    assert len(versions) == 3
