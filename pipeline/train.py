@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from aigc.config import ModelConfig, TrackingConfig, TrainConfig, flatten
-from aigc.data.preprocess import DATASET_JSON, load_info, load_split
+from aigc.data.preprocess import DATASET_JSON, dataset_sha256, load_info, load_split
 from aigc.images import save_png
-from aigc.io import atomic_path, file_sha256, write_json
+from aigc.io import atomic_path, write_json
 from aigc.models import generator_payload, net_config
 from aigc.tracking import Run, git_commit
 from aigc.training import STEP_KEYS, EpochEnd, StepWindow, checkpoint_payload, train_gan
@@ -63,7 +63,7 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     info = load_info(processed)
     split = load_split(processed, "train")
     net = net_config(model, info)
-    dataset_sha = file_sha256(Path(processed) / DATASET_JSON)
+    dataset_sha = dataset_sha256(processed)  # the split arrays, not the summary in dataset.json
     commit = git_commit()
     params = {"seed": seed} | flatten(model, "model.") | flatten(train, "train.")
     tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family}
