@@ -53,6 +53,10 @@ def fid(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float
         per_subset[id(r)] = m
 
     def one(s: Embedding, r: Embedding) -> dict[str, float]:
+        if not torch.isfinite(s.features).all():
+            # a broken generator's NaN images: LAPACK's eigensolver crashes the process on NaN
+            # input (a segfault, not an exception), so the score is NaN without calling it
+            return {"fid": float("nan")}
         m = per_subset[id(r)]
         m.reset()  # the fake side only
         m.update(s.features, real=False)
