@@ -26,11 +26,11 @@ from aigc.data.preprocess import load_split, preprocess, save_processed
 from aigc.data.sources import load_source
 from aigc.errors import UserError
 from aigc.images import to_uint8
-from aigc.metrics.evaluator import Evaluator, EvaluatorNet, evaluator_payload, load_evaluator
+from aigc.metrics.evaluator import EvaluatorNet, load_evaluator
 from aigc.models import NetConfig, build_generator, generator_payload, load_generator
 from aigc.registry import DIRECTIONS, better, compared_value, decide, output_problem
 from aigc.sampling import generate
-from aigc.tracking import Registry, Run
+from aigc.tracking import Run
 from aigc.training import train_gan
 from pipeline.evaluate import evaluate
 from pipeline.register import register
