@@ -228,7 +228,7 @@ def test_partial_collapse_to_five_classes(sanity):
     assert s["coverage"] < f["coverage"] - 0.3 and s["recall"] < f["recall"] - 0.15
     assert f["coverage"] - s["coverage"] > 10 * s["coverage_se"]
     assert s["class_kl"] > 0.3 > 10 * f["class_kl"]  # log 2 = 0.69 with a perfect classifier
-    assert s["fid"] - f["fid_floor"] > 0.2 * (sanity["collapsed"]["fid"] - f["fid_floor"])
+    assert s["fid"] - f["fid_floor"] > 0.1 * (sanity["collapsed"]["fid"] - f["fid_floor"])  # fresh: < 0.05
 
 
 def test_noise_gets_the_worst_fid_and_blur_sits_in_between(sanity):
