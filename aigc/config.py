@@ -121,11 +121,24 @@ class EvaluateConfig(_Section):
     grid_size: int = Field(default=64, ge=1, le=1024)  # samples in reports/eval/samples.png
     nearest_pairs: int = Field(default=16, ge=1, le=256)  # pairs in the nearest-neighbour grid
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The feature space of FID, KID, precision/recall/density/coverage and DCR: the trained
+    # classifier's (default), or the FID InceptionV3's pool3 read from ``inception_weights``, a
+    # local copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (nothing downloads).
+    features: Literal["classifier", "inception"] = "classifier"
+    inception_weights: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _inception_needs_weights(self) -> "EvaluateConfig":
+        if self.features == "inception" and self.inception_weights is None:
+            raise ValueError("evaluate.features is inception but evaluate.inception_weights is not set: point it "
+                             "at pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or use features: classifier")
+        return self
 
     def scoring(self) -> dict[str, Any]:
-        """The settings the numbers depend on (not batch size, pictures or device): two
-        evaluations with equal ``scoring()`` on the same generator, evaluator and data agree."""
-        return self.model_dump(exclude={"batch_size", "grid_size", "nearest_pairs", "device"})
+        """The settings the numbers depend on (not batch size, pictures, device, nor the weights'
+        path: the weights themselves are hashed into the lineage): two evaluations with equal
+        ``scoring()`` on the same generator, evaluator and data agree."""
+        return self.model_dump(exclude={"batch_size", "grid_size", "nearest_pairs", "device", "inception_weights"})
 
 
 # The metrics of reports/metrics.json a registry decision can compare (aigc/registry.DIRECTIONS says

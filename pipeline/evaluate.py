@@ -30,6 +30,7 @@ from aigc.images import make_grid, save_png
 from aigc.io import file_sha256, write_json
 from aigc.metrics import Embedding, Reference, calc_metrics, embed, protocol, real_embedding, reference
 from aigc.metrics.evaluator import Evaluator, load_evaluator, weights_sha256
+from aigc.metrics.inception import InceptionEvaluator, load_inception
 from aigc.metrics.figures import class_bars, nearest_grid
 from aigc.metrics.memorisation import closest_pairs
 from aigc.metrics.modes import class_histogram
@@ -52,7 +53,7 @@ class Scorer:
     """One feature space and one reference: every generator scored by it is comparable."""
 
     cfg: EvaluateConfig
-    evaluator: Evaluator
+    evaluator: Evaluator | InceptionEvaluator  # the features' network (evaluate.features) with the classifier's logits
     ref: Reference
     train: dict[str, np.ndarray]
     lineage: dict[str, str]  # the evaluator's weights, the data and the settings, hashed
@@ -68,6 +69,8 @@ class Scorer:
         if (ev.cfg.channels, ev.cfg.height, ev.cfg.width) != shape or list(ev.cfg.classes) != info["classes"]:
             raise UserError(f"{evaluator} was trained on other data ({ev.cfg.channels}x{ev.cfg.height}x"
                             f"{ev.cfg.width}, classes {list(ev.cfg.classes)}); retrain it (dvc repro train_evaluator)")
+        if cfg.features == "inception":
+            ev = InceptionEvaluator(ev, load_inception(cfg.inception_weights))
         device = resolve_device(cfg.device, "evaluate.device")
         t = time.perf_counter()
         embedded = {}
@@ -166,7 +169,7 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
     # Compare view shows at a glance whether two runs' scores are comparable.
     tracker.set_tags({"aigc.evaluator_weights_sha256": lineage["evaluator_weights_sha256"]}
                      | {f"eval.{k}": v for k, v in sizes.items()}
-                     | {"eval.features": "classifier", "eval.evaluator_sha256": lineage["evaluator_weights_sha256"],
+                     | {"eval.features": cfg.features, "eval.evaluator_sha256": lineage["evaluator_weights_sha256"],
                         "eval.data_sha256": lineage["data_sha256"], "eval.settings_sha256": lineage["settings_sha256"],
                         "eval.seed": cfg.seed})
     for path in (metrics, summary, samples, nearest, classes):

@@ -256,3 +256,12 @@ def test_copies_of_the_training_set_move_both_memorisation_scores(sanity):
     failed = {g.name for g in gates(sanity["mix0.1"] | {"classes": 10}, RegisterConfig(), True, None) if not g.passed}
     assert "copy_share" in failed
     assert not {g.name for g in gates(fresh | {"classes": 10}, RegisterConfig(), True, None) if not g.passed}
+
+
+def test_evaluate_with_inception_features_and_a_wrong_weights_file_fails_first(project: Path, tmp_path: Path):
+    (tmp_path / "weights.pth").write_bytes(b"\0" * 64)
+    paths = stage_paths(project, tmp_path)
+    cfg = EvaluateConfig(num_samples=200, features="inception", inception_weights=str(tmp_path / "weights.pth"))
+    with pytest.raises(UserError, match=r"inception_weights = .*weights.pth: not a readable PyTorch file"):
+        evaluate(cfg, TrackingConfig(enabled=False), **paths)
+    assert not any(Path(paths[k]).exists() for k in ("metrics", "summary", "samples", "nearest", "classes"))
