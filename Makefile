@@ -18,7 +18,7 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 WITH_ENV := python -m aigc.environment
 
-.PHONY: help run test test-fast ui bench install install-dev dvc-init serve retrain schedule services services-down
+.PHONY: help run test test-fast ui bench install install-dev dvc-init serve retrain schedule services services-down plots-template
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,13 +34,28 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	@$(PIP) -e '.[dev]' $(QUIET_PIP)
 	@touch $@
 
-install: $(VENV)/.installed  ## create .venv and install aigc (pinned)
-install-dev: $(VENV)/.installed-dev
+install: $(VENV)/.installed plots-template  ## create .venv and install aigc (pinned)
+install-dev: $(VENV)/.installed-dev plots-template
+
+# `dvc plots show` offline: these builds, fetched from the npm registry once and inlined into
+# one HTML page (pipeline/plots_template.py), instead of DVC's CDN script tags. Needs npm; where
+# it is absent the step says so and DVC keeps its default (online) page.
+VEGA_PACKAGES := vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
+PLOTS_TEMPLATE := .vendor/plots/template.html
+$(PLOTS_TEMPLATE): Makefile pipeline/plots_template.py $(VENV)/.installed
+	@rm -rf .vendor/npm && mkdir -p .vendor/npm
+	@npm pack --silent --pack-destination .vendor/npm $(VEGA_PACKAGES) >/dev/null
+	@$(PY) -m pipeline.plots_template .vendor/npm $@
+
+plots-template:  ## vendor vega/vega-lite/vega-embed from npm into .vendor/ for offline `dvc plots show`
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(PLOTS_TEMPLATE); \
+	else echo "npm not found: dvc plots show will load vega from its CDN (install npm, then make plots-template)"; fi
 
 dvc-init:
 	@test -d .dvc || dvc init -q
 	@grep -qs "analytics = false" .dvc/config || dvc config core.analytics false
 	@grep -qs "check_update = false" .dvc/config || dvc config core.check_update false
+	@if test -f $(PLOTS_TEMPLATE); then dvc config --local plots.html_template ../$(PLOTS_TEMPLATE); fi
 
 run: install dvc-init  ## train on the default data: dvc repro (only what changed runs)
 	python -m pipeline.prefect_server dvc repro

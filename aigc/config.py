@@ -190,14 +190,36 @@ class EvaluateConfig(_Section):
     # A class counts as a covered mode when its share of the samples is at least this fraction
     # of its share of the data (0.2 with 10 balanced classes: 2% of the samples).
     mode_min_share: float = Field(default=0.2, gt=0.0, le=1.0)
+    # The near-duplicate threshold: this quantile of the test images' pixel distances to their
+    # nearest training image; an honest generator has about this share of samples closer.
+    copy_quantile: float = Field(default=0.01, gt=0.0, lt=0.5)
     grid_size: int = Field(default=64, ge=1, le=1024)  # samples in reports/eval/samples.png
     nearest_pairs: int = Field(default=16, ge=1, le=256)  # pairs in the nearest-neighbour grid
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The feature space of FID, KID, precision/recall/density/coverage and DCR: the trained
+    # classifier's (default), or the FID InceptionV3's pool3 read from ``inception_weights``, a
+    # local copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (nothing downloads).
+    features: Literal["classifier", "inception"] = "classifier"
+    inception_weights: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _inception_needs_weights(self) -> "EvaluateConfig":
+        if self.features == "inception" and self.inception_weights is None:
+            raise ValueError("evaluate.features is inception but evaluate.inception_weights is not set: point it "
+                             "at pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or use features: classifier")
+        return self
+
+    def scoring(self) -> dict[str, Any]:
+        """The settings the numbers depend on (not batch size, pictures, device, nor the weights'
+        path: the weights themselves are hashed into the lineage): two evaluations with equal
+        ``scoring()`` on the same generator, evaluator and data agree."""
+        return self.model_dump(exclude={"batch_size", "grid_size", "nearest_pairs", "device", "inception_weights"})
 
 
 # The metrics of reports/metrics.json a registry decision can compare (aigc/registry.DIRECTIONS says
 # which way is better for each).
-REGISTRY_METRICS = ("fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score")
+REGISTRY_METRICS = ("fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score",
+                    "copy_share")
 
 
 class RegisterConfig(_Section):
@@ -208,14 +230,18 @@ class RegisterConfig(_Section):
     alias: str = Field(default="champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
     # Compared between versions; its direction (lower/higher is better) is fixed per metric.
     metric: Literal[REGISTRY_METRICS] = "fid"  # type: ignore[valid-type]
-    # Compare metric - metric_floor (the gap to real held-out images) rather than the raw score:
-    # the floor moves with the data and the evaluator, the gap much less.
+    # Compare metric - metric_floor (the gap to real held-out images) rather than the raw score
+    # (is and density are always compared by their distance to the floor).
     relative_to_floor: bool = True
-    # A new version must beat the champion by more than this (in the metric's units); a tie never wins.
+    # The champion is re-scored with the candidate's evaluator, data and evaluate settings; the
+    # candidate must beat it by more than this many standard errors of the difference ...
+    margin_se: float = Field(default=2.0, ge=0.0, le=100.0)
+    # ... and by more than this (in the metric's units); a tie never wins.
     min_improvement: float = Field(default=0.0, ge=0.0)
     # Gates, checked before any comparison (the first version too):
     min_modes_covered: float = Field(default=0.8, ge=0.0, le=1.0)  # covered modes / classes (0: off)
-    min_dcr_score: float = Field(default=0.5, ge=0.0, le=1.0)  # memorisation: 1 = no sign of copying (0: off)
+    min_dcr_score: float = Field(default=0.8, ge=0.0, le=10.0)  # memorisation: 1 = as far as fresh images (0: off)
+    max_copy_share: float = Field(default=0.05, ge=0.0, le=1.0)  # near-duplicates of training images (1: off)
     require_data_gate: bool = True  # reports/data_quality/summary.json must say passed
     # The broken-generator check: this many samples must be finite and not constant.
     check_samples: int = Field(default=64, ge=2, le=4096)

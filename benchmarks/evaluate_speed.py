@@ -1,6 +1,7 @@
 """How long the evaluate stage takes for the default 10,000 samples on the default data.
 
-    python benchmarks/evaluate_speed.py [--repeats 3] [--num-samples 10000]
+    python benchmarks/evaluate_speed.py [--repeats 3] [--num-samples 10000] \
+        [--generator G.pt --evaluator E.pt --processed DIR]
 
 Reads the evaluate stage's paths from dvc.yaml (the generator, the evaluator, the processed data)
 and never writes there: outputs, the real-data cache and a throwaway MLflow store live in a
@@ -11,7 +12,11 @@ Measured, in this process, with the stage's own function (no Prefect): one cold 
 cache: the real splits are embedded) and ``--repeats`` warm ones (cache filled: the normal case);
 the median of the warm ones is the figure. Then one full stage process (``python -m
 pipeline.evaluate``: interpreter, imports, Prefect's ephemeral server) for the end-to-end wall time.
-The load average is recorded beside: the machine is shared. Results: reports/benchmarks/evaluate.json.
+Then the register stage's function with re-scoring: the generator is registered as the champion
+of a throwaway MLflow store, a perturbed copy of it is evaluated and registered as the candidate,
+and the champion is fetched back and re-scored (``seconds.rescore_champion`` of registry.json).
+The CPU model, its vector flags and the load average are recorded beside: the machine is shared.
+Results: reports/benchmarks/evaluate.json.
 """
 
 from __future__ import annotations
@@ -41,10 +46,66 @@ def stage_paths() -> dict[str, str]:
     return {a[2:].replace("-", "_"): b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
 
 
+def cpu() -> dict[str, Any]:
+    """lscpu's model name and the vector flags that matter to PyTorch's CPU kernels."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return {}
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = set(info.get("Flags", "").split())
+    return {"model": info.get("Model name", "").strip(),
+            "vector_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "amx")))}
+
+
+def time_register(params: Any, cfg: Any, paths: dict[str, str], given: dict[str, str], work: Path) -> dict[str, Any]:
+    """The register stage on a throwaway store: the generator as champion, a perturbed copy as the
+    candidate; the second registration re-scores the champion."""
+    import torch
+
+    from aigc.config import TrackingConfig
+    from aigc.models import generator_payload, load_generator
+    from aigc.tracking import Run
+    from pipeline.evaluate import evaluate
+    from pipeline.register import register
+
+    tracking = TrackingConfig(uri=f"sqlite:///{work / 'registry.db'}", experiment="bench-register",
+                              artifact_root=str(work / "registry-art"))
+    (work / "gate.json").write_text(json.dumps({"passed": True}))
+    G, net = load_generator(paths["generator"] if "generator" in paths else given["generator"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in G.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    (work / "candidate").mkdir()
+    torch.save(generator_payload(G, net), work / "candidate" / "generator.pt")
+    out: dict[str, Any] = {}
+    for name, gen in (("champion", given["generator"]), ("candidate", str(work / "candidate" / "generator.pt"))):
+        d = work / f"reg-{name}"
+        d.mkdir(exist_ok=True)
+        run = Run.start(tracking, name, {}, {})
+        run.end(True)
+        (d / "run.json").write_text(json.dumps(run.info() | {"params": {}}))
+        outs = {k: str(d / f) for k, f in (("metrics", "metrics.json"), ("summary", "evaluation.json"),
+                                           ("samples", "s.png"), ("nearest", "n.png"), ("classes", "c.png"))}
+        evaluate(cfg, tracking, gen, paths["evaluator"], paths["processed"], str(d / "run.json"), paths["cache_dir"], **outs)
+        t = time.perf_counter()
+        # gates off: the figure is the time of a comparison, whatever the generator's quality
+        reg_cfg = params.register.model_copy(update={"min_modes_covered": 0.0, "min_dcr_score": 0.0,
+                                                     "max_copy_share": 1.0})
+        rec = register(reg_cfg, cfg, tracking, gen, paths["evaluator"], paths["processed"], paths["cache_dir"],
+                       str(d / "run.json"), outs["metrics"], str(work / "gate.json"), str(d / "registry.json"))
+        out[name] = {"wall_seconds": round(time.perf_counter() - t, 2), "outcome": rec["outcome"],
+                     "reason": rec["reason"], "seconds": rec.get("seconds")}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-samples", type=int, default=10_000)
+    for name in ("generator", "evaluator", "processed"):
+        parser.add_argument(f"--{name}", help=f"default: the evaluate stage's, from dvc.yaml")
     args = parser.parse_args()
 
     import torch
@@ -57,7 +118,8 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml")
     cfg = params.evaluate.model_copy(update={"num_samples": args.num_samples})
     given = {k: str(ROOT / v) for k, v in stage_paths().items()}
-    result: dict[str, Any] = {"num_samples": args.num_samples, "cpu_count": os.cpu_count(),
+    given |= {k: str(Path(getattr(args, k)).resolve()) for k in ("generator", "evaluator", "processed") if getattr(args, k)}
+    result: dict[str, Any] = {"num_samples": args.num_samples, "cpu_count": os.cpu_count(), "cpu": cpu(),
                               "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
 
     with tempfile.TemporaryDirectory(prefix="aigc-eval-bench-") as tmp:
@@ -112,6 +174,7 @@ def main() -> None:
             result["stage_process_seconds"].append(round(time.perf_counter() - t, 2))
             if res.returncode != 0:
                 sys.exit(f"stage process failed:\n{res.stderr[-3000:]}")
+        result["register_with_rescoring"] = time_register(params, cfg, paths, given, work)
     result["load_average_after"] = os.getloadavg()
 
     OUT.mkdir(parents=True, exist_ok=True)

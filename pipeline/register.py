@@ -2,8 +2,14 @@
 alias moves to it only if it is better (aigc/registry.py decides, reports/registry.json says why).
 
     python -m pipeline.register --generator models/generator.pt --evaluator models/evaluator.pt \
-        --run models/run.json --metrics reports/metrics.json \
-        --data-gate reports/data_quality/summary.json --registry reports/registry.json
+        --processed data/processed --cache-dir .cache/eval --run models/run.json \
+        --metrics reports/metrics.json --data-gate reports/data_quality/summary.json \
+        --registry reports/registry.json
+
+One feature space per comparison: the champion's own generator is fetched from the registry and
+scored here, in this process, with the candidate's evaluator, data and ``evaluate`` settings
+(pipeline/evaluate.py's ``Scorer``); the candidate's numbers (reports/metrics.json) are used only
+when their lineage (generator, evaluator weights, data and settings hashes) matches these inputs.
 
 The version is logged into the training's own MLflow run (run.json) as a pyfunc model
 (pipeline/serving.py) and tagged with its metrics, params hash, git commit and dataset hash.
@@ -16,15 +22,18 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from aigc.config import RegisterConfig, TrackingConfig
+from aigc.config import EvaluateConfig, RegisterConfig, TrackingConfig
+from aigc.errors import UserError
 from aigc.io import file_sha256, write_json
 from aigc.models import load_generator, sample
 from aigc.registry import decide, output_problem, params_hash
 from aigc.tracking import ModelVersion, Registry, Run
 from pipeline._stage import main, read_stage_json
+from pipeline.evaluate import Scorer
 
 METRIC_TAG = "metric."  # version tags "metric.fid", "metric.fid_floor", ...: the champion's scores
 GENERATOR_TAG = "aigc.generator_sha256"
@@ -42,34 +51,72 @@ def tag_metrics(tags: dict[str, str]) -> dict[str, float]:
     return out
 
 
-def register(register: RegisterConfig, tracking: TrackingConfig, generator: str, evaluator: str, run: str,
-             metrics: str, data_gate: str, registry: str) -> dict[str, Any]:
+def check_lineage(scores: dict[str, Any], expected: dict[str, str], metrics: str) -> None:
+    """The candidate's metrics must be of this generator, evaluator, data and settings, or the
+    comparison with the re-scored champion would mix feature spaces."""
+    have = scores.get("lineage") or {}
+    wrong = [k for k, v in expected.items() if have.get(k) != v]
+    if wrong:
+        raise UserError(f"{metrics} was computed for another {', '.join(k.removesuffix('_sha256') for k in wrong)} "
+                        f"than register's inputs; rerun the evaluate stage (dvc repro evaluate)")
+
+
+def rescore_champion(reg: Registry, champion: ModelVersion, scorer: Scorer) -> tuple[dict[str, float] | None, str | None]:
+    """The champion's own generator, fetched from the registry and scored by ``scorer``:
+    (metrics, None), or (None, why it cannot be re-scored)."""
+    with tempfile.TemporaryDirectory(prefix="aigc-champion-") as tmp:
+        try:
+            files = reg.download(champion, tmp)
+        except Exception as exc:  # a missing or unreadable artifact store, whatever the backend says
+            return None, f"its model cannot be downloaded: {type(exc).__name__}: {str(exc)[:200]}"
+        if "generator" not in files or not files["generator"].exists():
+            return None, "its registered model holds no generator file"
+        try:
+            G, net = load_generator(files["generator"])
+        except UserError as exc:
+            return None, str(exc)
+        if net.image_shape != scorer.image_shape:
+            return None, f"it makes {net.image_shape} images but the data is {scorer.image_shape}"
+        scores, _, _, _ = scorer.score(G, net.z_dim, net.classes)
+    return scores, None
+
+
+def register(register: RegisterConfig, evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
+             evaluator: str, processed: str, cache_dir: str, run: str, metrics: str, data_gate: str,
+             registry: str) -> dict[str, Any]:
     """Register GENERATOR as a new version of register.model_name; move register.alias to it only if it
-    passes the gates and beats the current champion on register.metric. REGISTRY records the decision."""
+    passes the gates and beats the current champion, re-scored with EVALUATOR on PROCESSED, on
+    register.metric by a margin its spread justifies. REGISTRY records the decision."""
     cfg = register
+    t_start = time.perf_counter()
     run_info = read_stage_json(run, "run file", "train")
     scores = read_stage_json(metrics, "metrics file", "evaluate")
     gate = read_stage_json(data_gate, "data-quality summary", "validate")
 
-    # (1) Is the generator broken? NaN or constant output is refused whatever the metrics say.
+    # (1) The candidate's numbers must be of these very inputs.
+    scorer = Scorer.open(evaluate, evaluator, processed, cache_dir)
+    generator_sha = file_sha256(generator)
+    check_lineage(scores, {"generator_sha256": generator_sha} | scorer.lineage, metrics)
+
+    # (2) Is the generator broken? NaN or constant output is refused whatever the metrics say.
     G, net = load_generator(generator)
     problem = output_problem(sample(G, net.z_dim, cfg.check_samples, seed=0), cfg.min_output_std)
+    numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     candidate = {
-        "generator_sha256": file_sha256(generator),
-        "evaluator_sha256": file_sha256(evaluator) if Path(evaluator).exists() else None,
+        "generator_sha256": generator_sha,
+        "evaluator_sha256": scorer.lineage["evaluator_weights_sha256"],
         "run_id": run_info.get("run_id"),
         "dataset_sha256": run_info.get("dataset_sha256"),
         "git_commit": run_info.get("git_commit"),
         "params_sha256": params_hash(run_info.get("params", {})),
         # NaN/inf as text: registry.json stays strict JSON
-        "metrics": {k: (v if math.isfinite(v) else str(v)) for k, v in scores.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "metrics": {k: (v if math.isfinite(v) else str(v)) for k, v in numbers.items()},
     }
     record: dict[str, Any] = {"model_name": cfg.model_name, "alias": cfg.alias}
 
     tracker = Run.attach(run_info, tracking)
     if not tracker.active:
-        decision = decide(scores, None, cfg, gate.get("passed"), problem)
+        decision = decide(numbers, None, cfg, gate.get("passed"), problem)
         record |= {"outcome": "not registered", "promoted": False,
                    "reason": "tracking is off (tracking.enabled: false, or the training recorded no run): "
                              f"nothing registered. The gates alone would have {decision.outcome} it: {decision.reason}",
@@ -78,19 +125,26 @@ def register(register: RegisterConfig, tracking: TrackingConfig, generator: str,
         print(record["reason"])
         return record
 
-    # (2) The champion now, and whether this very generator file was registered before (a rerun).
+    # (3) The champion now, re-scored in this feature space; whether this very generator was
+    # registered before (a rerun).
     reg = Registry(tracker.uri)
     champion = reg.by_alias(cfg.model_name, cfg.alias)
-    champion_metrics = tag_metrics(champion.tags) if champion else None
-    decision = decide(scores, champion_metrics, cfg, gate.get("passed"), problem,
-                      champion_version=champion.version if champion else None,
-                      is_champion=champion is not None and champion.tags.get(GENERATOR_TAG) == candidate["generator_sha256"])
+    is_champion = champion is not None and champion.tags.get(GENERATOR_TAG) == generator_sha
+    rescored, champion_problem, t_rescore = None, None, 0.0
+    if champion is not None and not is_champion:
+        t = time.perf_counter()
+        rescored, champion_problem = rescore_champion(reg, champion, scorer)
+        t_rescore = time.perf_counter() - t
+    decision = decide(numbers, rescored, cfg, gate.get("passed"), problem,
+                      champion_version=champion.version if champion else None, is_champion=is_champion,
+                      champion_problem=champion_problem)
 
-    # (3) The version: logged into the training's run, tagged with everything it was judged on.
-    version = reg.find(cfg.model_name, GENERATOR_TAG, candidate["generator_sha256"])
+    # (4) The version: logged into the training's run, tagged with everything it was judged on.
+    version = reg.find(cfg.model_name, GENERATOR_TAG, generator_sha)
     reused = version is not None
     if version is None:
-        version = _log_and_register(tracker, reg, cfg, generator, evaluator, net, candidate, gate.get("passed"))
+        version = _log_and_register(tracker, reg, cfg, generator, evaluator, net, candidate, gate.get("passed"),
+                                    scorer.lineage)
     reg.set_tags(version, {"aigc.decision": decision.outcome, "aigc.reason": decision.reason[:4000]})
     if decision.promote:
         reg.set_alias(version, cfg.alias)
@@ -98,7 +152,6 @@ def register(register: RegisterConfig, tracking: TrackingConfig, generator: str,
                       "aigc.registry_decision": decision.outcome})
 
     now = reg.by_alias(cfg.model_name, cfg.alias)
-    comparable = champion is None or champion.tags.get("aigc.evaluator_sha256") == candidate["evaluator_sha256"]
     record |= {
         "outcome": decision.outcome,
         "promoted": decision.promote,
@@ -108,39 +161,44 @@ def register(register: RegisterConfig, tracking: TrackingConfig, generator: str,
         "reused_version": reused,
         "champion_uri": f"models:/{cfg.model_name}@{cfg.alias}",
         "champion_version": now.version if now else None,
-        "previous_champion": {"version": champion.version, "metrics": champion_metrics} if champion else None,
-        "same_evaluator_as_previous_champion": comparable,
+        "previous_champion": None if champion is None else {
+            "version": champion.version,
+            "rescored_metrics": rescored,  # in this feature space: what the decision compared
+            "rescore_problem": champion_problem,
+            "registered_metrics": tag_metrics(champion.tags),  # as scored when it was registered (for reference only)
+            "same_evaluator_as_when_registered":
+                champion.tags.get("aigc.evaluator_sha256") == scorer.lineage["evaluator_weights_sha256"],
+        },
         "decision": decision.to_dict(),
         "candidate": candidate,
+        "lineage": scorer.lineage,
+        "seconds": {"total": round(time.perf_counter() - t_start, 2), "rescore_champion": round(t_rescore, 2)},
         "tracking_uri": tracker.uri,
     }
-    if not comparable:
-        record["note"] = ("the previous champion was scored with another evaluator (retrained on changed data), "
-                          "so raw scores are on different scales; "
-                          + ("each score was compared as its gap to its own floor" if cfg.relative_to_floor
-                             else "set register.relative_to_floor: true to compare gaps to each one's floor"))
     write_json(registry, record)
     where = f"@{cfg.alias} -> v{now.version}" if now else f"no @{cfg.alias} yet"
+    rescore = f" (champion re-scored in {t_rescore:.1f} s)" if rescored is not None else ""
     print(f"{cfg.model_name} v{version.version}{' (already registered)' if reused else ''}: {decision.outcome}: "
-          f"{decision.reason}; {where}")
+          f"{decision.reason}; {where}{rescore}")
     return record
 
 
 def _log_and_register(tracker: Run, reg: Registry, cfg: RegisterConfig, generator: str, evaluator: str, net: Any,
-                      candidate: dict[str, Any], data_gate_passed: Any) -> ModelVersion:
+                      candidate: dict[str, Any], data_gate_passed: Any, lineage: dict[str, str]) -> ModelVersion:
     from pipeline import serving
 
     with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
         # Stable artifact names inside the model, whatever the files are called in the workspace.
-        artifacts = {"generator": str(shutil.copy2(generator, Path(tmp) / "generator.pt"))}
-        if candidate["evaluator_sha256"]:
-            artifacts["evaluator"] = str(shutil.copy2(evaluator, Path(tmp) / "evaluator.pt"))
+        artifacts = {"generator": str(shutil.copy2(generator, Path(tmp) / "generator.pt")),
+                     "evaluator": str(shutil.copy2(evaluator, Path(tmp) / "evaluator.pt"))}
         model_uri = tracker.log_pyfunc_model("generator", serving.GeneratorModel(), artifacts,
                                              serving.signature(net), serving.input_example(),
                                              serving.pip_requirements())
     tags = {f"{METRIC_TAG}{k}": v for k, v in candidate["metrics"].items()} | {
         GENERATOR_TAG: candidate["generator_sha256"],
-        "aigc.evaluator_sha256": candidate["evaluator_sha256"] or "",
+        "aigc.evaluator_sha256": candidate["evaluator_sha256"],  # the weights' hash, as the run's eval tags
+        "aigc.eval_data_sha256": lineage["data_sha256"],
+        "aigc.eval_settings_sha256": lineage["settings_sha256"],
         "aigc.dataset_sha256": candidate["dataset_sha256"] or "",
         "aigc.params_sha256": candidate["params_sha256"],
         "aigc.git_commit": candidate["git_commit"] or "",
@@ -151,5 +209,5 @@ def _log_and_register(tracker: Run, reg: Registry, cfg: RegisterConfig, generato
 
 
 if __name__ == "__main__":
-    main(register, sections=("register", "tracking"),
-         paths=("generator", "evaluator", "run", "metrics", "data_gate", "registry"))
+    main(register, sections=("register", "evaluate", "tracking"),
+         paths=("generator", "evaluator", "processed", "cache_dir", "run", "metrics", "data_gate", "registry"))

@@ -18,7 +18,7 @@ import torch
 
 from aigc import distributed
 from aigc.config import ModelConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
-from aigc.data.preprocess import DATASET_JSON, load_info, load_split
+from aigc.data.preprocess import DATASET_JSON, dataset_sha256, load_info, load_split
 from aigc.images import save_png
 from aigc.io import atomic_path, save_torch, file_sha256, write_json
 from aigc.models import generator_payload, net_config
@@ -75,7 +75,7 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     split = load_split(processed, "train")
     net = net_config(model, info)  # a conditional model on unlabelled data stops here
     labels = net.class_indices(split["labels"]) if net.conditional else None
-    dataset_sha = file_sha256(Path(processed) / DATASET_JSON)
+    dataset_sha = dataset_sha256(processed)  # the split arrays, not the summary in dataset.json
     commit = git_commit()
     params = {"seed": seed} | flatten(model, "model.") | flatten(train, "train.")
     if model.family == "vae":

@@ -98,7 +98,8 @@ def test_bad_source_stops_the_pipeline_and_keeps_the_outputs(project: Path):
 
 
 def test_evaluation_lists_every_score_beside_its_floor(project: Path):
-    scores = ["fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score"]
+    scores = ["fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score",
+              "copy_share"]
     metrics = json.loads((project / "reports/metrics.json").read_text())
     for name in scores:
         assert isinstance(metrics[name], (int, float)) and isinstance(metrics[f"{name}_floor"], (int, float)), name
@@ -108,7 +109,8 @@ def test_evaluation_lists_every_score_beside_its_floor(project: Path):
         assert (project / f"reports/eval/{png}.png").stat().st_size > 0, png
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], project).stdout)
     listed = {k for ws in shown.values() for f in ws["data"].values() for k in f.get("data", {})}
-    assert {*scores, *(f"{s}_floor" for s in scores)} <= listed, listed
+    assert {*scores, *(f"{s}_floor" for s in scores), *(f"{s}_se" for s in scores)} <= listed, listed
+    assert {"coverage_ceiling", "density_ceiling", "fid_ceiling"} <= listed, listed
     run_id = json.loads((project / "models/run.json").read_text())["run_id"]
     run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
     assert run.data.metrics["eval/fid"] == pytest.approx(metrics["fid"])

@@ -21,7 +21,8 @@ from aigc.metrics.evaluator import (Evaluator, EvaluatorNet, evaluator_net, eval
                                     load_evaluator, weights_sha256)
 from aigc.metrics.features import FeatureModule, LogitsModule
 from aigc.metrics.manifold import knn_radii, prdc
-from aigc.metrics.memorisation import dcr_score, nearest
+from aigc.metrics.base import ceilings, expected_coverage
+from aigc.metrics.memorisation import dcr_ratio, nearest
 from aigc.metrics.modes import class_histogram, class_kl, covered_modes
 
 INFO_8 = {"resolution": [8, 8], "channels": 1, "classes": list(range(10))}
@@ -163,11 +164,25 @@ def test_modes_and_class_kl():
     assert class_histogram(Embedding(torch.zeros(4, 2), logits), 3).tolist() == [0.5, 0.25, 0.25]
 
 
-def test_dcr_score_is_sdmetrics_when_the_sets_are_equal():
-    for p in (0.0, 0.3, 0.5, 0.8, 1.0):
-        assert dcr_score(p, 100, 100) == pytest.approx(min(1.0, 2 * (1 - p)))
-    assert dcr_score(0.9, 900, 100) == pytest.approx(1.0)  # what an honest generator gets here
-    assert dcr_score(1.0, 900, 100) == 0.0 and dcr_score(0.95, 900, 100) == pytest.approx(0.5)
+def test_dcr_ratio_is_unclipped_and_measured_against_the_floor():
+    assert dcr_ratio(0.9, 0.9) == pytest.approx(1.0)  # as close to train as fresh real images
+    assert dcr_ratio(0.85, 0.9) == pytest.approx(1.5)  # not clipped at 1
+    assert dcr_ratio(0.91, 0.9) == pytest.approx(0.9)  # 10% copies on top of an honest generator
+    assert dcr_ratio(1.0, 0.9) == 0.0 and dcr_ratio(0.5, 0.5) == pytest.approx(1.0)
+    assert np.isnan(dcr_ratio(1.0, 1.0))  # no room to measure: NaN, which the registry's gate refuses
+
+
+def test_expected_coverage_matches_a_simulation_and_the_ceilings():
+    """Naeem et al.'s eq. 7 (distribution-free) against coverage measured on 40 draws of two
+    samples of the same Gaussian; 500 vs 4,500 is the old protocol's 0.41, 500 vs 500 ~0.97."""
+    assert expected_coverage(4500, 500, 5) == pytest.approx(0.41, abs=0.01)
+    assert expected_coverage(500, 500, 5) == pytest.approx(0.969, abs=0.002)
+    g = torch.Generator().manual_seed(0)
+    sims = [prdc(torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g), k=3)["coverage"]
+            for _ in range(40)]
+    assert np.mean(sims) == pytest.approx(expected_coverage(200, 200, 3), abs=0.01)
+    top = ceilings(500, 5, 10)
+    assert top["coverage"] == expected_coverage(500, 500, 5) and top["density"] == 1.0 and top["is"] == 10.0
 
 
 def test_nearest_with_and_without_self():
@@ -178,16 +193,25 @@ def test_nearest_with_and_without_self():
     assert i.tolist() == [1, 0, 1] and d.tolist() == pytest.approx([1, 1, 4], abs=1e-4)
 
 
-def test_registry_and_the_floor_beside_each_score():
+def test_registry_and_the_floor_spread_and_ceiling_beside_each_score():
     assert metric_names() == ["fid", "kid", "inception_score", "precision_recall", "modes", "memorisation"]
     ev = Evaluator(EvaluatorNet(1, 8, 8, classes=tuple(range(4)), features=8)).eval()
     x = torch.rand(300, 1, 8, 8) * 2 - 1
-    ref = reference(ev, embed(ev, x[:200]), embed(ev, x[200:250]), np.arange(200) % 4, 120, seed=0)
+    ref = reference(ev, embed(ev, x[:200]).with_pixels(x[:200]), embed(ev, x[200:250]).with_pixels(x[200:250]),
+                    np.arange(200) % 4, 120, seed=0)
     assert ref.sample_size == 50 and len(ref.floor) == 50
+    assert len(ref.subsets) == 4 and all(len(r) == 50 for r in ref.subsets)  # 200 // 50 disjoint subsets
+    rows = torch.cat([r.features for r in ref.subsets])
+    assert len(torch.unique(rows, dim=0)) == 200  # disjoint: every train image once
     cfg = EvaluateConfig(num_samples=120, kid_subsets=5)
-    scores = calc_metrics(embed(ev, x[250:].repeat(3, 1, 1, 1)[:120]), ref, cfg)
-    for name in ("fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score"):
-        assert np.isfinite(scores[name]) and np.isfinite(scores[f"{name}_floor"]), name
-    assert scores == calc_metrics(embed(ev, x[250:].repeat(3, 1, 1, 1)[:120]), ref, cfg)  # seeded
+    fake = x[250:].repeat(3, 1, 1, 1)[:120]
+    scores = calc_metrics(embed(ev, fake).with_pixels(fake), ref, cfg)
+    for name in ("fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score",
+                 "copy_share"):
+        for key in (name, f"{name}_se", f"{name}_floor", f"{name}_floor_se"):
+            assert np.isfinite(scores[key]), key
+    for name in ("fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "copy_share"):
+        assert np.isfinite(scores[f"{name}_ceiling"]), name
+    assert scores == calc_metrics(embed(ev, fake).with_pixels(fake), ref, cfg)  # seeded
     with pytest.raises(UserError, match="prdc_k"):
         calc_metrics(embed(ev, x[:120]), ref, cfg.model_copy(update={"prdc_k": 50}), names=["precision_recall"])

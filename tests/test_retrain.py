@@ -134,7 +134,7 @@ def test_new_source_data_retrains_and_no_change_is_a_cheap_noop(tmp_path: Path):
     params["evaluator"]["epochs"] = 1
     params["evaluate"]["num_samples"] = 240
     # one epoch of 8x8 digits makes a poor generator: the gates that would refuse it are off here
-    params["register"].update(min_modes_covered=0.0, min_dcr_score=0.0)
+    params["register"].update(min_modes_covered=0.0, min_dcr_score=0.0, max_copy_share=1.0)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {"PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}"}
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):

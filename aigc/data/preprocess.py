@@ -171,3 +171,21 @@ def load_info(folder: str | Path) -> dict[str, Any]:
     if info.get("format") != FORMAT:
         raise DataError(f"{path}: format {info.get('format')!r}, expected {FORMAT!r}; rerun preprocess")
     return info
+
+
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """A hash of the arrays themselves (names, dtypes, shapes, bytes), not of the file holding them:
+    two datasets with equal counts but different pixels or labels hash differently."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def dataset_sha256(folder: str | Path) -> str:
+    """The lineage hash of a processed dataset: its train and test split arrays (the run's
+    ``aigc.dataset_sha256``, checked again by evaluate and register)."""
+    return hashlib.sha256("".join(f"{split}:{arrays_sha256(load_split(folder, split))}"
+                                  for split in ("train", "test")).encode()).hexdigest()

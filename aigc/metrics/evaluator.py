@@ -100,6 +100,11 @@ class Evaluator(nn.Module):
         """Images -> class logits (N, K)."""
         return self.head(self.trunk(x))
 
+    def embed_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (features, logits) in one pass (aigc/metrics/inception.py has the same interface)."""
+        f = self.trunk(x)
+        return f, self.head(f)
+
 
 def evaluator_net(cfg: EvaluatorConfig, info: dict[str, Any]) -> EvaluatorNet:
     """The network config from params' ``evaluator`` section and what dataset.json says of the data."""

@@ -17,13 +17,13 @@ from torch import nn
 
 from aigc.io import atomic_path
 from aigc.metrics.base import Embedding
-from aigc.metrics.evaluator import Evaluator, weights_sha256
+from aigc.metrics.evaluator import weights_sha256
 
 CACHE_FORMAT = "aigc.real-embedding/1"
 
 
 class FeatureModule(nn.Module):
-    """The evaluator's penultimate features, as torchmetrics' ``feature=`` module.
+    """The evaluator's features (the classifier's penultimate layer, or Inception's pool3), as torchmetrics' ``feature=`` module.
 
     ``num_features`` is an int, so torchmetrics never probes the module with its 3x299x299 dummy
     (stack.md). Images (N, C, H, W) go through the network; a 2-D (N, F) tensor is taken as
@@ -31,7 +31,7 @@ class FeatureModule(nn.Module):
     metrics), so each image is embedded once.
     """
 
-    def __init__(self, evaluator: Evaluator):
+    def __init__(self, evaluator: nn.Module):
         super().__init__()
         self.evaluator = evaluator
         self.num_features = int(evaluator.cfg.features)
@@ -44,7 +44,7 @@ class FeatureModule(nn.Module):
 class LogitsModule(FeatureModule):
     """The evaluator's class logits, as InceptionScore's ``feature=`` module (same 2-D rule)."""
 
-    def __init__(self, evaluator: Evaluator):
+    def __init__(self, evaluator: nn.Module):
         super().__init__(evaluator)
         self.num_features = int(evaluator.cfg.num_classes)
 
@@ -54,16 +54,16 @@ class LogitsModule(FeatureModule):
 
 
 @torch.no_grad()
-def embed(evaluator: Evaluator, images: torch.Tensor | np.ndarray, batch_size: int = 500,
+def embed(evaluator: nn.Module, images: torch.Tensor | np.ndarray, batch_size: int = 500,
           device: str | torch.device = "cpu") -> Embedding:
     """Features and logits of [-1, 1] images (N, C, H, W) in one pass of the evaluator."""
     evaluator.eval().to(device)
     x = torch.as_tensor(images)
     feats, logits = [], []
     for i in range(0, len(x), batch_size):
-        f = evaluator.features(x[i:i + batch_size].to(device, torch.float32))
+        f, lg = evaluator.embed_batch(x[i:i + batch_size].to(device, torch.float32))
         feats.append(f.float().cpu())
-        logits.append(evaluator.head(f).float().cpu())
+        logits.append(lg.float().cpu())
     if not feats:
         return Embedding(torch.zeros(0, evaluator.cfg.features), torch.zeros(0, evaluator.cfg.num_classes))
     return Embedding(torch.cat(feats), torch.cat(logits))
@@ -76,7 +76,7 @@ def cache_key(data_sha256: str, split: str, sample_size: int, extractor_sha256: 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def real_embedding(evaluator: Evaluator, images: np.ndarray, *, data_sha256: str, split: str,
+def real_embedding(evaluator: nn.Module, images: np.ndarray, *, data_sha256: str, split: str,
                    cache_dir: str | Path | None, batch_size: int = 500,
                    device: str | torch.device = "cpu") -> tuple[Embedding, bool]:
     """The embedding of a real split, from the cache when it holds it; ``(embedding, was_cached)``.

@@ -1,9 +1,9 @@
 """FID, KID and the Inception Score, computed by torchmetrics on the evaluator's outputs.
 
-The evaluator replaces Inception (stack.md): ``FeatureModule`` (penultimate features) for FID and
-KID, ``LogitsModule`` (class logits) for IS. The reference's statistics are accumulated once and
-kept across sets (``reset_real_features=False``); each generated set, then the floor's set, is
-scored in turn.
+The feature network (the project's classifier, or Inception: aigc/metrics/features.py) gives
+``FeatureModule`` (features) for FID and KID, ``LogitsModule`` (class logits) for IS. Each
+reference subset's statistics are accumulated once and kept across sets
+(``reset_real_features=False``); each generated set, then the floor's set, is scored in turn.
 """
 
 from __future__ import annotations
@@ -46,10 +46,18 @@ def _quiet(metric_cls, **kwargs):
 @register
 def fid(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float]:
     """Frechet distance between Gaussians fitted to the features (lower is better; 0 = same statistics)."""
-    m = _quiet(FrechetInceptionDistance, feature=FeatureModule(ref.evaluator), reset_real_features=False)
-    m.update(ref.train.features, real=True)
+    per_subset = {}
+    for r in ref.subsets:
+        m = _quiet(FrechetInceptionDistance, feature=FeatureModule(ref.evaluator), reset_real_features=False)
+        m.update(r.features, real=True)
+        per_subset[id(r)] = m
 
-    def one(s: Embedding) -> dict[str, float]:
+    def one(s: Embedding, r: Embedding) -> dict[str, float]:
+        if not torch.isfinite(s.features).all():
+            # a broken generator's NaN images: LAPACK's eigensolver crashes the process on NaN
+            # input (a segfault, not an exception), so the score is NaN without calling it
+            return {"fid": float("nan")}
+        m = per_subset[id(r)]
         m.reset()  # the fake side only
         m.update(s.features, real=False)
         return {"fid": float(m.compute())}
@@ -60,12 +68,16 @@ def fid(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float
 @register
 def kid(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float]:
     """Kernel (polynomial MMD^2) distance of the features, unbiased (lower is better; about 0 = same)."""
-    size = min(cfg.kid_subset_size, ref.sample_size, len(ref.train))
-    m = _quiet(KernelInceptionDistance, feature=FeatureModule(ref.evaluator), subsets=cfg.kid_subsets,
-               subset_size=size, reset_real_features=False)
-    m.update(ref.train.features, real=True)
+    size = min(cfg.kid_subset_size, ref.sample_size)
+    per_subset = {}
+    for r in ref.subsets:
+        m = _quiet(KernelInceptionDistance, feature=FeatureModule(ref.evaluator), subsets=cfg.kid_subsets,
+                   subset_size=size, reset_real_features=False)
+        m.update(r.features, real=True)
+        per_subset[id(r)] = m
 
-    def one(s: Embedding) -> dict[str, float]:
+    def one(s: Embedding, r: Embedding) -> dict[str, float]:
+        m = per_subset[id(r)]
         m.reset()
         m.update(s.features, real=False)
         with _one_thread():
@@ -76,11 +88,13 @@ def kid(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float
 
 @register
 def inception_score(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float]:
-    """exp E KL(p(y|x) || p(y)) on the evaluator's logits: confident and varied (higher is better,
-    up to the real data's own value, the floor)."""
+    """exp E KL(p(y|x) || p(y)) on the evaluator's logits: confident and varied. Good up to the real
+    data's own value (the floor) only: a generator scores above it by drawing every class in equal
+    shares with over-confident, prototypical images, and far below it when collapsed or noise.
+    The registry compares its distance to the floor."""
     m = _quiet(InceptionScore, feature=LogitsModule(ref.evaluator), splits=1)
 
-    def one(s: Embedding) -> dict[str, float]:
+    def one(s: Embedding, _: Embedding) -> dict[str, float]:
         m.reset()
         # Log-probabilities floored at -50: a saturated softmax (images far from every class)
         # then gives 0 log 0 = 0 instead of NaN; the score moves by less than 1e-20.
@@ -89,5 +103,5 @@ def inception_score(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dic
             warnings.simplefilter("ignore", UserWarning)
             return {"is": float(m.compute()[0])}
 
-    return score_and_floor(fake, ref, one)
+    return score_and_floor(fake, ref, one, uses_reference=False)
 

@@ -1,27 +1,36 @@
-"""Memorisation: distance to closest record (DCR) in the evaluator's feature space.
+"""Memorisation: does the generator hand back its training images?
 
-For each generated image: the distance to its nearest training record and to its nearest
-held-out (test) record. ``dcr_closer_to_train`` is the share of generated images closer to a
-training record. SDMetrics' ``DCROverfittingProtection`` turns that share p into a score,
-``min(1, 2 (1 - p))``: 1 = no sign of copying, 0 = every sample sits on a training record.
+Two measures, each beside its floor (real test images, which the generator never saw):
 
-Its factor 2 assumes training and held-out sets of equal size: a generator that never saw the
-training set lands closer to it with probability |train| / (|train| + |held-out|), which is 1/2
-only then (SDMetrics warns when the held-out set is under half the training set). Here the test
-split is a ninth of the train split, so the score uses that expected share p0 in place of 1/2:
-``min(1, (1 - p) / (1 - p0))`` -- the same as SDMetrics' when the sets are equal, 1 for a
-generator that copies nothing, 0 for one that only copies.
+* **DCR ratio** (``dcr_score``), in the evaluator's feature space. For each generated image: is it
+  closer to its nearest training record than to its nearest held-out (test) record?
+  ``p = dcr_closer_to_train`` is the share that is. A generator that draws fresh images lands
+  closer to the training set with some probability ``p0`` -- not 1/2 as SDMetrics'
+  ``DCROverfittingProtection`` assumes (that needs equal set sizes), and not |train| / (|train| +
+  |test|) either (the feature network was trained on the train split, which moves every distance
+  to it). So ``p0`` is *measured*: the same share for the real test images, each left out of the
+  held-out set in turn (``dcr_closer_to_train_floor``). The score is the unclipped ratio
+  ``(1 - p) / (1 - p0)``: about 1 for an honest generator, falling towards 0 as copies take over,
+  above 1 for images further from the training set than fresh real ones are.
+* **Near-duplicate share** (``copy_share``), in pixel space. The threshold is the
+  ``evaluate.copy_quantile`` quantile (1% by default) of the test images' distances to their
+  nearest training image; ``copy_share`` is the share of generated images closer than that to a
+  training image. An honest generator makes about ``copy_quantile`` of them (the floor); mixing 10%
+  exact training copies into its samples adds 0.10. The DCR ratio barely moves for a few copies
+  (p is already ~0.9); this share does, so the registry gates on both.
 
-The floor is the same score for the real test images, each left out of the held-out set in turn
-(leave-one-out): about 1, up to sampling noise.
+Each is computed per generated set of ``n`` (aigc/metrics/base.py) against the whole train and
+test splits; the spread is the standard error over sets.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from aigc.config import EvaluateConfig
-from aigc.metrics.base import Embedding, Reference, register
+from aigc.metrics.base import Embedding, Reference, mean_se, register
 
 
 def nearest(a: torch.Tensor, b: torch.Tensor, batch_size: int = 2048,
@@ -42,33 +51,61 @@ def nearest(a: torch.Tensor, b: torch.Tensor, batch_size: int = 2048,
     return torch.cat(dists), torch.cat(idx)
 
 
-def dcr_score(closer_to_train: float, n_train: int, n_holdout: int) -> float:
-    """SDMetrics' overfitting-protection score with the expected share of an honest generator,
-    |train| / (|train| + |held-out|), in place of its fixed 1/2."""
-    p0 = n_train / (n_train + n_holdout)
-    return float(min(1.0, max(0.0, (1.0 - closer_to_train) / (1.0 - p0))))
+def dcr_ratio(closer_to_train: float, closer_to_train_floor: float) -> float:
+    """``(1 - p) / (1 - p0)``, unclipped: 1 = as far from the training set as fresh real images, 0 =
+    every sample sits on a training record. NaN when the floor itself is always closer to train
+    (``p0 = 1``: no room to measure)."""
+    room = 1.0 - closer_to_train_floor
+    return (1.0 - closer_to_train) / room if room > 0 else math.nan
+
+
+def _per_set(flags: torch.Tensor, n: int) -> list[float]:
+    """Share of True per consecutive set of ``n`` (the scored sets of base.py)."""
+    usable = len(flags) // n * n
+    return flags[:usable].double().reshape(-1, n).mean(dim=1).tolist()
 
 
 @register
 def memorisation(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float]:
-    """DCR score of all generated images (1 = no sign of copying) and its leave-one-out floor."""
+    """DCR ratio (1 = no sign of copying) with p and the floor's p; the pixel-space near-duplicate share."""
+    n = ref.sample_size
     d_train, _ = nearest(fake.features, ref.train.features)
     d_test, _ = nearest(fake.features, ref.test.features)
-    p = float((d_train < d_test).double().mean())
+    closer = _per_set(d_train < d_test, n)
 
     t_train, _ = nearest(ref.test.features, ref.train.features)
     t_test, _ = nearest(ref.test.features, ref.test.features, exclude_self=True)
-    p_floor = float((t_train < t_test).double().mean())
-    return {
-        "dcr_score": dcr_score(p, len(ref.train), len(ref.test)),
-        "dcr_score_floor": dcr_score(p_floor, len(ref.train), len(ref.test) - 1),
-        "dcr_closer_to_train": p,
-    }
+    p0 = float((t_train < t_test).double().mean())
+    p0_se = math.sqrt(p0 * (1 - p0) / len(ref.test))  # binomial: one share of |test| images
+
+    p, p_se = mean_se(closer)
+    ratio, ratio_se = mean_se([dcr_ratio(x, p0) for x in closer])
+    out = {"dcr_score": ratio, "dcr_score_floor": 1.0,
+           "dcr_closer_to_train": p, "dcr_closer_to_train_floor": p0, "dcr_closer_to_train_floor_se": p0_se}
+    if ratio_se is not None:
+        out |= {"dcr_score_se": ratio_se, "dcr_closer_to_train_se": p_se}
+    if p0 < 1:
+        out["dcr_score_floor_se"] = p0_se / (1 - p0)
+
+    if fake.pixels is not None and ref.train.pixels is not None and ref.test.pixels is not None:
+        held_out, _ = nearest(ref.test.pixels, ref.train.pixels)
+        threshold = float(torch.quantile(held_out.double(), cfg.copy_quantile))
+        g, _ = nearest(fake.pixels, ref.train.pixels)
+        share, share_se = mean_se(_per_set(g < threshold, n))
+        floor = float((held_out < threshold).double().mean())
+        out |= {"copy_share": share, "copy_share_floor": floor,
+                "copy_share_floor_se": math.sqrt(max(floor * (1 - floor), 1e-12) / len(held_out)),
+                "copy_threshold": threshold}
+        if share_se is not None:
+            out["copy_share_se"] = share_se
+    return out
 
 
 def closest_pairs(fake: Embedding, ref: Reference, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``n`` generated images nearest to a training record (the likeliest copies), closest
-    first: (generated indices, their nearest training indices)."""
-    d, idx = nearest(fake.features, ref.train.features)
+    first: (generated indices, their nearest training indices). In pixel space when the images
+    are at hand (what a person sees as a copy), else in features."""
+    pixels = fake.pixels is not None and ref.train.pixels is not None
+    d, idx = nearest(fake.pixels, ref.train.pixels) if pixels else nearest(fake.features, ref.train.features)
     order = torch.argsort(d)[:n]
     return order, idx[order]

@@ -33,9 +33,9 @@ def modes(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, flo
     """Covered modes (higher is better, up to the number of classes) and class KL (lower is better)."""
     k = len(ref.class_share)
 
-    def one(s: Embedding) -> dict[str, float]:
+    def one(s: Embedding, _: Embedding) -> dict[str, float]:
         share = class_histogram(s, k)
         return {"modes": covered_modes(share, ref.class_share, cfg.mode_min_share),
                 "class_kl": class_kl(share, ref.class_share)}
 
-    return score_and_floor(fake, ref, one)
+    return score_and_floor(fake, ref, one, uses_reference=False)
