@@ -87,7 +87,8 @@ def time_register(params: Any, cfg: Any, paths: dict[str, str], given: dict[str,
         run.end(True)
         (d / "run.json").write_text(json.dumps(run.info() | {"params": {}}))
         outs = {k: str(d / f) for k, f in (("metrics", "metrics.json"), ("summary", "evaluation.json"),
-                                           ("samples", "s.png"), ("nearest", "n.png"), ("classes", "c.png"))}
+                                           ("samples", "s.png"), ("nearest", "n.png"), ("classes", "c.png"),
+                                            ("labels", "l.png"))}
         evaluate(cfg, tracking, gen, paths["evaluator"], paths["processed"], str(d / "run.json"), paths["cache_dir"], **outs)
         t = time.perf_counter()
         # gates off: the figure is the time of a comparison, whatever the generator's quality
@@ -141,7 +142,7 @@ def main() -> None:
         def once(i: int) -> float:
             out = work / f"out{i}"
             outs = {k: str(out / Path(v).name) for k, v in given.items()
-                    if k in ("metrics", "summary", "samples", "nearest", "classes")}
+                    if k in ("metrics", "summary", "samples", "nearest", "classes", "labels")}
             t = time.perf_counter()
             report = evaluate(cfg, tracking, **paths, **outs)
             result.setdefault("metrics", report)

@@ -189,7 +189,8 @@ class Project:
         (d / "run.json").write_text(json.dumps(run.info() | {"params": {"name": name}, "dataset_sha256": "d" * 64,
                                                              "git_commit": "abc"}))
         paths = {k: str(d / f) for k, f in (("metrics", "metrics.json"), ("summary", "evaluation.json"),
-                                            ("samples", "s.png"), ("nearest", "n.png"), ("classes", "c.png"))}
+                                            ("samples", "s.png"), ("nearest", "n.png"), ("classes", "c.png"),
+                                            ("labels", "l.png"))}
         return evaluate(EVAL, self.tracking, str(generator), str(self.evaluator), str(self.processed), str(d / "run.json"),
                         str(self.root / "cache"), **paths)
 

@@ -172,8 +172,8 @@ def _too_few(tmp: Path) -> DataConfig:
     [
         (_corrupt_image, "ingest", r"1 unreadable image file\(s\): 1/broken.png"),
         (_mixed_shapes, "ingest", r"mixed image shapes; most are \(8, 8, 1\).*2/odd.png \(10, 12, 1\)"),
-        (_nan_csv, "ingest", r"pixel values must be integers 0..255; rows 3 hold e.g. \[nan\]"),
-        (_values_1000, "ingest", r"rows 4 hold e.g. \[1000.0\]"),
+        (_nan_csv, "ingest", r"1 NaN pixel\(s\) \(float64\); first at \[3, 5\]"),
+        (_values_1000, "ingest", r"integer pixels \(int64\) in 0..1000 are outside 0..255; first at \[4, 7\]"),
         (_empty, "ingest", "no images found"),
         (_label_11, "validate", r"labels: labels = \[0, 1, 2, 3, 11\], bound 0..9 \(validate.max_label\).*"
                                 r"first offending records \(id\): 7, 42"),
