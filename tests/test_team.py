@@ -282,7 +282,11 @@ def test_a_worker_runs_the_deployment_and_refuses_an_overlapping_run(services, c
             time.sleep(2)
     finally:
         os.killpg(worker.pid, 15)
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # Prefect's graceful worker shutdown can hang; the runs are final
+            os.killpg(worker.pid, 9)
+            worker.wait(timeout=30)
     text = log_path.read_text()
     print(text[-6000:])
     done = [s for s in states.values() if s.is_completed()]
