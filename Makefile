@@ -61,10 +61,10 @@ run: install dvc-init  ## train on the default data: dvc repro (only what change
 	python -m pipeline.prefect_server dvc repro
 
 test: install-dev dvc-init  ## the whole test suite, end-to-end runs included
-	pytest --durations=15
+	pytest -n 2 --dist loadfile --durations=15  # two workers, one test file each at a time (pytest-xdist)
 
 test-fast: install-dev  ## the fast tests only (no end-to-end runs)
-	pytest -m "not slow"
+	pytest -n 2 --dist loadfile -m "not slow"
 
 bench: install  ## speed and overhead figures -> reports/benchmarks/ (~5 min)
 	python -m benchmarks
