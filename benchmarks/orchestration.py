@@ -59,16 +59,9 @@ def _lscpu() -> dict[str, str]:
 
 
 def project(root: Path) -> Path:
-    from tests.conftest import copy_project
+    from tests.conftest import tiny_project
 
-    copy_project(root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["source"] = "digits"
-    params["train"]["epochs"] = 1
-    params["evaluator"]["epochs"] = 1
-    params["evaluate"]["num_samples"] = 400
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return root
+    return tiny_project(root)
 
 
 def main() -> None:

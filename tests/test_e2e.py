@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import copy_project, run_module
+from tests.conftest import run_module, tiny_project
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +28,7 @@ def sh(args: list[str], cwd: Path, ok: bool = True, timeout: int = 900):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    copy_project(root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["source"] = "digits"
-    params["train"]["epochs"] = 1
-    params["evaluator"]["epochs"] = 1
-    params["evaluate"]["num_samples"] = 400
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = tiny_project(tmp_path_factory.mktemp("project"))
     sh(["git", "init", "-q"], root)
     sh(["git", "config", "user.email", "t@example.com"], root)
     sh(["git", "config", "user.name", "t"], root)

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import copy_project, run_module
+from tests.conftest import run_module, tiny_project
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +28,7 @@ def sh(args: list[str], cwd: Path, env: dict[str, str] | None = None, ok: bool =
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
-    root = copy_project(tmp_path_factory.mktemp("families-project"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["source"] = "digits"
-    params["train"]["epochs"] = 1
-    params["evaluator"]["epochs"] = 1
-    params["evaluate"]["num_samples"] = 400
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = tiny_project(tmp_path_factory.mktemp("families-project"))
     # Queued experiments run in temporary copies of the project: an absolute store keeps their runs here.
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],

@@ -177,6 +177,21 @@ def _int_idx(tmp: Path) -> DataConfig:
     return DataConfig(source="idx", path=str(write_idx(tmp / "i-images-idx3-ubyte", images, 0x0C)))
 
 
+def _unknown_idx_type(tmp: Path) -> DataConfig:
+    path = write_idx(tmp / "u-images-idx3-ubyte", digit_images(4)[0])
+    raw = bytearray(path.read_bytes())
+    raw[2] = 0x0A  # not a type the IDX format defines
+    path.write_bytes(bytes(raw))
+    return DataConfig(source="idx", path=str(path))
+
+
+def _float_idx_labels(tmp: Path) -> DataConfig:
+    images, labels = digit_images(4)
+    path = write_idx(tmp / "l-images-idx3-ubyte", images)
+    write_idx(tmp / "l-labels-idx1-ubyte", labels + 0.5, 0x0D)
+    return DataConfig(source="idx", path=str(path))
+
+
 def _missing_path(tmp: Path) -> DataConfig:
     return DataConfig(source="npz", path=str(tmp / "nowhere.npz"))
 
@@ -193,10 +208,12 @@ def _missing_path(tmp: Path) -> DataConfig:
         (_big_values_csv, r"integer pixels \(int64\) in 0..1000 are outside 0..255; first at \[1, 1\]"),
         (_truncated_idx, "truncated"),
         (_int_idx, r"in 0..70000 are outside 0..255; first at \[2, 3, 4\]"),
+        (_unknown_idx_type, r"IDX data type 0x0a is not one of the format's types \(0x08, 0x09, 0x0b"),
+        (_float_idx_labels, r"l-labels-idx1-ubyte: labels must be integers, got float32"),
         (_missing_path, "does not exist"),
     ],
     ids=["corrupt-image", "mixed-shapes", "float-dtype", "empty-folder", "empty-csv", "nan-csv",
-         "values-1000", "truncated-idx", "int32-idx", "missing-path"],
+         "values-1000", "truncated-idx", "int32-idx", "unknown-idx-type", "float-idx-labels", "missing-path"],
 )
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, make, expected):
     cfg = make(tmp_path)

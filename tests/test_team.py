@@ -28,7 +28,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.services import free_port, start_mlflow, start_postgres, start_prefect, start_sshd
-from tests.conftest import ROOT, copy_project
+from tests.conftest import ROOT, tiny_project
 
 pytestmark = pytest.mark.slow
 
@@ -66,19 +66,11 @@ def services():
 
 
 def make_clone(root: Path, seed: int) -> Path:
-    copy_project(root)
-    shutil.copy2(ROOT / "prefect.yaml", root / "prefect.yaml")
-    params = yaml.safe_load((root / "params.yaml").read_text())
     # teammates' variants: with one seed both clones would train the same generator, bit for bit,
-    # and the registry would rightly keep one version of it
-    params["seed"] = seed
-    params["data"]["source"] = "digits"
-    params["train"]["epochs"] = 1
-    params["evaluator"]["epochs"] = 1
-    params["evaluate"]["num_samples"] = 400
-    # one epoch of 8x8 digits makes a poor generator: the gates that would refuse it are off here
-    params["register"].update(min_modes_covered=0.0, min_dcr_score=0.0)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # and the registry would rightly keep one version of it. One epoch of 8x8 digits makes a poor
+    # generator: the gates that would refuse it are off here.
+    tiny_project(root, seed=seed, register__min_modes_covered=0.0, register__min_dcr_score=0.0)
+    shutil.copy2(ROOT / "prefect.yaml", root / "prefect.yaml")
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
                 ["git", "config", "user.name", "t"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
         sh(cmd, root)
