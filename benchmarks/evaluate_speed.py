@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from aigc import machine
 from typing import Any
 
 import yaml
@@ -44,18 +46,6 @@ def stage_paths() -> dict[str, str]:
     """The evaluate stage's --flag PATH pairs, as dvc.yaml gives them."""
     cmd = shlex.split(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]["cmd"])
     return {a[2:].replace("-", "_"): b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
-
-
-def cpu() -> dict[str, Any]:
-    """lscpu's model name and the vector flags that matter to PyTorch's CPU kernels."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return {}
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = set(info.get("Flags", "").split())
-    return {"model": info.get("Model name", "").strip(),
-            "vector_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "amx")))}
 
 
 def time_register(params: Any, cfg: Any, paths: dict[str, str], given: dict[str, str], work: Path) -> dict[str, Any]:
@@ -120,7 +110,7 @@ def main() -> None:
     cfg = params.evaluate.model_copy(update={"num_samples": args.num_samples})
     given = {k: str(ROOT / v) for k, v in stage_paths().items()}
     given |= {k: str(Path(getattr(args, k)).resolve()) for k in ("generator", "evaluator", "processed") if getattr(args, k)}
-    result: dict[str, Any] = {"num_samples": args.num_samples, "cpu_count": os.cpu_count(), "cpu": cpu(),
+    result: dict[str, Any] = {"num_samples": args.num_samples, "cpu_count": os.cpu_count(), "machine": machine.describe(),
                               "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
 
     with tempfile.TemporaryDirectory(prefix="aigc-eval-bench-") as tmp:

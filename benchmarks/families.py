@@ -19,10 +19,10 @@ import argparse
 import copy
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
+
+from aigc import machine
 
 import torch
 
@@ -45,14 +45,6 @@ FAMILIES = {"dcgan": ("dcgan", False), "cdcgan": ("dcgan", True), "mlp": ("mlp",
 
 class BudgetSpent(Exception):
     """Raised by the epoch hook to end a run once its training seconds pass the budget."""
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -79,7 +71,7 @@ def main() -> None:
     print(f"evaluator ready; {len(train_x)} train / {len(test_x)} test images")
 
     report = {"budget_s": args.budget, "samples_per_score": args.samples, "sample_size": ref.sample_size,
-              "cpu": cpu_model(), "cores": os.cpu_count(), "load_average_before": load0, "families": {}}
+              "machine": machine.describe(), "cores": os.cpu_count(), "load_average_before": load0, "families": {}}
     for name in names:
         family, conditional = FAMILIES[name]
         model = params.model.model_copy(update={"family": family, "conditional": conditional})

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from aigc import machine
+
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,15 +49,6 @@ stage.as_flow = as_plain
 sys.argv = sys.argv[1:]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
-
-
-def _lscpu() -> dict[str, str]:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return {}
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return {k: fields[k].strip() for k in ("Model name", "CPU(s)", "Flags") if k in fields}
 
 
 def project(root: Path) -> Path:
@@ -103,7 +96,7 @@ def main() -> None:
     costs = [v["orchestration_s"] for v in result.values()]
     report = {"what": "per-stage seconds: stage process as a Prefect flow on a running server minus the same "
                       "process calling the stage function directly (medians)",
-              "cpu": _lscpu(), "python": platform.python_version(), "load_average_before": load0,
+              "machine": machine.describe(), "python": platform.python_version(), "load_average_before": load0,
               "load_average_after": os.getloadavg(), "benchmark_seconds": round(time.time() - t0, 1),
               "repeats": args.repeats, "stages": result,
               "median_orchestration_s_per_stage": round(statistics.median(costs), 2),

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from aigc import machine
 from typing import Any
 
 import torch
@@ -60,18 +62,6 @@ def recipe(params: Any, name: str) -> tuple[Any, Any]:
     raw["train"] |= TODAY_TRAIN | train_o
     p = parse_params(raw, f"candidate {name!r}")
     return p.model, p.train
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def child(args: argparse.Namespace) -> None:
@@ -264,7 +254,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     sample_grids(runs, params.seed, OUT / "time_to_quality_samples.png")
     report = {
-        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+        "machine": machine.describe(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
         "evaluator": str(Path(args.evaluator).resolve().relative_to(ROOT)) if Path(args.evaluator).resolve().is_relative_to(ROOT)
         else args.evaluator,
         "samples": args.samples, "budget_cpu_seconds": args.budget, "wall_seconds": round(wall, 1),
