@@ -131,7 +131,7 @@ def main() -> None:
         c = fam["curve"]
         ax.plot([r["train_seconds"] for r in c], [max(r["fid_gap"], 1e-3) for r in c], "o-", label=name)
     ax.set(xlabel="training wall-clock (s)", ylabel="FID - floor (evaluator features)", yscale="log",
-           title=f"Families at equal training time ({report['cpu'][:40]})")
+           title=f"Families at equal training time ({report['machine']['cpu_model'][:40]})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(OUT / f"{args.out}.png")

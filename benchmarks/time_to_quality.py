@@ -165,7 +165,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         xs = [s["cpu_seconds"] for s in run["snapshots"]]
         ax.plot(xs, [s["fid_gap"] for s in run["snapshots"]], "o-", label=f"{run['name']} ({run['images_per_cpu_s']:.0f} img/s)")
     ax.set(xlabel="training time: CPU seconds of one thread (candidates side by side)", ylabel="FID - FID floor",
-           yscale="log", title=f"Time to quality, {report['cpu']}\nload average {report['load_average']['min']:.1f}"
+           yscale="log", title=f"Time to quality, {report['machine']['cpu_model']} ({report['machine']['isa']})\nload average {report['load_average']['min']:.1f}"
                                f"-{report['load_average']['max']:.1f} while training")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
@@ -177,7 +177,7 @@ def markdown(report: dict[str, Any]) -> str:
     marks = [s["cpu_seconds"] for s in report["candidates"][0]["snapshots"]]
     head = " | ".join(f"gap @ ~{m:.0f} s" for m in marks)
     lines = [f"# Time to quality (`python -m benchmarks.time_to_quality`)", "",
-             f"CPU: {report['cpu']}, {report['cores']} cores; candidates side by side at 1 thread each; "
+             f"CPU: {report['machine']['cpu_model']} ({report['machine']['isa']}), {report['cores']} cores; candidates side by side at 1 thread each; "
              f"load average {report['load_average']['min']:.1f}-{report['load_average']['max']:.1f} "
              f"(mean {report['load_average']['mean']:.1f}) while training; {report['wall_seconds']:.0f} s wall in all. "
              f"FID on the evaluator `{report['evaluator']}` ({report['samples']} samples vs the test split); "
