@@ -115,9 +115,10 @@ class TrainConfig(_Section):
     # CPU threads: "auto" uses the cores other processes leave free (re-checked every epoch).
     threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
     # Measured here (python -m benchmarks): torch.compile made the CPU step 0.80x as fast, so it
-    # is off; channels_last (NHWC, dcgan only) made it 1.09x as fast, so it is on.
+    # is off. channels_last (NHWC, dcgan only) measured 1.07x on an AVX-512 Xeon and 0.89x on an
+    # AVX2 EPYC, so "auto" times both on the real step once per machine (aigc/runtime.py, probe).
     compile: bool = False
-    channels_last: bool = True
+    channels_last: Literal["auto"] | bool = "auto"
     # Per-step scalars are gathered on the device and handed over every this many steps,
     # so the hot loop never waits on a host copy.
     log_every: int = Field(default=25, ge=1)

@@ -44,7 +44,8 @@ from aigc.errors import UserError
 from aigc.images import make_grid
 from aigc.losses import D_LOSSES, G_LOSSES, gradient_penalty, lazy_regularisation_scaling, r1_penalty
 from aigc.models import NetConfig, build_discriminator, build_generator
-from aigc.runtime import CoreWatch, choose_threads, free_threads, resolve_device
+from aigc.runtime import (CoreWatch, ProbeResult, choose_threads, free_threads, probe, resolve_device, unmeasured,
+                          usable_cores)
 from aigc.stats import Stats
 
 
@@ -91,6 +92,8 @@ class TrainResult:
     threads: int = 0  # CPU threads at the end (0 on CUDA)
     device: str = "cpu"
     G_ema: torch.nn.Module | None = None  # the EMA generator (train.ema_kimg > 0), BN statistics re-estimated
+    channels_last: bool = False  # the memory layout the step ran in
+    probe: ProbeResult | None = None  # what train.channels_last / train.threads = auto measured (CPU only)
 
     @property
     def generator(self) -> torch.nn.Module:
@@ -135,15 +138,26 @@ def train_gan(
         progress = False
     threads = torch.get_num_threads()
     watch = None
+    # "auto" layout / threads: measured on this very step once per machine (cached), before the
+    # seed is set, so the run itself is the same with or without a probe.
+    found = None
+    if device.type == "cpu" and "auto" in (cfg.channels_last, cfg.threads) and not ddp.enabled:
+        found = probe_machine(cfg, net, images, labels, seed, layouts=(True, False) if net.family == "dcgan" else (False,))
+        if progress:
+            tqdm.write(f"speed probe: {found.describe()}", file=sys.stderr)
+    channels_last = (found.channels_last if found and cfg.channels_last == "auto"
+                     else cfg.channels_last if cfg.channels_last != "auto" else device.type == "cuda")
     if device.type == "cpu":
         threads = choose_threads(cfg.threads)
+        if found and cfg.threads == "auto":
+            threads = min(threads, found.threads)  # two vCPUs on one physical core: one thread may win
         torch.set_num_threads(threads)
         watch = CoreWatch() if cfg.threads == "auto" else None
     torch.manual_seed(seed)  # weights, dropout, z and augmentation all follow from the seed
     order = torch.Generator().manual_seed(seed)  # batch order, independent of the device
     G = build_generator(net).to(device)
     D = build_discriminator(net).to(device)
-    fmt = torch.channels_last if cfg.channels_last and net.family == "dcgan" else torch.contiguous_format
+    fmt = torch.channels_last if channels_last and net.family == "dcgan" else torch.contiguous_format
     G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)
     # The optimisers hold the real modules; the step may run compiled views of them.
     G_step, D_step = (torch.compile(G), torch.compile(D)) if cfg.compile else (G, D)
@@ -304,7 +318,7 @@ def train_gan(
         if watch is not None:
             # Re-check between epochs: a neighbour that grabbed (or freed) a core changes the
             # best thread count for the next epoch.
-            wanted = free_threads(watch.others_busy())
+            wanted = min(free_threads(watch.others_busy()), found.threads if found else threads)
             if wanted != threads:
                 threads = wanted
                 torch.set_num_threads(threads)
@@ -333,7 +347,32 @@ def train_gan(
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return TrainResult(G, D, opt_g, opt_d, net, step, epoch, seconds, step * b / max(seconds, 1e-9), last, rng,
                        threads=threads if device.type == "cpu" else 0, device=str(device),
-                       G_ema=ema.G if ema is not None else None)
+                       G_ema=ema.G if ema is not None else None,
+                       channels_last=fmt == torch.channels_last, probe=found)
+
+
+def probe_machine(cfg: TrainConfig, net: NetConfig, images: torch.Tensor, labels: torch.Tensor | None, seed: int,
+                  layouts: tuple[bool, ...] = (True, False), steps: int = 3) -> ProbeResult:
+    """The fastest layout and thread count for this step on this machine (aigc/runtime.py, probe):
+    a few steps of this very function in each setting, timed over the second window of ``steps``."""
+    n = min(len(images), cfg.batch_size * 2 * steps)
+    if n < cfg.batch_size * 2:  # too little data for two windows
+        return unmeasured("fewer than two batches of data", layouts, usable_cores())
+    sub, sub_labels = images[:n], (labels[:n] if labels is not None else None)
+    per_window = max(1, n // cfg.batch_size // 2)
+
+    def measure(cl: bool, th: int) -> float:
+        windows: list[float] = []
+        trial = cfg.model_copy(update={"channels_last": cl, "threads": th, "epochs": 1, "log_every": per_window,
+                                       "guard_steps": 0, "compile": False})
+        train_gan(trial, net, sub, seed, on_steps=lambda w: windows.append(w.images_per_s), progress=False,
+                  labels=sub_labels)
+        return windows[-1]
+
+    workload = (f"gan {net.family}{' conditional' if net.conditional else ''} {'x'.join(map(str, net.image_shape))} "
+                f"G{list(net.g_widths)} D{list(net.d_widths)} k{net.kernel} sn={net.spectral_norm} "
+                f"batch {cfg.batch_size} {cfg.loss} augment={list(cfg.augment)} ema={cfg.ema_kimg > 0}")
+    return probe(workload, measure, layouts=layouts)
 
 
 def checkpoint_payload(result: TrainResult, train_cfg: TrainConfig, seed: int) -> dict[str, Any]:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-import torch
-
+from aigc import machine
 from benchmarks import overhead, train_speed
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
@@ -25,12 +23,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per comparison (default: %(default)s)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (it compiles for ~1 min)")
+    ap.add_argument("--stage-epochs", type=int, default=2,
+                    help="epochs of the train stage timed against the in-process step (0: skip; default: %(default)s)")
     args = ap.parse_args()
     start, load0 = time.time(), os.getloadavg()
-    env = {"cpu": platform.processor() or platform.machine(), "cores_usable": len(os.sched_getaffinity(0)),
-           "torch": torch.__version__, "cuda": torch.cuda.is_available(), "load_average_before": load0}
+    env = {"machine": machine.describe(), "load_average_before": load0}
+    print(f"machine: {machine.one_line(env['machine'])}")
 
-    speed = train_speed.run(rounds=args.rounds, compile_check=not args.no_compile)
+    speed = train_speed.run(rounds=args.rounds, compile_check=not args.no_compile, stage_epochs=args.stage_epochs)
     over = overhead.run(repeats=args.rounds)
     env |= {"load_average_after": os.getloadavg(), "benchmark_seconds": round(time.time() - start, 1)}
 
@@ -43,8 +43,10 @@ def main() -> None:
         ("reference loop (img/s)", f"{m['reference']:.0f}", f"project / reference = {speed['speedup_vs_reference']:.2f}x (target >= 1.1)"),
         ("step GFLOP / achieved GFLOP/s", f"{speed['gflop_per_step']:.1f} / {speed['achieved_gflops']:.0f}", ""),
         ("fp32 matmul peak (GFLOP/s)", f"{m['peak_gflops']:.0f}", f"step / peak = {speed['fraction_of_peak']:.2f} (target >= 0.85)"),
-        (f"channels_last ({'on' if speed['channels_last_default'] else 'off'} by default)", "",
-         f"{speed['channels_last_ratio']:.2f}x the step without it"),
+        ("channels_last / NCHW, the stage's step", f"{m['nhwc']:.0f} / {m['nchw']:.0f}",
+         f"{speed['channels_last_ratio']:.2f}x; train.channels_last = {speed['channels_last_setting']} -> "
+         f"{'channels_last' if speed['channels_last_chosen'] else 'NCHW'} "
+         f"({speed['chosen_layout_vs_best']:.2f}x the faster layout)"),
         ("torch.compile", "", f"{speed['compile_ratio']:.2f}x the default step" if speed["compile_ratio"] else "skipped"),
         ("one core busy: all threads / 1 / auto (img/s)",
          " / ".join(f"{speed['one_core_busy'].get(k, 0):.0f}" for k in ("threads_all", "threads_1", "threads_auto")),
@@ -58,6 +60,11 @@ def main() -> None:
          f"{o['median_seconds_flow_shared_server']:.1f} s vs {o['median_seconds_plain']:.1f} s plain",
          f"{o['per_stage_shared_server_s']:.1f} s per stage + {o['shared_server_start_s']:.1f} s once"),
     ]
+    st = speed.get("stage_vs_step")
+    if st:
+        rows.insert(1, (f"train stage (`python -m pipeline.train`, {st['epochs']} epochs) / train_gan in-process",
+                        f"{st['median_img_s']['stage']:.0f} / {st['median_img_s']['in_process']:.0f} img/s",
+                        f"stage / step = {st['stage_over_step']:.2f} (target: within 10%)"))
     noop = over["noop_dvc_repro"]
     rows.append(("no-op dvc repro", f"{noop['median_seconds']:.1f} s" if "median_seconds" in noop else "skipped",
                  noop.get("skipped", "")))
@@ -67,10 +74,14 @@ def main() -> None:
             rows.append((f"Prefect + MLflow share of a default run, {label} ({over['stages']} stages)",
                          f"{d['prefect_seconds'] + d['mlflow_seconds']:.0f} s of ~{d['estimated_repro_seconds']:.0f} s",
                          f"{100 * d['overhead_share']:.1f}% (target <= 5%)"))
+    mc = env["machine"]
     lines = ["# Benchmarks", "",
-             f"`python -m benchmarks`, {args.rounds} interleaved rounds, medians; {env['cores_usable']} usable cores, "
+             f"`python -m benchmarks`, {args.rounds} interleaved rounds, medians; {mc['cores_usable']} usable cores, "
              f"load average {load0[0]:.2f} before and {env['load_average_after'][0]:.2f} after; "
-             f"{env['benchmark_seconds']:.0f} s in all. DCGAN 1x28x28, batch 64.", "",
+             f"{env['benchmark_seconds']:.0f} s in all.", "",
+             f"Machine: {mc['cpu_model']}, {mc['isa']} (flags: {' '.join(mc['vector_flags'])}); torch {mc['torch']}, "
+             f"oneDNN {mc['onednn']}, PyTorch CPU capability {mc['torch_cpu_capability']}.", "",
+             f"Step: {speed['architecture']}, batch {speed['batch_size']}.", "",
              "| measure | value | ratio |", "| --- | --- | --- |", *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
     (OUT / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -38,16 +38,15 @@ def tracking_overhead(work: Path, rounds: int, steps: int = 40) -> dict[str, Any
     """Training images/s with and without MLflow logging (same process, interleaved)."""
     import torch
 
-    from aigc.config import TrackingConfig, TrainConfig
-    from aigc.models import NetConfig
+    from aigc.config import TrackingConfig
     from aigc.tracking import Run
     from aigc.training import train_gan
-    from benchmarks.train_speed import BATCH, mnist_like
+    from benchmarks.train_speed import mnist_like, stage_config
     from pipeline.train import Recorder
 
-    images = mnist_like(BATCH * steps)
-    net = NetConfig("dcgan", 100, 1, 28, 28)
-    cfg = TrainConfig(epochs=1, batch_size=BATCH, log_every=25, sample_every=1)
+    net, stage_cfg = stage_config()  # the train stage's own network and recipe
+    images = mnist_like(stage_cfg.batch_size * steps)
+    cfg = stage_cfg.model_copy(update={"epochs": 1, "guard_steps": 0})
     tracking = TrackingConfig(uri=f"sqlite:///{work / 'mlflow.db'}", artifact_root=str(work / "mlartifacts"))
     Run.start(tracking, "warm-up", {}, {}).end(True)  # create the store once, outside the timing
 

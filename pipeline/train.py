@@ -119,6 +119,7 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
             "epochs": result.epochs,
             "tracking_seconds": round(rec.tracking_seconds, 2),
             "threads": result.threads,
+            "channels_last": getattr(result, "channels_last", False),
             **{f"final_{k}": round(v, 4) for k, v in result.last.items()},
         }
         write_json(metrics, summary)
@@ -126,7 +127,11 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
                                           "net": net.to_dict(), "device": result.device})
 
         t = time.perf_counter()
-        tracker.log_metrics({k: v for k, v in summary.items() if k != "tracking_seconds"}, step=result.steps)
+        found = getattr(result, "probe", None)  # train.channels_last / threads = auto: what the probe measured
+        if found is not None:
+            tracker.set_tags({"aigc.speed_probe": found.describe()[:5000]})
+            tracker.log_metrics({f"probe/{k.replace('/', '_')}_img_s": v for k, v in found.speeds.items()})
+        tracker.log_metrics({k: float(v) for k, v in summary.items() if k != "tracking_seconds"}, step=result.steps)
         tracker.log_artifact(generator, "model")
         tracker.log_artifact(checkpoint, "checkpoint")
         for path in (losses, samples, metrics, Path(processed) / DATASET_JSON):

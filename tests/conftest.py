@@ -27,6 +27,14 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture(scope="session", autouse=True)
+def probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The speed probe's per-machine cache (aigc/runtime.py) in the session's own folder, never ~/.cache."""
+    folder = tmp_path_factory.mktemp("aigc-cache")
+    os.environ["AIGC_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture
 def sqlite_uri(tmp_path: Path) -> str:
     """A real, empty MLflow store for one test."""

@@ -1,14 +1,20 @@
-"""Thread choice follows the cores other processes leave free."""
+"""Thread choice follows the cores other processes leave free; layout and threads are probed per machine."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
+from aigc import runtime
+from aigc.config import TrainConfig
+from aigc.models import NetConfig
 from aigc.runtime import CoreWatch, choose_threads, free_threads
+from aigc.training import train_gan
 
 
 @pytest.mark.parametrize("others, cores, expected", [(0.0, 2, 2), (0.4, 2, 2), (0.6, 2, 1), (1.0, 2, 1),
@@ -30,3 +36,56 @@ def test_a_busy_neighbour_is_seen():
     finally:
         busy.kill()
         busy.wait()
+
+
+# --- the per-machine speed probe: layout and threads measured on the real step, cached ----------
+
+def test_probe_picks_the_faster_setting_and_caches_it_per_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "choose_threads", lambda setting: 2)  # an idle 2-core machine
+    speeds = {(True, 2): 300.0, (False, 2): 400.0, (False, 1): 250.0}
+    calls = []
+
+    def measure(cl, th):
+        calls.append((cl, th))
+        return speeds[(cl, th)]
+
+    got = runtime.probe("w", measure, cores=2)
+    assert (got.channels_last, got.threads, got.cached) == (False, 2, False)
+    assert got.channels_last_ratio == pytest.approx(0.75)
+    assert sorted(calls) == sorted(speeds)  # every layout at all cores, the best one at 1 thread
+    again = runtime.probe("w", lambda cl, th: pytest.fail("a cached answer is not measured again"), cores=2)
+    assert (again.channels_last, again.threads, again.cached) == (False, 2, True)
+    assert "cached" in again.describe() and "0.75x" in again.describe()
+    other = runtime.probe("another workload", lambda cl, th: 100.0 + cl + th, cores=2)
+    assert not other.cached and (other.channels_last, other.threads) == (True, 2)
+
+
+def test_probe_on_a_busy_machine_measures_nothing_and_caches_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "choose_threads", lambda setting: 1)  # a neighbour holds one of two cores
+    got = runtime.probe("w", lambda cl, th: pytest.fail("nothing is timed beside a busy neighbour"), cores=2)
+    assert not got.speeds and "other processes hold cores" in got.describe()
+    assert not (tmp_path / "probe.json").exists()
+
+
+def test_a_broken_cache_is_measured_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "choose_threads", lambda setting: 1)
+    (tmp_path / "probe.json").write_text("{not json")
+    got = runtime.probe("w", lambda cl, th: 10.0 * (1 + cl), cores=1)
+    assert got.channels_last and json.loads((tmp_path / "probe.json").read_text())["format"] == runtime.PROBE_FORMAT
+
+
+def test_training_with_auto_layout_reports_what_it_chose(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
+    images = torch.rand(96, 1, 8, 8) * 2 - 1
+    cfg = TrainConfig(epochs=1, batch_size=16, log_every=3, grid_size=4)
+    assert cfg.channels_last == "auto"
+    result = train_gan(cfg, NetConfig("dcgan", 8, 1, 8, 8, g_widths=(16, 8), d_widths=(8, 16), kernel=4), images,
+                       seed=0, progress=False)
+    assert result.probe is not None and result.channels_last == result.probe.channels_last
+    explicit = train_gan(cfg.model_copy(update={"channels_last": False, "threads": 1}),
+                         NetConfig("dcgan", 8, 1, 8, 8, g_widths=(16, 8), d_widths=(8, 16), kernel=4), images,
+                         seed=0, progress=False)
+    assert explicit.probe is None and not explicit.channels_last and explicit.threads == 1
