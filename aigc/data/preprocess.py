@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from aigc.config import DataConfig
 from aigc.data.sources import RawDataset
@@ -112,6 +111,8 @@ def preprocess(ds: RawDataset, cfg: DataConfig, seed: int) -> Processed:
     stratified = bool(len(classes) > 1 and per_class.min() >= 2 and len(classes) <= n_test <= len(labels) - len(classes))
     idx = np.arange(len(labels))
     try:
+        from sklearn.model_selection import train_test_split  # only here: 1-2 s of import every later stage skips
+
         tr, te = train_test_split(idx, test_size=cfg.test_size, random_state=seed,
                                   stratify=labels if stratified else None, shuffle=True)
     except ValueError as exc:

@@ -13,9 +13,6 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.inception import InceptionScore
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from aigc.config import EvaluateConfig
 from aigc.metrics.base import Embedding, Reference, register, score_and_floor
@@ -46,6 +43,8 @@ def _quiet(metric_cls, **kwargs):
 @register
 def fid(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float]:
     """Frechet distance between Gaussians fitted to the features (lower is better; 0 = same statistics)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # here: a stage that scores nothing skips ~1-2 s
+
     per_subset = {}
     for r in ref.subsets:
         m = _quiet(FrechetInceptionDistance, feature=FeatureModule(ref.evaluator), reset_real_features=False)
@@ -68,6 +67,8 @@ def fid(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float
 @register
 def kid(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float]:
     """Kernel (polynomial MMD^2) distance of the features, unbiased (lower is better; about 0 = same)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     size = min(cfg.kid_subset_size, ref.sample_size)
     per_subset = {}
     for r in ref.subsets:
@@ -92,6 +93,8 @@ def inception_score(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dic
     data's own value (the floor) only: a generator scores above it by drawing every class in equal
     shares with over-confident, prototypical images, and far below it when collapsed or noise.
     The registry compares its distance to the floor."""
+    from torchmetrics.image.inception import InceptionScore
+
     m = _quiet(InceptionScore, feature=LogitsModule(ref.evaluator), splits=1)
 
     def one(s: Embedding, _: Embedding) -> dict[str, float]:
