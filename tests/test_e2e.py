@@ -48,7 +48,7 @@ def test_repro_produces_every_output_and_an_mlflow_run(project: Path):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run_id, "g_loss")) == 1617 // 64
+    assert len(client.get_metric_history(run_id, "train/g_loss")) == 1617 // 64
     assert any(a.path == "images" for a in client.list_artifacts(run_id))
     assert (project / "mlartifacts").is_dir() and not (project / "mlruns").exists()
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
