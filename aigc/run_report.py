@@ -129,7 +129,7 @@ def context(files: RunFiles) -> dict[str, Any]:
     outcome = registry.get("outcome") or tags.get("aigc.registry_decision")
     family = params.get("model.family", "?")
     conditional = str(params.get("model.conditional", "false")).lower() == "true"
-    title = extra.get("run_name") or f"{'conditional ' if conditional else ''}{family} run"
+    title = extra.get("run_name") or run.get("run_name") or f"{'conditional ' if conditional else ''}{family} run"
     return {
         "title": title,
         "run_id": lineage["MLflow run"],
