@@ -70,6 +70,7 @@ bench: install  ## speed and overhead figures -> reports/benchmarks/ (~5 min)
 	python -m benchmarks
 
 ui: install  ## open the MLflow UI on http://127.0.0.1:5000 for the local store
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training view)"
 	$(WITH_ENV) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 serve: install  ## serve the champion on http://127.0.0.1:5001 (POST /invocations; README)

@@ -3,6 +3,8 @@
     aigc check-params [params.yaml]          validate params.yaml, print the resolved values
     aigc generate --model models/generator.pt -n 64 --seed 0 --out grid.png
     aigc generate --model models:/aigc-generator@champion -n 64 --seed 0 --label 3 --out grid.png
+    aigc report [RUN_ID] [--out run.html]   the one-page run report, rebuilt from MLflow
+    aigc doctor                              is this machine set up? (exit code 1 when not)
 
 ``--label`` on a conditional model (model.conditional: true) uses its own conditioning; on an
 unconditional one it rejection-samples with the evaluator classifier (aigc/sampling.py).
@@ -11,6 +13,7 @@ unconditional one it rejection-samples with the evaluator classifier (aigc/sampl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -72,6 +75,49 @@ def _generate(args: argparse.Namespace) -> None:
           f"to {args.out}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    import json
+
+    from aigc.config import TrackingConfig, load_section
+    from aigc.io import atomic_path
+    from aigc.run_report import ARTIFACT_FOLDERS, artifact_files, render_page
+    from aigc.tracking import fetch_run, resolve_uri
+
+    run_id, uri = args.run_id, None
+    if run_id is None:  # the workspace's run: the one models/run.json names
+        try:
+            info = json.loads(Path(args.run_file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"no RUN_ID given and {args.run_file} cannot be read ({type(exc).__name__}); pass a "
+                            f"run id (the MLflow UI shows it) or train first (dvc repro)") from None
+        run_id, uri = info.get("run_id"), info.get("tracking_uri")
+        if not run_id:
+            raise UserError(f"{args.run_file} names no MLflow run (tracking was off); pass a run id")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri or resolve_uri(load_section(args.params, "tracking",
+                                                                                     TrackingConfig))
+    with tempfile.TemporaryDirectory(prefix="aigc-report-") as tmp:
+        record = fetch_run(uri, run_id, tmp, ARTIFACT_FOLDERS)
+        extra = {"run_id": record.run_id, "run_name": record.run_name, "experiment": record.experiment,
+                 "tracking_uri": uri, "params": record.params, "tags": record.tags}
+        page = render_page(artifact_files(Path(tmp), extra))
+    out = args.out or f"run-{run_id[:8]}.html"
+    with atomic_path(out) as path:
+        path.write_text(page, encoding="utf-8")
+    print(f"wrote {out}: the report of MLflow run {run_id} ({record.run_name}) in {uri}")
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    environ = dict(os.environ)  # as the shell set it, before aigc adds its quiet variables
+    from aigc.doctor import run_checks
+
+    checks = run_checks(Path.cwd(), Path(args.params), environ)
+    for c in checks:
+        print(c.line())
+    failed = [c for c in checks if c.failed]
+    print(f"{len(failed)} problem(s)" if failed else "all ok")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aigc", description="aigc: train, evaluate and register generative image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,17 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for z: same seed, same images (default: %(default)s)")
     p.add_argument("--out", default="samples.png", help="PNG to write (default: %(default)s)")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("report", help="the one-page report of a run (samples, losses, scores beside floors, the "
+                                      "registry's decision, lineage), rebuilt from its MLflow artifacts")
+    p.add_argument("run_id", nargs="?", default=None, help="MLflow run id (default: the run models/run.json names)")
+    p.add_argument("--out", default=None, help="HTML file to write (default: run-<first 8 of the id>.html)")
+    p.add_argument("--run-file", default="models/run.json", help="run file naming the default run (default: %(default)s)")
+    p.add_argument("--params", default="params.yaml",
+                   help="params file whose tracking.uri holds the run, unless MLFLOW_TRACKING_URI is set or the run "
+                        "file names its store (default: %(default)s)")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("doctor", help="check this machine's set-up: pinned versions, offline settings, CPU, CUDA, "
+                                      "the MLflow store, DVC, disk; exit code 1 when something is wrong")
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.set_defaults(func=_doctor)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -123,3 +123,10 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def params_sha256(params: dict[str, Any]) -> str:
+    """A stable hash of a training's params (run.json ``params``): same params, same hash. The
+    training's run is tagged with it (and named with its first characters); the registry tags each
+    version with it."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()

@@ -24,8 +24,6 @@ The rule (README, "Model registry and serving"):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -33,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 from aigc.config import RegisterConfig
+from aigc.io import params_sha256
 
 Direction = Literal["lower", "higher", "closer"]
 
@@ -233,6 +232,4 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, cfg: Regi
                                       f"({word} is better)", **common)
 
 
-def params_hash(params: dict[str, Any]) -> str:
-    """A stable hash of a training's params (run.json ``params``): same params, same hash."""
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+params_hash = params_sha256  # aigc/io.py: the train stage names and tags its run with the same hash

@@ -36,6 +36,9 @@ from aigc.errors import UserError  # noqa: E402
 
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 MAX_PARAM_LEN = 6000
+# The experiment holds model training: MLflow 3's UI then opens it on its runs, charts and
+# models ("Model training"), not on the GenAI traces view an experiment without a kind gets.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -77,7 +80,8 @@ def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
 def _create_experiment(client: MlflowClient, cfg: TrackingConfig, uri: str) -> str:
     """Create the experiment; if a teammate's pipeline created it a moment ago, use theirs."""
     try:
-        return client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, uri))
+        return client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, uri),
+                                        tags=EXPERIMENT_KIND)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := client.get_experiment_by_name(cfg.experiment)) is None:
             raise
@@ -121,6 +125,9 @@ class Run:
                 exp_id = _create_experiment(client, cfg, uri)
             else:
                 exp_id = exp.experiment_id
+                kind, value = next(iter(EXPERIMENT_KIND.items()))
+                if kind not in (exp.tags or {}):  # made by an older aigc, or by hand
+                    client.set_experiment_tag(exp_id, kind, value)
             run = client.create_run(exp_id, run_name=run_name, tags=tags)
         except MlflowException as exc:
             raise UserError(f"MLflow tracking store {uri} refused the run: {exc.message}") from None
@@ -180,6 +187,12 @@ class Run:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_table(self, columns: dict[str, list[Any]], artifact_file: str) -> None:
+        """A table artifact (column name -> values): MLflow's UI shows it as a table, and its
+        evaluation view compares it across runs."""
+        if self.active:
+            self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
@@ -344,3 +357,55 @@ class Registry:
                                                          registry_uri=self.uri))
         flavor = Model.load(str(local)).flavors.get("python_function", {})
         return {key: local / spec["path"] for key, spec in (flavor.get("artifacts") or {}).items()}
+
+
+# --- Reading a finished run back (aigc report, aigc doctor) ------------------------------------------
+
+
+def check_store(uri: str) -> str:
+    """Whether the tracking store at ``uri`` answers: a few words on what it holds, or a UserError
+    with what to do. A SQLite file that does not exist yet is fine (the first run creates it) and is
+    not created here."""
+    _check_reachable(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return "no store file yet (the first run creates it)"
+    try:
+        experiments = MlflowClient(tracking_uri=uri).search_experiments(max_results=1000)
+    except MlflowException as exc:
+        raise UserError(f"MLflow tracking store {uri} does not answer: {exc.message}") from None
+    return f"{len(experiments)} experiment(s)"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What MLflow holds about one run, as plain data (no MLflow types outside this module)."""
+
+    run_id: str
+    run_name: str
+    experiment: str
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    artifacts: Path  # the run's downloaded artifact folders (reports/, evaluation/, report/, ...)
+
+
+def fetch_run(uri: str, run_id: str, dst: str | Path, folders: Iterable[str]) -> RunRecord:
+    """Run ``run_id`` of the store at ``uri``: its params, tags and latest metrics, and the artifact
+    ``folders`` it has, downloaded under ``dst``. A UserError names a run id the store does not know."""
+    _check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise UserError(f"no MLflow run {run_id!r} in {uri} ({exc.error_code}); list the runs with "
+                        f"`make ui` or pass another id") from None
+    dst = Path(dst)
+    have = {a.path for a in client.list_artifacts(run_id)}
+    for folder in folders:
+        if folder in have:
+            client.download_artifacts(run_id, folder, str(dst))
+    exp = client.get_experiment(run.info.experiment_id)
+    return RunRecord(run_id=run.info.run_id, run_name=run.info.run_name or "", experiment=exp.name,
+                     status=run.info.status, params=dict(run.data.params), tags=dict(run.data.tags),
+                     metrics=dict(run.data.metrics), artifacts=dst)

@@ -3,7 +3,7 @@ training's MLflow run.
 
     python -m pipeline.evaluate --generator models/generator.pt --evaluator models/evaluator.pt \
         --processed data/processed --run models/run.json --cache-dir .cache/eval \
-        --metrics reports/metrics.json --summary reports/eval/evaluation.json \
+        --metrics reports/metrics.json --scores reports/scores.json --summary reports/eval/evaluation.json \
         --samples reports/eval/samples.png --nearest reports/eval/nearest.png \
         --classes reports/eval/classes.png --labels reports/eval/labels.png
 
@@ -40,8 +40,37 @@ from aigc.runtime import resolve_device
 from aigc.tracking import Run
 from pipeline._stage import main, read_stage_json
 
-# Scores whose gap to the floor is the story (logged as eval/<key>_gap; fid also as eval/fid_ratio).
-GAPS = ("fid", "kid", "precision", "recall", "density", "coverage")
+# The scores a person compares: each in reports/scores.json (the DVC metric) with its spread and
+# floor, and one MLflow chart each (eval/<key>); the rest of reports/metrics.json (ceilings, the
+# floors' spreads, per-class figures, the protocol's sizes, lineage) is detail.
+HEADLINE = ("fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score",
+            "copy_share", "label_accuracy")
+
+
+def headline(scores: dict[str, Any]) -> dict[str, float]:
+    """Each headline score, its standard error and its floor, in that order (``dvc exp show``'s columns)."""
+    out = {}
+    for key in HEADLINE:
+        for name in (key, f"{key}_se", f"{key}_floor"):
+            if isinstance(scores.get(name), (int, float)):
+                out[name] = round(float(scores[name]), 6)
+    return out
+
+
+def describe(scores: dict[str, Any], key: str) -> str:
+    """One score as a person reads it beside another run's: 'value ± se · floor f ± se · ceiling c'."""
+    def g(name: str) -> str | None:
+        v = scores.get(name)
+        return f"{v:.4g}" if isinstance(v, (int, float)) else None
+
+    text = g(key) or "—"
+    if g(f"{key}_se"):
+        text += f" ± {g(f'{key}_se')}"
+    if g(f"{key}_floor"):
+        text += f" · floor {g(f'{key}_floor')}" + (f" ± {g(f'{key}_floor_se')}" if g(f"{key}_floor_se") else "")
+    if g(f"{key}_ceiling"):
+        text += f" · ceiling {g(f'{key}_ceiling')}"
+    return text
 
 
 def settings_sha256(cfg: EvaluateConfig) -> str:
@@ -119,8 +148,10 @@ class Scorer:
 
 def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str, evaluator: str, processed: str,
              run: str, cache_dir: str, metrics: str, summary: str, samples: str, nearest: str,
-             classes: str, labels: str) -> dict[str, Any]:
-    """Score GENERATOR's samples against PROCESSED with EVALUATOR's features; log them to the training's run."""
+             classes: str, labels: str, scores: str | None = None) -> dict[str, Any]:
+    """Score GENERATOR's samples against PROCESSED with EVALUATOR's features; log them to the training's run.
+    METRICS holds every figure; SCORES (the DVC metric) the headline scores with their spreads and floors."""
+    scores_path = scores
     cfg = evaluate
     t_start = time.perf_counter()
     tracker = Run.attach(read_stage_json(run, "run file", "train"), tracking)  # first: a dead server costs no work
@@ -157,6 +188,8 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
     report: dict[str, Any] = {k: round(v, 6) for k, v in scores.items()} | {"classes": num_classes} | sizes | {
         "seconds": round(seconds, 1), "lineage": lineage}
     write_json(metrics, report)
+    if scores_path:
+        write_json(scores_path, headline(scores))
     write_json(summary, {
         "protocol": (f"each score is the mean over {sizes['sets']} disjoint sets of {ref.sample_size} generated "
                      f"images, set i compared with reference subset i mod {len(ref.subsets)} ({len(ref.subsets)} "
@@ -174,20 +207,29 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
                     **{k: round(v, 2) for k, v in secs.items()}, "pictures": round(t_pictures, 2)},
     })
 
-    logged = {f"eval/{k}": float(v) for k, v in report.items() if isinstance(v, (int, float))}
-    for key in GAPS:
-        logged[f"eval/{key}_gap"] = scores[key] - scores[f"{key}_floor"]
+    # MLflow: one chart per headline score (the eval/ group of the run page) and the registry's
+    # default criterion, fid's gap to its floor; spreads, floors and ceilings are not charts but tags
+    # (score.<key> = "value ± se · floor f ± se · ceiling c", side by side in the Compare view) and
+    # one table artifact (evaluation/scores_table.json).
+    logged = {f"eval/{k}": float(scores[k]) for k in HEADLINE if k in scores}
+    logged["eval/fid_gap"] = scores["fid"] - scores["fid_floor"]
     if scores["fid_floor"] > 0:
         logged["eval/fid_ratio"] = scores["fid"] / scores["fid_floor"]
     tracker.log_metrics(logged)
+    shown = [k for k in HEADLINE if k in scores]
+    tracker.log_table({"score": shown, **{col: [scores.get(f"{k}{suffix}") for k in shown] for col, suffix in
+                                         (("value", ""), ("se", "_se"), ("floor", "_floor"),
+                                          ("floor_se", "_floor_se"), ("ceiling", "_ceiling"))}},
+                      "evaluation/scores_table.json")
     # The protocol as tags (tags may change when a run is evaluated again; params may not): the
     # Compare view shows at a glance whether two runs' scores are comparable.
-    tracker.set_tags({"aigc.evaluator_weights_sha256": lineage["evaluator_weights_sha256"]}
+    tracker.set_tags({f"score.{k}": describe(scores, k) for k in shown}
+                     | {"aigc.evaluator_weights_sha256": lineage["evaluator_weights_sha256"]}
                      | {f"eval.{k}": v for k, v in sizes.items()}
                      | {"eval.features": cfg.features, "eval.evaluator_sha256": lineage["evaluator_weights_sha256"],
                         "eval.data_sha256": lineage["data_sha256"], "eval.settings_sha256": lineage["settings_sha256"],
                         "eval.seed": cfg.seed})
-    for path in (metrics, summary, samples, nearest, classes, labels):
+    for path in (metrics, summary, samples, nearest, classes, labels, *([scores_path] if scores_path else [])):
         tracker.log_artifact(path, "evaluation")
     if tracker.active:
         print(f"logged to MLflow run {tracker.run_id} in {tracker.uri}")
@@ -201,4 +243,4 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
 if __name__ == "__main__":
     main(evaluate, sections=("evaluate", "tracking"),
          paths=("generator", "evaluator", "processed", "run", "cache_dir", "metrics", "summary", "samples",
-                "nearest", "classes", "labels"))
+                "nearest", "classes", "labels", "scores"))

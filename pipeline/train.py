@@ -20,7 +20,7 @@ from aigc import distributed
 from aigc.config import ModelConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
 from aigc.data.preprocess import DATASET_JSON, dataset_sha256, load_info, load_split
 from aigc.images import save_png
-from aigc.io import atomic_path, save_torch, file_sha256, write_json
+from aigc.io import atomic_path, params_sha256, save_torch, file_sha256, write_json
 from aigc.models import generator_payload, net_config
 from aigc.tracking import Run, git_commit
 from aigc.training import EpochEnd, StepWindow, checkpoint_payload, train_gan
@@ -32,7 +32,10 @@ class Recorder:
     """Collects the per-step scalars for the DVC plot file and forwards them to MLflow in batches.
 
     It takes whatever names the loop and the losses reported (aigc/stats.py): a new penalty or
-    statistic appears in losses.csv and MLflow without a change here.
+    statistic appears in losses.csv and MLflow without a change here. In MLflow they are grouped
+    as ``Train/<name>`` and the throughput as ``perf/images_per_s``. The capital T is deliberate:
+    MLflow 3.17's run page orders its chart sections by plain string order, where "Train" comes
+    before "eval" and "perf", so the loss curves are the first thing the Model metrics tab shows.
     """
 
     def __init__(self, run: Run) -> None:
@@ -47,8 +50,8 @@ class Recorder:
         for step, row in zip(w.steps, w.rows):
             self.rows.append({"step": step, "epoch": w.epoch, **row})
             self.keys.update(dict.fromkeys(row))
-        metrics = [(k, v, step) for step, row in zip(w.steps, w.rows) for k, v in row.items()]
-        metrics.append(("images_per_s", w.images_per_s, w.steps[-1]))
+        metrics = [(f"Train/{k}", v, step) for step, row in zip(w.steps, w.rows) for k, v in row.items()]
+        metrics.append(("perf/images_per_s", w.images_per_s, w.steps[-1]))
         self.run.log_metric_rows(metrics)
         self.tracking_seconds += time.perf_counter() - t
 
@@ -66,6 +69,22 @@ class Recorder:
             writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows)
 
 
+# The final values reports/train/metrics.json (a DVC metric: `dvc exp show` columns) carries; the
+# loop's other statistics (D's outputs, the EMA's beta) stay in losses.csv, run.json and MLflow.
+FINAL_LOSSES = ("d_loss", "g_loss", "loss", "neg_elbo")
+
+
+def run_name(kind: str, model: ModelConfig, train: TrainConfig, vae: VAEConfig, params_hash: str) -> str:
+    """What tells this run from its neighbours in the MLflow run list: the family, its loss (GANs:
+    train.loss; VAE: the likelihood), the augmentation, and the first characters of the params hash
+    (equal names, equal params)."""
+    if model.family == "vae":
+        parts = [kind, vae.likelihood, f"beta{vae.beta:g}"]
+    else:
+        parts = [kind, train.loss, "+".join(train.augment) if train.augment else "noaug"]
+    return "-".join([*parts, params_hash[:7]])
+
+
 def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingConfig, processed: str,
           generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str,
           vae: VAEConfig = VAEConfig()) -> dict[str, Any]:
@@ -81,13 +100,15 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     if model.family == "vae":
         params |= flatten(vae, "vae.")
     kind = f"{'c' if net.conditional else ''}{model.family}"  # dcgan, cdcgan, vae, cvae
+    params_hash = params_sha256(params)
     tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family,
-            "aigc.conditional": str(net.conditional).lower()}
+            "aigc.conditional": str(net.conditional).lower(), "aigc.params_sha256": params_hash}
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    name = run_name(kind, model, train, vae, params_hash)
     ddp = distributed.from_env()  # under torchrun only rank 0 tracks and writes (aigc/distributed.py)
     tracker = (Run.disabled() if not ddp.is_main else
-               Run.start(tracking, run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags))
+               Run.start(tracking, run_name=name, params=params, tags=tags))
     if tracker.active:
         print(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracking.experiment!r})")
     rec = Recorder(tracker)
@@ -122,21 +143,28 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
             "channels_last": getattr(result, "channels_last", False),
             **{f"final_{k}": round(v, 4) for k, v in result.last.items()},
         }
-        write_json(metrics, summary)
+        headline = {k: summary[k] for k in ("images_per_s", "seconds", "epochs")} | {
+            f"final_{k}": summary[f"final_{k}"] for k in FINAL_LOSSES if f"final_{k}" in summary} | {
+            k: summary[k] for k in ("epsilon", "delta") if k in summary}  # differential privacy's guarantee
+        write_json(metrics, headline)
         write_json(run, tracker.info() | {"git_commit": commit, "dataset_sha256": dataset_sha, "params": params,
-                                          "net": net.to_dict(), "device": result.device})
+                                          "params_sha256": params_hash, "run_name": name, "net": net.to_dict(),
+                                          "device": result.device, "training": summary})
 
         t = time.perf_counter()
         found = getattr(result, "probe", None)  # train.channels_last / threads = auto: what the probe measured
         if found is not None:
             tracker.set_tags({"aigc.speed_probe": found.describe()[:5000]})
-            tracker.log_metrics({f"probe/{k.replace('/', '_')}_img_s": v for k, v in found.speeds.items()})
-        tracker.log_metrics({k: float(v) for k, v in summary.items() if k != "tracking_seconds"}, step=result.steps)
+            tracker.log_metrics({f"perf/probe_{k.replace('/', '_')}_img_s": v for k, v in found.speeds.items()})
+        tracker.log_metrics({"perf/images_per_s": summary["images_per_s"], "perf/train_seconds": summary["seconds"]},
+                            step=result.steps)
+        tracker.set_tags({"aigc.epochs": summary["epochs"], "aigc.steps": summary["steps"],
+                          "aigc.channels_last": str(summary["channels_last"]).lower(), "aigc.threads": summary["threads"]})
         tracker.log_artifact(generator, "model")
         tracker.log_artifact(checkpoint, "checkpoint")
         for path in (losses, samples, metrics, Path(processed) / DATASET_JSON):
             tracker.log_artifact(path, "reports")
-        tracker.log_metrics({"tracking_seconds": rec.tracking_seconds + time.perf_counter() - t})
+        tracker.log_metrics({"perf/tracking_seconds": rec.tracking_seconds + time.perf_counter() - t})
         ok = True
     finally:
         tracker.end(ok)

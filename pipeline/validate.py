@@ -1,11 +1,13 @@
 """validate: raw folder -> the data-quality and privacy gate -> a scrubbed copy, a summary and a report.
 
     python -m pipeline.validate --raw data/raw --out data/validated \
-        --summary reports/data_quality/summary.json --report reports/data_quality/report.html
+        --summary reports/data_quality/summary.json --report reports/data_quality/report.html \
+        --metrics reports/data_quality/metrics.json
 
 Personal data in the metadata is scrubbed (privacy:) before anything is written; then the
-great-expectations suite (validate:) runs on a per-record summary. The summary (DVC metrics)
-and the HTML report are written either way, and logged to an MLflow run of this stage; OUT is
+great-expectations suite (validate:) runs on a per-record summary. The summary (every
+expectation's observed value, bound and offenders), its headline (the verdict and counts: the DVC
+metric that ``dvc exp show`` lists) and the HTML report are written either way, and logged to an MLflow run of this stage; OUT is
 written only when no critical expectation failed. A failure stops ``dvc repro`` with one line
 naming the expectation, the observed value, the bound and the first offending record ids.
 """
@@ -30,10 +32,19 @@ from aigc.tracking import Run, git_commit
 from pipeline._stage import main
 
 
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The gate's verdict and counts: the few numbers ``dvc exp show`` lists for it (the detail stays
+    in the summary)."""
+    c = summary["counts"]
+    # (no failure count: a gate that failed stopped the pipeline, so an experiment always has 0)
+    return {"dq_passed": summary["passed"], "dq_records": c["records"], "dq_warnings": c["warnings"]}
+
+
 def validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyConfig, tracking: TrackingConfig,
-             raw: str, out: str, summary: str, report: str) -> dict[str, Any]:
+             raw: str, out: str, summary: str, report: str, metrics: str | None = None) -> dict[str, Any]:
     """Scrub personal data from RAW and check it against the data-quality expectations; write the scrubbed
-    records to OUT only if it passes. SUMMARY (JSON) and REPORT (HTML) say what passed, either way."""
+    records to OUT only if it passes. SUMMARY (JSON), its headline METRICS (JSON) and REPORT (HTML) say
+    what passed, either way."""
     salt = salt_from_env(privacy)  # a missing salt fails before any work
     ds = load_raw(raw)
     params = flatten(validate, "validate.") | flatten(privacy, "privacy.") | {"data.blank_std": data.blank_std}
@@ -47,6 +58,8 @@ def validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyConfig,
         result = run_gate(ds, validate, privacy, data.blank_std, salt)
         seconds = time.perf_counter() - t
         write_json(summary, result.summary)
+        if metrics:
+            write_json(metrics, headline(result.summary))
         with atomic_path(report) as tmp:
             page = render_html(result, min_class_share=validate.min_class_share, max_examples=validate.examples,
                                source=raw, gx_version=version("great-expectations"))
@@ -57,9 +70,10 @@ def validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyConfig,
             print(f"privacy: column {p.column!r} ({', '.join(p.kinds)}; {p.records} records): {p.action}")
         for o in result.warnings:
             print(f"warning: {o.check.key}: {o.check.what} = {o.observed}, bound {o.check.bound}")
-        tracker.log_metrics({"dq_passed": float(result.passed), "dq_seconds": seconds}
-                            | {f"dq_{k}": v for k, v in counts.items()}
-                            | {f"dq.{o.check.key}": float(o.observed) for o in result.outcomes
+        # One chart group in the MLflow UI: dq/passed, dq/<count>, dq/<expectation>_observed.
+        tracker.log_metrics({"dq/passed": float(result.passed), "dq/seconds": seconds}
+                            | {f"dq/{k}": v for k, v in counts.items()}
+                            | {f"dq/{o.check.key}_observed": float(o.observed) for o in result.outcomes
                                if o.check.column is None and isinstance(o.observed, (int, float))})
         tracker.set_tags({"aigc.dq_passed": str(result.passed).lower()})
         tracker.log_artifact(summary, "data_quality")
@@ -79,4 +93,5 @@ def validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyConfig,
 
 
 if __name__ == "__main__":
-    main(validate, sections=("data", "validate", "privacy", "tracking"), paths=("raw", "out", "summary", "report"))
+    main(validate, sections=("data", "validate", "privacy", "tracking"),
+         paths=("raw", "out", "summary", "report", "metrics"))

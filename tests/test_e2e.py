@@ -4,6 +4,8 @@ source that stops the pipeline without touching what was there."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import sys
@@ -48,7 +50,7 @@ def test_repro_produces_every_output_and_an_mlflow_run(project: Path):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run_id, "g_loss")) == 1617 // 64
+    assert len(client.get_metric_history(run_id, "Train/g_loss")) == 1617 // 64
     assert any(a.path == "images" for a in client.list_artifacts(run_id))
     assert (project / "mlartifacts").is_dir() and not (project / "mlruns").exists()
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
@@ -75,6 +77,44 @@ def test_experiment_with_a_changed_param_is_listed(project: Path):
     shown = json.loads(sh(["dvc", "exp", "show", "--json"], project).stdout)
     names = [exp.get("name") for base in shown for exp in (base.get("experiments") or [])]
     assert "bs32" in names, shown
+
+
+def test_dvc_exp_show_has_the_scores_and_params_in_its_first_columns(project: Path):
+    """The table a DVC user lives in: Experiment, Created, then the headline metrics (the data gate's
+    verdict and counts, the training's throughput and final losses, every score with its spread and
+    floor), then the params -- not 100 columns of data-quality detail first."""
+    header = next(csv.reader(io.StringIO(sh(["dvc", "exp", "show", "--csv"], project).stdout)))
+    table = [c for c in header if c not in ("rev", "typ", "parent")]  # --csv's extra columns; not in the table
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], project).stdout)
+    data = shown[0]["revs"][0]["data"] if "revs" in shown[0] else shown[0]["data"]
+    metric_files = {f: set(v["data"]) for f, v in data["metrics"].items()}
+    assert set(metric_files) == {"reports/data_quality/metrics.json", "reports/train/metrics.json",
+                                 "reports/scores.json"}, metric_files
+    n_metrics = sum(map(len, metric_files.values()))
+    first_param = min(table.index(p) for f in data["params"].values() for p in f["data"]) + 1  # 1-based column
+    print(f"dvc exp show: {len(table)} columns, {n_metrics} metric columns, fid at column {table.index('fid') + 1}, "
+          f"first param at column {first_param}")
+    assert table[:2] == ["Experiment", "Created"] and n_metrics <= 41
+    assert first_param == 2 + n_metrics + 1 <= 44
+    scores = ["fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score",
+              "copy_share"]
+    assert {f"{s}{x}" for s in scores for x in ("", "_se", "_floor")} <= set(table[:first_param])
+
+    # `dvc metrics diff` against the last commit: one row per changed headline number, nothing else
+    diff = json.loads(sh(["dvc", "metrics", "diff", "--json", "HEAD"], project).stdout)
+    rows = [k for f in diff.values() for k in f]
+    assert len(rows) <= n_metrics and set(diff) <= set(metric_files), diff
+
+
+def test_the_run_report_is_written_and_logged(project: Path):
+    page = (project / "reports/run.html").read_text()
+    run_id = json.loads((project / "models/run.json").read_text())["run_id"]
+    assert run_id in page and "Evaluation: every score beside its spread and floor" in page
+    assert "<svg" in page and "Registry decision" in page and "<script" not in page
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert {a.path for a in client.list_artifacts(run_id, "report")} == {
+        "report/run.html", "report/registry.json", "report/run.json"}
+    assert client.get_run(run_id).info.run_name.startswith("dcgan-hinge-noaug-")
 
 
 def test_bad_source_stops_the_pipeline_and_keeps_the_outputs(project: Path):
@@ -105,7 +145,9 @@ def test_evaluation_lists_every_score_beside_its_floor(project: Path):
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], project).stdout)
     listed = {k for ws in shown.values() for f in ws["data"].values() for k in f.get("data", {})}
     assert {*scores, *(f"{s}_floor" for s in scores), *(f"{s}_se" for s in scores)} <= listed, listed
-    assert {"coverage_ceiling", "density_ceiling", "fid_ceiling"} <= listed, listed
+    # ceilings, the floors' spreads, the protocol and lineage are detail: in reports/metrics.json, not metrics
+    assert not {"coverage_ceiling", "fid_floor_se", "num_samples", "lineage.data_sha256"} & listed, listed
+    assert {"fid_ceiling", "fid_floor_se", "num_samples", "lineage"} <= set(metrics)
     run_id = json.loads((project / "models/run.json").read_text())["run_id"]
     run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
     assert run.data.metrics["eval/fid"] == pytest.approx(metrics["fid"])
@@ -120,7 +162,9 @@ def test_the_data_quality_gate_passed_and_its_report_is_a_dvc_metric(project: Pa
                                                                               "metadata.csv"]
     shown = json.loads(sh(["dvc", "metrics", "show", "--json"], project).stdout)
     files = {f for ws in shown.values() for f in ws["data"]}
-    assert "reports/data_quality/summary.json" in files, files
+    assert "reports/data_quality/metrics.json" in files and "reports/data_quality/summary.json" not in files, files
+    headline = json.loads((project / "reports/data_quality/metrics.json").read_text())
+    assert headline == {"dq_passed": True, "dq_records": 1797, "dq_warnings": 0}
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("aigc").experiment_id],
                               filter_string="tags.`aigc.stage` = 'validate'")

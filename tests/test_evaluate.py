@@ -60,7 +60,7 @@ def stage_paths(root: Path, out: Path) -> dict[str, str]:
              "run": root / "run.json", "cache_dir": root / "cache", "metrics": out / "metrics.json",
              "summary": out / "eval/evaluation.json", "samples": out / "eval/samples.png",
              "nearest": out / "eval/nearest.png", "classes": out / "eval/classes.png",
-             "labels": out / "eval/labels.png"}
+             "labels": out / "eval/labels.png", "scores": out / "scores.json"}
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -93,8 +93,20 @@ def test_evaluate_stage_writes_every_score_and_logs_to_the_training_run(project:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["eval/fid"] == pytest.approx(saved["fid"])
-    assert run.data.metrics["eval/dcr_score_floor"] == pytest.approx(saved["dcr_score_floor"])
-    assert run.data.metrics["eval/fid_se"] == pytest.approx(saved["fid_se"])
+    # one chart per score (the eval/ group), the registry's criterion beside them; no floor or spread charts
+    headline_scores = (*EVERY_SCORE, "copy_share")  # pipeline/evaluate.py's HEADLINE of an unconditional G
+    assert set(run.data.metrics) == {f"eval/{k}" for k in headline_scores} | {"eval/fid_gap", "eval/fid_ratio"}
+    # the headline DVC metric: each score, its spread, its floor -- nothing else
+    headline = json.loads(Path(paths["scores"]).read_text())
+    assert list(headline)[:3] == ["fid", "fid_se", "fid_floor"]
+    assert set(headline) == {f"{k}{s}" for k in headline_scores for s in ("", "_se", "_floor")}
+    assert all(headline[k] == pytest.approx(saved[k]) for k in headline)
+    # floors and spreads where the Compare view shows them beside the score: a tag per score, and a table
+    assert run.data.tags["score.fid"] == (f"{saved['fid']:.4g} ± {saved['fid_se']:.4g} · floor "
+                                          f"{saved['fid_floor']:.4g} ± {saved['fid_floor_se']:.4g} · ceiling 0")
+    table = json.loads(Path(client.download_artifacts(run_id, "evaluation/scores_table.json", str(tmp_path))).read_text())
+    assert table["columns"] == ["score", "value", "se", "floor", "floor_se", "ceiling"]
+    assert [row[0] for row in table["data"]] == list(headline_scores)
     assert run.data.metrics["eval/fid_gap"] == pytest.approx(saved["fid"] - saved["fid_floor"], rel=1e-5)
     assert run.data.metrics["eval/fid_ratio"] == pytest.approx(saved["fid"] / saved["fid_floor"], rel=1e-5)
     tags = run.data.tags  # the protocol, so the Compare view shows whether two runs are comparable
@@ -102,7 +114,8 @@ def test_evaluate_stage_writes_every_score_and_logs_to_the_training_run(project:
     assert tags["eval.data_sha256"] == lineage["data_sha256"] and tags["eval.features"] == "classifier"
     assert (tags["eval.sample_size"], tags["eval.reference_size"], tags["eval.sets"]) == ("180", "180", "2")
     logged = {a.path for a in client.list_artifacts(run_id, "evaluation")}
-    assert {"evaluation/metrics.json", "evaluation/nearest.png", "evaluation/classes.png"} <= logged
+    assert {"evaluation/metrics.json", "evaluation/scores.json", "evaluation/nearest.png",
+            "evaluation/classes.png"} <= logged
 
     # Again: the real statistics come from the cache, and the same params give the same scores.
     again = evaluate(cfg, tracking, **stage_paths(project, tmp_path / "again"))

@@ -46,7 +46,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dic
         for exp in [base, *(base.get("experiments") or [])]:
             for rev in exp.get("revs") or []:
                 data = rev.get("data") or {}
-                metrics = data.get("metrics", {}).get("reports/metrics.json", {}).get("data", {})
+                metrics = data.get("metrics", {}).get("reports/scores.json", {}).get("data", {})
                 exps[rev.get("name") or data.get("rev")] = {"metrics": metrics, "params": data.get("params", {})}
     return root, exps
 
@@ -69,7 +69,7 @@ def test_each_family_trained_evaluated_and_registered_in_one_store(sweep):
     kinds = {(r.data.tags["aigc.family"], r.data.tags["aigc.conditional"]) for r in runs}
     assert {("dcgan", "false"), ("dcgan", "true"), ("vae", "false")} <= kinds, kinds
     vae = next(r for r in runs if r.data.tags["aigc.family"] == "vae")
-    assert {"recon", "kl", "neg_elbo", "eval/fid", "eval/fid_floor"} <= set(vae.data.metrics), vae.data.metrics
+    assert {"Train/recon", "Train/kl", "Train/neg_elbo", "eval/fid"} <= set(vae.data.metrics), vae.data.metrics
     assert vae.data.params["vae.likelihood"] == "bernoulli"
     versions = client.search_model_versions("name = 'aigc-generator'")
     assert {v.tags.get("aigc.family") for v in versions} >= {"dcgan", "vae"}

@@ -15,6 +15,7 @@ from aigc.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
 from aigc.data.preprocess import preprocess, save_processed
 from aigc.data.sources import load_source
 from aigc.errors import UserError
+from aigc.io import params_sha256
 from aigc.models import load_generator
 from aigc.tracking import Run
 from pipeline.train import train
@@ -88,8 +89,18 @@ def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, pro
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "1" and run.data.params["model.family"] == "dcgan"
     assert len(run.data.tags["aigc.dataset_sha256"]) == 64
-    for key in ("d_loss", "g_loss", "d_real", "d_fake"):
-        assert len(client.get_metric_history(run.info.run_id, key)) == summary["steps"]
+    for key in ("d_loss", "g_loss", "d_real", "d_fake"):  # grouped: the run page's first chart section
+        assert len(client.get_metric_history(run.info.run_id, f"Train/{key}")) == summary["steps"]
+    assert {k.split("/")[0] for k in run.data.metrics} == {"Train", "perf"}
+    # the name says what differs: family, loss, augmentation, the params hash's first characters
+    assert run.info.run_name == f"dcgan-bce-noaug-{run_info['params_sha256'][:7]}"
+    assert run.data.tags["aigc.params_sha256"] == run_info["params_sha256"] == params_sha256(run_info["params"])
+    # the experiment opens in the MLflow UI's model-training view
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # the DVC metric holds the headline only; the rest of the training's figures are in run.json
+    assert set(json.loads(Path(out["metrics"]).read_text())) == {"images_per_s", "seconds", "epochs", "final_d_loss",
+                                                                 "final_g_loss"}
+    assert run_info["training"]["steps"] == summary["steps"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "checkpoint", "reports", "images"} <= artifacts
     losses = Path(out["losses"]).read_text().splitlines()

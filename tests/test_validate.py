@@ -341,7 +341,7 @@ def test_digits_pass_with_the_default_bounds(stage: Stage, store: str):
     [run] = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name.startswith("validate-")
     assert run.data.tags["aigc.stage"] == "validate" and run.data.tags["aigc.dq_passed"] == "true"
-    assert run.data.metrics["dq_passed"] == 1.0 and run.data.params["validate.max_duplicate_share"] == "0.05"
+    assert run.data.metrics["dq/passed"] == 1.0 and run.data.params["validate.max_duplicate_share"] == "0.05"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "data_quality")} == {
         "data_quality/summary.json", "data_quality/report.html"}
 
