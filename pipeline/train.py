@@ -4,12 +4,26 @@
         --checkpoint models/checkpoint.pt --run models/run.json \
         --metrics reports/train/metrics.json --losses reports/train/losses.csv \
         --samples reports/train/samples.png
+
+Resume: the checkpoint (a ``persist: true`` output in dvc.yaml, so DVC leaves it in place when it
+reruns the stage) is written before the first epoch, every ``train.checkpoint_every`` epochs and
+at the end. It carries a fingerprint of what the result depends on -- the params the stage depends
+on, the data's hash and the code of every project module the stage loaded -- and the MLflow run.
+A stage that finds a checkpoint with the same fingerprint goes on from it, in the same MLflow run;
+one with another fingerprint starts fresh, says why, and marks the old run KILLED if it was left
+RUNNING. A finished checkpoint with the same fingerprint means nothing is left to train: the stage
+rewrites its outputs and uploads what the tracking server missed.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import os
+import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,41 +34,75 @@ from aigc import distributed
 from aigc.config import ModelConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
 from aigc.data.preprocess import DATASET_JSON, dataset_sha256, load_info, load_split
 from aigc.images import save_png
-from aigc.io import atomic_path, save_torch, file_sha256, write_json
+from aigc.io import atomic_path, file_sha256, save_torch, write_json
 from aigc.models import generator_payload, net_config
-from aigc.tracking import Run, git_commit
-from aigc.training import EpochEnd, StepWindow, checkpoint_payload, train_gan
+from aigc.tracking import Run, TrackingUnavailable, git_commit
+from aigc.training import CHECKPOINT_FORMAT, EpochEnd, StepWindow, checkpoint_payload, train_gan
 from aigc.vae import train_vae, vae_checkpoint_payload
 from pipeline._stage import main
+
+# Knobs that change how fast or how often, not what is trained: a resume across a change of them
+# gives the same networks (threads and the memory format change the last bits of float sums).
+RESUME_NEUTRAL = {"threads", "compile", "channels_last", "log_every", "checkpoint_every"}
 
 
 class Recorder:
     """Collects the per-step scalars for the DVC plot file and forwards them to MLflow in batches.
 
     It takes whatever names the loop and the losses reported (aigc/stats.py): a new penalty or
-    statistic appears in losses.csv and MLflow without a change here.
+    statistic appears in losses.csv and MLflow without a change here. Its state (every row, the
+    throughput per window, each epoch's grid) goes into the checkpoint, so a resumed run writes
+    the whole curve and can send MLflow whatever it missed.
     """
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, state: dict[str, Any] | None = None) -> None:
         self.run = run
         self.rows: list[dict[str, float]] = []
         self.keys: dict[str, None] = {}  # every reported name, in order of first appearance
-        self.grid: np.ndarray | None = None
+        self.speed: list[tuple[int, float]] = []  # (last step of a window, images per second)
+        self.grids: dict[int, np.ndarray] = {}  # epoch -> sample grid
         self.tracking_seconds = 0.0  # time spent in MLflow calls while training (the overhead)
+        # A test hook that only waits (seconds per window), so a test can stop the process at a chosen step.
+        self.pause = float(os.environ.get("AIGC_TEST_WINDOW_PAUSE", "0") or 0)
+        if state:
+            self.rows = [dict(r) for r in state["rows"]]
+            self.keys = dict.fromkeys(state["keys"])
+            self.speed = [(int(s), float(v)) for s, v in state["speed"]]
+            self.grids = {int(e): np.frombuffer(zlib.decompress(g["data"].numpy().tobytes()), np.uint8)
+                          .reshape(g["shape"]) for e, g in state["grids"].items()}
+
+    @property
+    def grid(self) -> np.ndarray | None:
+        return self.grids[max(self.grids)] if self.grids else None
+
+    def state(self) -> dict[str, Any]:
+        grids = {e: {"shape": list(g.shape), "data": torch.frombuffer(bytearray(zlib.compress(g.tobytes())), dtype=torch.uint8)}
+                 for e, g in self.grids.items()}
+        return {"rows": [dict(r) for r in self.rows], "keys": list(self.keys), "speed": list(self.speed), "grids": grids}
+
+    def resend(self) -> None:
+        """Send everything recorded so far; a re-opened run keeps only what MLflow lacks."""
+        metrics = [(k, v, r["step"]) for r in self.rows for k, v in r.items() if k not in ("step", "epoch")]
+        self.run.log_metric_rows(metrics + [("images_per_s", v, s) for s, v in self.speed])
+        for epoch, grid in sorted(self.grids.items()):
+            self.run.log_image(grid, key="samples", step=epoch)
 
     def on_steps(self, w: StepWindow) -> None:
         t = time.perf_counter()
         for step, row in zip(w.steps, w.rows):
             self.rows.append({"step": step, "epoch": w.epoch, **row})
             self.keys.update(dict.fromkeys(row))
+        self.speed.append((w.steps[-1], w.images_per_s))
         metrics = [(k, v, step) for step, row in zip(w.steps, w.rows) for k, v in row.items()]
         metrics.append(("images_per_s", w.images_per_s, w.steps[-1]))
         self.run.log_metric_rows(metrics)
         self.tracking_seconds += time.perf_counter() - t
+        if self.pause:
+            time.sleep(self.pause)
 
     def on_epoch(self, end: EpochEnd) -> None:
         t = time.perf_counter()
-        self.grid = end.grid
+        self.grids[end.epoch] = end.grid
         self.run.log_image(end.grid, key="samples", step=end.epoch)
         self.tracking_seconds += time.perf_counter() - t
 
@@ -66,11 +114,64 @@ class Recorder:
             writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows)
 
 
+def code_files() -> dict[str, str]:
+    """sha256 of every project module this process has loaded (aigc/, pipeline/): the code the
+    result depends on, as DVC's deps of the stage name it."""
+    root = Path(__file__).resolve().parents[1]
+    found = {}
+    for module in list(sys.modules.values()):
+        f = getattr(module, "__file__", None)
+        if not f or not f.endswith(".py"):
+            continue
+        path = Path(f).resolve()
+        if path.is_relative_to(root) and path.relative_to(root).parts[0] in ("aigc", "pipeline"):
+            found[path.relative_to(root).as_posix()] = file_sha256(path)
+    return dict(sorted(found.items()))
+
+
+def fingerprint(seed: int, model: ModelConfig, train_cfg: TrainConfig, vae: VAEConfig, dataset_sha: str) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed: params, data, code."""
+    parts = {"params": {"seed": seed} | flatten(model, "model.")
+             | {k: v for k, v in flatten(train_cfg, "train.").items() if k.removeprefix("train.") not in RESUME_NEUTRAL}
+             | (flatten(vae, "vae.") if model.family == "vae" else {}),
+             "dataset_sha256": dataset_sha, "code": code_files()}
+    parts["params"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in parts["params"].items()}
+    return {"sha256": hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest(), **parts}
+
+
+def why_not(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two fingerprints, in a few words."""
+    reasons = []
+    params = [f"{k} {old['params'].get(k)!r} -> {new['params'].get(k)!r}"
+              for k in sorted(set(old["params"]) | set(new["params"])) if old["params"].get(k) != new["params"].get(k)]
+    if params:
+        reasons.append("params changed (" + ", ".join(params[:3]) + (", ..." if len(params) > 3 else "") + ")")
+    if old["dataset_sha256"] != new["dataset_sha256"]:
+        reasons.append("the data changed")
+    code = sorted(k for k in set(old["code"]) | set(new["code"]) if old["code"].get(k) != new["code"].get(k))
+    if code:
+        reasons.append("the code changed (" + ", ".join(code[:3]) + (", ..." if len(code) > 3 else "") + ")")
+    return "; ".join(reasons) or "it differs"
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, Any] | None, str]:
+    """The checkpoint a previous run of the stage left, or None and why not."""
+    if not Path(path).exists():
+        return None, "no checkpoint"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file just means: start from the beginning
+        return None, f"{path} is unreadable ({type(exc).__name__})"
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "fingerprint" not in state:
+        return None, f"{path} is not a resumable checkpoint of this version"
+    return state, ""
+
+
 def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingConfig, processed: str,
           generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str,
           vae: VAEConfig = VAEConfig()) -> dict[str, Any]:
     """Train the model (GAN: G and D; vae: encoder and decoder) on PROCESSED's train split and
-    record the run in MLflow."""
+    record the run in MLflow; a killed run goes on from its checkpoint."""
     info = load_info(processed)
     split = load_split(processed, "train")
     net = net_config(model, info)  # a conditional model on unlabelled data stops here
@@ -86,30 +187,66 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     if commit:
         tags["mlflow.source.git.commit"] = commit
     ddp = distributed.from_env()  # under torchrun only rank 0 tracks and writes (aigc/distributed.py)
-    tracker = (Run.disabled() if not ddp.is_main else
-               Run.start(tracking, run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags))
+
+    # Resume when the last checkpoint is of this very run (same params, data and code).
+    fp = fingerprint(seed, model, train, vae, dataset_sha)
+    previous, unreadable = read_checkpoint(checkpoint)
+    resume = previous if previous is not None and previous["fingerprint"]["sha256"] == fp["sha256"] else None
+    if resume is not None:
+        left = "nothing left to train" if resume["complete"] else f"{train.epochs - resume['epoch']} epoch(s) to go"
+        print(f"resuming from {checkpoint}: epoch {resume['epoch']}/{train.epochs}, step {resume['step']} ({left})")
+    elif previous is not None:
+        print(f"starting fresh: {checkpoint} is of another run ({why_not(previous['fingerprint'], fp)})")
+    elif unreadable != "no checkpoint":
+        print(f"starting fresh: {unreadable}")
+
+    tracker = Run.disabled()
+    if ddp.is_main:
+        old_run = (previous or {}).get("run") or {}
+        if resume is not None and old_run.get("run_id"):
+            reopened = Run.reopen(old_run, tracking)
+            if reopened is not None:
+                tracker = reopened
+                tracker.set_tags({"aigc.resumed_from_epoch": resume["epoch"]})
+        if not tracker.active:
+            tracker = Run.start(tracking, run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
+            if old_run.get("run_id") and old_run["run_id"] != tracker.run_id:
+                if resume is None and Run.mark_killed(old_run, tracking):
+                    print(f"MLflow run {old_run['run_id']} of the interrupted training is marked KILLED")
+                tracker.set_tags({"aigc.previous_run": old_run["run_id"]})
+        tracker.buffer(tracking.retry_seconds)
     if tracker.active:
         print(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracking.experiment!r})")
-    rec = Recorder(tracker)
+    rec = Recorder(tracker, resume["recorder"] if resume is not None else None)
+    if resume is not None:
+        rec.resend()  # what the server missed before the kill (or during an outage)
+
+    def stage_state(state: dict[str, Any]) -> dict[str, Any]:
+        return state | {"fingerprint": fp, "run": tracker.info(), "recorder": rec.state()}
+
+    def save_checkpoint(state: dict[str, Any]) -> None:
+        save_torch(stage_state(state), checkpoint)
+        print(f"checkpoint: epoch {state['epoch']}/{train.epochs}, step {state['step']} -> {checkpoint}")
+
     ok = False
     try:
         images = torch.from_numpy(split["images"])
         if model.family == "vae":
             result = train_vae(train, vae, net, images, seed, on_steps=rec.on_steps, on_epoch=rec.on_epoch,
-                               labels=labels)
-            state, G_saved = vae_checkpoint_payload(result, train, vae, seed), result.G
+                               labels=labels, on_checkpoint=save_checkpoint, resume=resume)
+            state, G_saved = vae_checkpoint_payload(result), result.G
         else:
             result = train_gan(train, net, images, seed, on_steps=rec.on_steps, on_epoch=rec.on_epoch,
-                               labels=labels)
+                               labels=labels, on_checkpoint=save_checkpoint, resume=resume)
             # The EMA generator when train.ema_kimg > 0: what is sampled, evaluated, registered, served.
-            state, G_saved = checkpoint_payload(result, train, seed), result.generator
+            state, G_saved = checkpoint_payload(result), result.generator
         if not ddp.is_main:
             ok = True
             return {"rank": ddp.rank, "steps": result.steps}
 
         # save_torch: atomic, and a full disk is one clear error with the previous file kept.
         save_torch(generator_payload(G_saved, net), generator)
-        save_torch(state, checkpoint)
+        save_torch(stage_state(state), checkpoint)
         rec.write_losses(losses)
         save_png(rec.grid, samples)
         summary = {
@@ -139,7 +276,12 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
         tracker.log_metrics({"tracking_seconds": rec.tracking_seconds + time.perf_counter() - t})
         ok = True
     finally:
-        tracker.end(ok)
+        undelivered = tracker.end(ok)  # waits for the outbox (at most tracking.retry_seconds of outage)
+    if undelivered:
+        raise TrackingUnavailable(
+            f"{undelivered}. Training finished and every output is written; when the server is back, run "
+            f"`dvc repro` (or this command) again: the stage goes on from {checkpoint} with nothing left to "
+            "train and uploads the rest")
     print(f"trained {kind}: {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} img/s); final "
           + ", ".join(f"{k} {v:.3f}" for k, v in result.last.items()))
     return summary
