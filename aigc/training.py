@@ -321,13 +321,13 @@ def train_gan(
             for key, value in row.items():
                 if not math.isfinite(value):
                     raise TrainingDiverged(
-                        f"training diverged at step {s} (epoch {epoch}): {key} = {value}; nothing was saved. "
+                        f"training diverged at step {s} (epoch {epoch}): {key} = {value}; no model was saved. "
                         f"Lower train.lr_d / train.lr_g, or switch train.loss / add model.spectral_norm or train.r1_gamma")
             separated_run = separated_run + 1 if row.get("d_separated") == 1.0 else 0
             if cfg.guard_steps and separated_run >= cfg.guard_steps:
                 raise TrainingDiverged(
                     f"training stopped at step {s} (epoch {epoch}): D separated every real from every fake image for "
-                    f"{separated_run} consecutive steps (train.guard_steps), so G gets no useful signal; nothing was "
+                    f"{separated_run} consecutive steps (train.guard_steps), so G gets no useful signal; no model was "
                     "saved. Weaken D (model.spectral_norm, train.r1_gamma, train.augment, a lower train.lr_d)")
         steps_, rows = [s for s, _ in collected], [r for _, r in collected]
         now = time.perf_counter()

@@ -183,7 +183,7 @@ def train_vae(
         for s_, row in collected:
             for key, value in row.items():
                 if not math.isfinite(value):
-                    raise TrainingDiverged(f"training diverged at step {s_} (epoch {epoch}): {key} = {value}; nothing "
+                    raise TrainingDiverged(f"training diverged at step {s_} (epoch {epoch}): {key} = {value}; no model "
                                            "was saved. Lower vae.lr, or use vae.likelihood: bernoulli")
         steps_, rows = [s_ for s_, _ in collected], [r for _, r in collected]
         now = time.perf_counter()

@@ -8,7 +8,7 @@
 Resume: the checkpoint (a ``persist: true`` output in dvc.yaml, so DVC leaves it in place when it
 reruns the stage) is written before the first epoch, every ``train.checkpoint_every`` epochs and
 at the end. It carries a fingerprint of what the result depends on -- the params the stage depends
-on, the data's hash and the code of every project module the stage loaded -- and the MLflow run.
+on, the data's hash and the code of the project's modules -- and the MLflow run.
 A stage that finds a checkpoint with the same fingerprint goes on from it, in the same MLflow run;
 one with another fingerprint starts fresh, says why, and marks the old run KILLED if it was left
 RUNNING. A finished checkpoint with the same fingerprint means nothing is left to train: the stage
@@ -21,7 +21,6 @@ import csv
 import hashlib
 import json
 import os
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -115,18 +114,13 @@ class Recorder:
 
 
 def code_files() -> dict[str, str]:
-    """sha256 of every project module this process has loaded (aigc/, pipeline/): the code the
-    result depends on, as DVC's deps of the stage name it."""
+    """sha256 of every module of the project (aigc/, pipeline/): the code a result may depend on.
+    All of them, not only those this process imported, so the fingerprint does not depend on what
+    else happened to be loaded; a change anywhere in them means starting fresh (the message names
+    the files)."""
     root = Path(__file__).resolve().parents[1]
-    found = {}
-    for module in list(sys.modules.values()):
-        f = getattr(module, "__file__", None)
-        if not f or not f.endswith(".py"):
-            continue
-        path = Path(f).resolve()
-        if path.is_relative_to(root) and path.relative_to(root).parts[0] in ("aigc", "pipeline"):
-            found[path.relative_to(root).as_posix()] = file_sha256(path)
-    return dict(sorted(found.items()))
+    return {p.relative_to(root).as_posix(): file_sha256(p)
+            for package in ("aigc", "pipeline") for p in sorted((root / package).rglob("*.py"))}
 
 
 def fingerprint(seed: int, model: ModelConfig, train_cfg: TrainConfig, vae: VAEConfig, dataset_sha: str) -> dict[str, Any]:
