@@ -55,7 +55,7 @@ def assert_same_tensors(a, b, where: str = "") -> None:
 
 
 # Every source of randomness in a step: dropout, DiffAugment, lazy R1, EMA, conditional labels.
-GAN = TrainConfig(epochs=3, batch_size=16, log_every=2, grid_size=4, threads=1, ema_kimg=0.05,
+GAN = TrainConfig(epochs=3, batch_size=16, log_every=2, grid_size=4, threads=1, channels_last=False, ema_kimg=0.05,
                   augment=["translation", "cutout"], r1_gamma=0.1, r1_interval=2, checkpoint_every=1)
 
 
@@ -92,7 +92,7 @@ def test_resume_from_a_finished_checkpoint_trains_nothing():
 
 def test_vae_resumed_ends_bitwise_equal():
     net = NetConfig("vae", 8, 1, 8, 8)
-    cfg = TrainConfig(epochs=3, batch_size=16, log_every=2, grid_size=4, threads=1)
+    cfg = TrainConfig(epochs=3, batch_size=16, log_every=2, grid_size=4, threads=1, channels_last=False)
     vae = VAEConfig(kl_warmup_epochs=2)
     saved: list[dict] = []
     full = train_vae(cfg, vae, net, tiny(), seed=2, progress=False, on_checkpoint=lambda s: saved.append(roundtrip(s)))
@@ -104,7 +104,7 @@ def test_vae_resumed_ends_bitwise_equal():
 
 def test_a_checkpoint_of_another_seed_is_refused():
     net = NetConfig("mlp", 8, 1, 8, 8)
-    cfg = TrainConfig(epochs=1, batch_size=16, threads=1)
+    cfg = TrainConfig(epochs=1, batch_size=16, threads=1, channels_last=False)
     saved: list[dict] = []
     train_gan(cfg, net, tiny(), seed=1, progress=False, on_checkpoint=lambda s: saved.append(roundtrip(s)))
     with pytest.raises(UserError, match="another network or seed"):
@@ -126,7 +126,7 @@ class _Counter:
 
 def test_extra_state_travels_with_the_checkpoint():
     net = NetConfig("mlp", 8, 1, 8, 8)
-    cfg = TrainConfig(epochs=2, batch_size=16, threads=1)
+    cfg = TrainConfig(epochs=2, batch_size=16, threads=1, channels_last=False)
     counter, saved = _Counter(), []
     counter.steps = 7
     train_gan(cfg, net, tiny(), seed=0, progress=False, extra={"dp": counter},
@@ -157,7 +157,7 @@ def _stage(tmp_path: Path, processed: Path, tracking: TrackingConfig, train_cfg:
 def test_stage_starts_fresh_from_another_runs_checkpoint_and_marks_the_dead_run_killed(
         tmp_path: Path, sqlite_uri: str, processed: Path, capsys: pytest.CaptureFixture):
     tracking = TrackingConfig(uri=sqlite_uri, experiment="fresh", artifact_root=str(tmp_path / "art"))
-    cfg = TrainConfig(epochs=1, threads=1, log_every=5, grid_size=4)
+    cfg = TrainConfig(epochs=1, threads=1, channels_last=False, log_every=5, grid_size=4)
     _stage(tmp_path, processed, tracking, cfg)
     client = MlflowClient(sqlite_uri)
     (first,) = client.search_runs([client.get_experiment_by_name("fresh").experiment_id])
@@ -178,7 +178,7 @@ def test_stage_starts_fresh_from_another_runs_checkpoint_and_marks_the_dead_run_
 def test_stage_rerun_on_a_finished_checkpoint_trains_nothing_and_keeps_the_run(
         tmp_path: Path, sqlite_uri: str, processed: Path, capsys: pytest.CaptureFixture):
     tracking = TrackingConfig(uri=sqlite_uri, experiment="again", artifact_root=str(tmp_path / "art"))
-    cfg = TrainConfig(epochs=1, threads=1, log_every=5, grid_size=4, checkpoint_every=0)
+    cfg = TrainConfig(epochs=1, threads=1, channels_last=False, log_every=5, grid_size=4, checkpoint_every=0)
     first = _stage(tmp_path, processed, tracking, cfg)
     generator = (tmp_path / "out" / "generator").read_bytes()
     losses = (tmp_path / "out" / "losses").read_text()

@@ -57,7 +57,7 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_params(path: Path, tracking: dict, **train: object) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["seed"] = 0
-    params["train"] |= {"epochs": 2, "threads": 1, "log_every": 5, "grid_size": 16, "checkpoint_every": 1,
+    params["train"] |= {"epochs": 2, "threads": 1, "channels_last": False, "log_every": 5, "grid_size": 16, "checkpoint_every": 1,
                         "augment": ["translation", "cutout"]} | train
     params["tracking"] |= tracking
     path.write_text(yaml.safe_dump(params))
