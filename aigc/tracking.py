@@ -202,6 +202,7 @@ class Run:
     def __init__(self, client: MlflowClient | None, run_id: str | None, experiment_id: str | None, uri: str | None):
         self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
         self.outbox: Outbox | None = None
+        self._copies: list[Path] = []  # buffered artifacts' copies, removed when the outbox closes
         self.logged: dict[str, int] = {}  # a re-opened run: the last step MLflow holds per metric / image series
 
     @classmethod
@@ -355,11 +356,11 @@ class Run:
         import tempfile
 
         keep = Path(tempfile.mkdtemp(prefix="aigc-outbox-")) / Path(path).name
+        self._copies.append(keep.parent)
         shutil.copy2(path, keep)
 
         def upload() -> None:
             self.client.log_artifact(self.run_id, str(keep), artifact_path)
-            shutil.rmtree(keep.parent, ignore_errors=True)
 
         self._call(f"artifact:{Path(path).name}", upload)
 
@@ -379,6 +380,10 @@ class Run:
             return None
         pending, box = self.outbox.close(), self.outbox
         self.outbox = None
+        import shutil
+
+        for folder in self._copies:  # what did not arrive is re-sent by a rerun of the stage, from its outputs
+            shutil.rmtree(folder, ignore_errors=True)
         problems = []
         if pending:
             down = time.monotonic() - box.down_since if box.down_since is not None else 0.0
