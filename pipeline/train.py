@@ -204,9 +204,9 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
                 tracker.set_tags({"aigc.resumed_from_epoch": resume["epoch"]})
         if not tracker.active:
             tracker = Run.start(tracking, run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
-            if old_run.get("run_id") and old_run["run_id"] != tracker.run_id:
-                if resume is None and Run.mark_killed(old_run, tracking):
-                    print(f"MLflow run {old_run['run_id']} of the interrupted training is marked KILLED")
+            # The interrupted run this one replaces (not a finished one whose checkpoint is merely older).
+            if old_run.get("run_id") and Run.mark_killed(old_run, tracking):
+                print(f"MLflow run {old_run['run_id']} of the interrupted training is marked KILLED")
                 tracker.set_tags({"aigc.previous_run": old_run["run_id"]})
         tracker.buffer(tracking.retry_seconds)
     if tracker.active:

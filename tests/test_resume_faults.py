@@ -255,6 +255,7 @@ def test_tracking_server_killed_mid_run(tmp_path: Path, prefect: str, processed:
         log = (tmp_path / "b.log").read_text()
         errors = [line for line in log.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
+        print(f"\nwhat the user saw: {errors[0]}")  # pytest -s shows it
         assert f"the MLflow server {url} has not answered for" in errors[0] and "tracking.retry_seconds = 3" in errors[0]
         assert "metric values" in errors[0] and "run `dvc repro`" in errors[0], errors[0]
         assert all((out_b / k).exists() for k in OUTS)  # the outputs are all written
