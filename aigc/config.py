@@ -124,6 +124,9 @@ class TrainConfig(_Section):
     log_every: int = Field(default=25, ge=1)
     # A sample grid (from a fixed z) every this many epochs, and always after the last.
     sample_every: int = Field(default=1, ge=1)
+    # A resumable checkpoint (models/checkpoint.pt) every this many epochs, besides the one before
+    # the first epoch and the final one (0: only those). A killed run goes on from the last one.
+    checkpoint_every: int = Field(default=1, ge=0, le=10_000)
     grid_size: int = Field(default=64, ge=1, le=1024)
     # The adversarial loss (aigc/losses.py): bce (non-saturating) | hinge | wgan (needs gp_weight).
     loss: Literal["bce", "hinge", "wgan"] = "bce"
@@ -161,6 +164,10 @@ class TrackingConfig(_Section):
     # Where a new experiment stores its artifacts (local folder or a URI such as s3://...); a
     # tracking server (http) without a URI here keeps them itself (proxied artifacts).
     artifact_root: str = "mlartifacts"
+    # A server that stops answering mid-run: metrics and images wait in memory and are retried with
+    # backoff; once training is done the stage waits at most this long for an outage to end, then
+    # fails saying so (the outputs written; `dvc repro` uploads the rest without retraining).
+    retry_seconds: float = Field(default=300.0, ge=0.0, le=86_400.0)
 
 
 class EvaluatorConfig(_Section):

@@ -5,6 +5,15 @@ this module turns them into MLflow calls. One training = one MLflow run. The mod
 (``Registry``: versions, their tags, the ``champion`` alias) lives here too; the decision of
 what to promote is plain logic in ``aigc/registry.py``.
 
+A training's run can be *buffered* (``Run.buffer``): its calls then go, in order, through a
+background outbox that retries each with exponential backoff while the server does not answer,
+so a tracking server that restarts mid-run costs the curves nothing and training never waits
+on it. ``end`` waits at most ``tracking.retry_seconds`` of outage for the outbox to drain and
+says what did not arrive. A run is re-opened after a kill (``Run.reopen``): what MLflow already
+holds is read back (each metric's last step, each image series' last step, kept as the run tag
+``aigc.logged.image.<key>``), so the resumed stage sends every missing value once and nothing
+twice.
+
 The store is ``tracking.uri`` from params.yaml (a local SQLite file by default) unless
 ``MLFLOW_TRACKING_URI`` is set, which wins, as MLflow users expect. That choice is made once
 (``resolve_uri``) and then travels as an explicit ``MlflowClient``/URI: nothing here sets MLflow's
@@ -17,8 +26,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 import time
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,11 +110,104 @@ def git_commit() -> str | None:
     return sha + ("-dirty" if dirty else "")
 
 
+def _transient(exc: Exception) -> bool:
+    """A failure worth retrying: the server unreachable or failing (5xx), not a refusal (4xx)."""
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500
+    return True  # connection errors, timeouts, an OSError on the way
+
+
+class Outbox:
+    """MLflow calls made in order on a background thread; a call that fails for a transient
+    reason (the server down or restarting) is retried with exponential backoff (0.5 s doubling
+    to 30 s) until it succeeds. It never gives up while the run goes on; once closed, it stops
+    when the queue is empty or an outage has lasted ``retry_seconds``."""
+
+    def __init__(self, retry_seconds: float) -> None:
+        self.retry_seconds = retry_seconds
+        self._queue: deque[tuple[str, Callable[[], Any]]] = deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self.down_since: float | None = None  # monotonic time of the first failure of the current outage
+        self.last_error = ""
+        self.refused: list[str] = []  # calls the server refused outright (4xx): not retried
+        self.outages = 0
+        self._thread = threading.Thread(target=self._work, name="aigc-mlflow-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, what: str, call: Callable[[], Any]) -> None:
+        with self._cv:
+            self._queue.append((what, call))
+            self._cv.notify_all()
+
+    def _work(self) -> None:
+        delay = 0.5
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                what, call = self._queue[0]
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 -- whatever the transport raised, the call waits
+                with self._cv:
+                    if not _transient(exc):
+                        self._queue.popleft()
+                        self.refused.append(f"{what}: {getattr(exc, 'message', exc)}")
+                        continue
+                    now = time.monotonic()
+                    if self.down_since is None:
+                        self.down_since, self.outages = now, self.outages + 1
+                    self.last_error = f"{type(exc).__name__}"
+                    if self._closing:
+                        left = self.retry_seconds - (now - self.down_since)
+                        if left <= 0:
+                            return  # given up: the queue keeps what did not arrive
+                        self._cv.wait(min(delay, left))
+                    else:
+                        self._cv.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            with self._cv:
+                self._queue.popleft()
+                self.down_since, delay = None, 0.5
+
+    def close(self) -> list[str]:
+        """Wait for the queue to drain (or an outage to outlast ``retry_seconds``); returns what
+        did not arrive."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()  # a waiting retry goes now
+        self._thread.join()
+        return [what for what, _ in self._queue]
+
+
+def describe_pending(pending: list[str]) -> str:
+    """``["metrics:25", "image:samples", ...]`` -> '25 metric values, 1 sample grid, ...'."""
+    counts: Counter[str] = Counter()
+    for what in pending:
+        kind, _, n = what.partition(":")
+        counts[kind] += int(n) if kind == "metrics" else 1
+    names = {"metrics": ("metric value", "metric values"), "image": ("image", "images"),
+             "artifact": ("artifact", "artifacts"), "tags": ("tag update", "tag updates"),
+             "status": ("the final run status", "the final run status")}
+    return ", ".join(f"{n:,} {names[k][n != 1]}" if k != "status" else names[k][0] for k, n in counts.items())
+
+
+class TrackingUnavailable(UserError):
+    """The tracking server stayed away longer than tracking.retry_seconds; the outputs are written."""
+
+
 class Run:
     """One MLflow run. ``Run.disabled()`` gives one that records nothing (tracking.enabled: false)."""
 
     def __init__(self, client: MlflowClient | None, run_id: str | None, experiment_id: str | None, uri: str | None):
         self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
+        self.outbox: Outbox | None = None
+        self._copies: list[Path] = []  # buffered artifacts' copies, removed when the outbox closes
+        self.logged: dict[str, int] = {}  # a re-opened run: the last step MLflow holds per metric / image series
 
     @classmethod
     def disabled(cls) -> "Run":
@@ -156,6 +260,64 @@ class Run:
                             f"{exc.message}; retrain (dvc repro -f train) to record a new one") from None
         return cls(client, run.info.run_id, run.info.experiment_id, uri)
 
+    @classmethod
+    def reopen(cls, info: dict[str, Any], cfg: TrackingConfig) -> "Run | None":
+        """Continue the run a checkpoint names after its process died: status back to RUNNING, and
+        what it already holds read back so nothing is sent twice. None when the run is not in
+        this store (another URI now, or deleted): the caller starts a new one."""
+        uri = resolve_uri(cfg)
+        if not cfg.enabled or not info.get("run_id") or info.get("tracking_uri") != uri:
+            return None
+        _check_reachable(uri)
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            run = client.get_run(info["run_id"])
+        except MlflowException as exc:
+            if exc.get_http_status_code() >= 500:
+                raise UserError(f"MLflow tracking store {uri} failed: {exc.message}") from None
+            return None
+        if run.info.lifecycle_stage != "active":
+            return None
+        self = cls(client, run.info.run_id, run.info.experiment_id, uri)
+        try:
+            for key in run.data.metrics:
+                self.logged[key] = max(m.step for m in client.get_metric_history(self.run_id, key))
+            self.logged |= {k.removeprefix("aigc.logged."): int(v) for k, v in run.data.tags.items()
+                            if k.startswith("aigc.logged.image.")}
+            if run.info.status != "RUNNING":
+                client.update_run(self.run_id, status="RUNNING")
+        except MlflowException as exc:
+            raise UserError(f"MLflow tracking store {uri} failed while re-opening run {self.run_id}: "
+                            f"{exc.message}") from None
+        return self
+
+    @staticmethod
+    def mark_killed(info: dict[str, Any], cfg: TrackingConfig) -> bool:
+        """A run whose process died and that will not be continued: RUNNING -> KILLED (in the store
+        it lives in, when that is this one). True when it was marked."""
+        uri = resolve_uri(cfg)
+        if not cfg.enabled or not info.get("run_id") or info.get("tracking_uri") != uri:
+            return False
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            if client.get_run(info["run_id"]).info.status != "RUNNING":
+                return False
+            client.set_terminated(info["run_id"], "KILLED")
+        except MlflowException:
+            return False  # deleted, or the store is elsewhere now: nothing to mend
+        return True
+
+    def buffer(self, retry_seconds: float) -> None:
+        """From now on every call goes through an :class:`Outbox` (see the module docstring)."""
+        if self.active and self.outbox is None:
+            self.outbox = Outbox(retry_seconds)
+
+    def _call(self, what: str, call: Callable[[], Any]) -> None:
+        if self.outbox is not None:
+            self.outbox.put(what, call)
+        else:
+            call()
+
     @property
     def active(self) -> bool:
         return self.client is not None
@@ -168,25 +330,46 @@ class Run:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_metric_rows(self, rows: Iterable[tuple[str, float, int]]) -> None:
-        """Many (key, value, step) in as few calls as MLflow allows."""
+        """Many (key, value, step) in as few calls as MLflow allows. A re-opened run skips the
+        steps MLflow already holds."""
         if not self.active:
             return
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(s)) for k, v, s in rows]
+        metrics = [Metric(k, float(v), now, int(s)) for k, v, s in rows if int(s) > self.logged.get(k, -1)]
         for i in range(0, len(metrics), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_BATCH])
+            batch = metrics[i:i + MAX_BATCH]
+            self._call(f"metrics:{len(batch)}", lambda batch=batch: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
         self.log_metric_rows((k, v, step or 0) for k, v in values.items())
 
     def log_image(self, image, key: str, step: int) -> None:
-        """An image series (the MLflow UI shows it with a step slider)."""
-        if self.active:
-            self.client.log_image(self.run_id, image, key=key, step=step)
+        """An image series (the MLflow UI shows it with a step slider). The run tag
+        ``aigc.logged.image.<key>`` follows the last step delivered (what ``reopen`` reads back)."""
+        if not self.active or step <= self.logged.get(f"image.{key}", -1):
+            return
+        image = image.copy()  # the outbox may send it later
+        self._call(f"image:{key}", lambda: self.client.log_image(self.run_id, image, key=key, step=step))
+        self._call("tags:1", lambda: self.client.set_tag(self.run_id, f"aigc.logged.image.{key}", str(step)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.active:
+        """Upload a file (buffered: a copy taken now, so a later rewrite of ``path`` does not matter)."""
+        if not self.active:
+            return
+        if self.outbox is None:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+            return
+        import shutil
+        import tempfile
+
+        keep = Path(tempfile.mkdtemp(prefix="aigc-outbox-")) / Path(path).name
+        self._copies.append(keep.parent)
+        shutil.copy2(path, keep)
+
+        def upload() -> None:
+            self.client.log_artifact(self.run_id, str(keep), artifact_path)
+
+        self._call(f"artifact:{Path(path).name}", upload)
 
     def log_table(self, columns: dict[str, list[Any]], artifact_file: str) -> None:
         """A table artifact (column name -> values): MLflow's UI shows it as a table, and its
@@ -196,11 +379,33 @@ class Run:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            batch = [RunTag(k, str(v)) for k, v in tags.items()]
+            self._call(f"tags:{len(batch)}", lambda: self.client.log_batch(self.run_id, tags=batch))
 
-    def end(self, ok: bool) -> None:
-        if self.active:
-            self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+    def end(self, ok: bool) -> str | None:
+        """FINISHED (or FAILED). A buffered run first waits for its outbox; returns, instead of
+        raising, a one-line account of what did not reach the server (None when all did)."""
+        if not self.active:
+            return None
+        status = "FINISHED" if ok else "FAILED"
+        self._call("status:1", lambda: self.client.set_terminated(self.run_id, status))
+        if self.outbox is None:
+            return None
+        pending, box = self.outbox.close(), self.outbox
+        self.outbox = None
+        import shutil
+
+        for folder in self._copies:  # what did not arrive is re-sent by a rerun of the stage, from its outputs
+            shutil.rmtree(folder, ignore_errors=True)
+        problems = []
+        if pending:
+            down = time.monotonic() - box.down_since if box.down_since is not None else 0.0
+            problems.append(f"the MLflow server {self.uri} has not answered for {down:.0f} s ({box.last_error}; "
+                            f"tracking.retry_seconds = {box.retry_seconds:g}): {describe_pending(pending)} of run "
+                            f"{self.run_id} did not reach it")
+        if box.refused:
+            problems.append(f"the MLflow server refused {len(box.refused)} call(s), first: {box.refused[0]}")
+        return "; ".join(problems) or None
 
     def log_pyfunc_model(self, name: str, python_model: Any, artifacts: dict[str, str], signature: Any,
                          input_example: Any, pip_requirements: list[str]) -> str:

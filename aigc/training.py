@@ -9,7 +9,11 @@ It knows nothing about MLflow, files or Prefect. Progress leaves through plain h
   from a fixed z (so grids from different epochs and runs are comparable), the training time
   so far, and the generator that is sampled (for a hook that snapshots or scores it; it must not
   change it);
-* ``abort()`` after every window: True ends training there (a time budget, a benchmark).
+* ``abort()`` after every window: True ends training there (a time budget, a benchmark);
+* ``on_checkpoint(state)`` before the first epoch and after every ``train.checkpoint_every``
+  epochs: everything a run needs to go on from there (:func:`resume_state`), for a hook that saves
+  it. ``train_gan(..., resume=state)`` then continues as if never stopped: on CPU the final
+  weights are bitwise those of an uninterrupted run (tests/test_resume.py).
 
 What runs in a step is switched by ``train`` params: the loss (bce, hinge, wgan), the gradient
 penalty, a lazy R1 step, DiffAugment on everything D sees, and an EMA of G, which is then the
@@ -25,12 +29,13 @@ there: a non-finite value, or D separating every real from every fake image for
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -51,6 +56,58 @@ from aigc.stats import Stats
 
 class TrainingDiverged(UserError):
     """The run stopped because the game broke down (non-finite values, or D winning outright)."""
+
+
+CHECKPOINT_FORMAT = "aigc.checkpoint/2"
+
+
+class Stateful(Protocol):
+    """Extra state a wrapper keeps beside the networks (e.g. a privacy accountant): what a
+    checkpoint stores under ``extra`` and a resume hands back."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def rng_state(order: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random stream a run draws from: torch's (CPU, and CUDA when used), the batch-order
+    generator, numpy's and Python's global ones -- as tensors and plain values, so the checkpoint
+    loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "order": order.get_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], order: torch.Generator, device: torch.device) -> None:
+    """Put back what :func:`rng_state` took."""
+    torch.set_rng_state(state["torch"])
+    order.set_state(state["order"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_resume(state: dict[str, Any], cfg: TrainConfig, net: NetConfig, seed: int) -> None:
+    """A resume state must be of this run: same format, network, seed and epochs left to train."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"cannot resume from a checkpoint of format {state.get('format')!r} "
+                        f"(this version writes {CHECKPOINT_FORMAT!r}); delete it to train from the start")
+    if NetConfig.from_dict(state["net"]) != net or state["seed"] != seed:
+        raise UserError("the checkpoint is of another network or seed; delete it to train from the start")
+    if state["epoch"] > cfg.epochs:
+        raise UserError(f"the checkpoint is at epoch {state['epoch']}, past train.epochs = {cfg.epochs}; "
+                        "delete it to train from the start")
 
 
 @dataclass
@@ -94,6 +151,7 @@ class TrainResult:
     G_ema: torch.nn.Module | None = None  # the EMA generator (train.ema_kimg > 0), BN statistics re-estimated
     channels_last: bool = False  # the memory layout the step ran in
     probe: ProbeResult | None = None  # what train.channels_last / train.threads = auto measured (CPU only)
+    state: dict[str, Any] = field(default_factory=dict)  # the final checkpoint (complete when all epochs ran)
 
     @property
     def generator(self) -> torch.nn.Module:
@@ -111,12 +169,22 @@ def train_gan(
     progress: bool = True,
     abort: Callable[[], bool] | None = None,
     labels: torch.Tensor | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    extra: dict[str, Stateful] | None = None,
 ) -> TrainResult:
     """Train G and D on ``images`` ([-1, 1], (N, C, H, W)) with the recipe ``cfg`` describes.
 
     A conditional ``net`` also needs ``labels``: class indices (N,) of the images. Real images are
     judged with their own labels, fakes with classes drawn by ``net.class_share``.
+
+    ``resume``: a state ``on_checkpoint`` received (a checkpoint of this run) to go on from.
+    ``extra``: objects with ``state_dict``/``load_state_dict`` (a DP accountant, ...) saved in each
+    checkpoint under ``extra`` and restored on resume.
     """
+    extra = extra or {}
+    if resume is not None:
+        check_resume(resume, cfg, net, seed)
     # conditional: the labels must come with the images
     if net.conditional and (labels is None or len(labels) != len(images)):
         raise UserError(f"a conditional model needs one label per training image; got "
@@ -134,7 +202,7 @@ def train_gan(
     device = distributed.setup(ddp, resolve_device(cfg.device))
     distributed.per_rank_batch(cfg.batch_size, ddp)  # the global batch must split evenly over the ranks
     if not ddp.is_main:  # hooks, the progress bar and every write belong to rank 0
-        on_steps = on_epoch = None
+        on_steps = on_epoch = on_checkpoint = None
         progress = False
     threads = torch.get_num_threads()
     watch = None
@@ -199,14 +267,49 @@ def train_gan(
     stats = Stats()
     last: dict[str, float] = {}
     separated_run = 0  # consecutive steps in which D separated every real from every fake
-    step, t_start, t_hooks = 0, time.perf_counter(), 0.0
+    step, start_epoch, seconds_before = 0, 0, 0.0
+    if resume is not None:  # everything the loop carries from epoch to epoch, as it was
+        G.load_state_dict(resume["G"])
+        D.load_state_dict(resume["D"])
+        opt_g.load_state_dict(resume["opt_g"])
+        opt_d.load_state_dict(resume["opt_d"])
+        if ema is not None:
+            ema.G.load_state_dict(resume["G_ema"])
+        for name, obj in extra.items():
+            obj.load_state_dict(resume["extra"][name])
+        step, start_epoch = resume["step"], resume["epoch"]
+        separated_run, last, seconds_before = resume["loop"]["separated_run"], dict(resume["loop"]["last"]), \
+            resume["loop"]["seconds"]
+        set_rng_state(resume["rng"], order, device)
+    t_start, t_hooks = time.perf_counter(), 0.0
     t_window, imgs_window = t_start, 0
     # In a log file (no terminal) a bar line every 15 s instead of every second.
-    bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 15.0, desc=f"epoch 1/{cfg.epochs}")
+    bar = tqdm(total=total, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 15.0, desc=f"epoch {start_epoch + 1}/{cfg.epochs}")
 
     def sampled() -> torch.nn.Module:
         return ema.G if ema is not None else G
+
+    def state(epoch: int) -> dict[str, Any]:
+        """The resume state at the end of ``epoch`` (0: before the first)."""
+        return {
+            "format": CHECKPOINT_FORMAT, "net": net.to_dict(), "train": cfg.model_dump(), "seed": seed,
+            "step": step, "epoch": epoch,
+            "G": G.state_dict(), "G_ema": ema.G.state_dict() if ema is not None else None, "D": D.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "rng": rng_state(order, device),
+            "loop": {"separated_run": separated_run, "last": dict(last),
+                     "seconds": seconds_before + time.perf_counter() - t_start - t_hooks},
+            "extra": {name: obj.state_dict() for name, obj in extra.items()},
+            "complete": False,
+        }
+
+    def checkpoint(epoch: int) -> None:
+        nonlocal t_hooks, t_window
+        t_hook = time.perf_counter()
+        on_checkpoint(state(epoch))
+        t_window = time.perf_counter()  # saving is not training time
+        t_hooks += t_window - t_hook
 
     def flush(epoch: int) -> None:
         nonlocal t_window, imgs_window, last, separated_run
@@ -218,13 +321,13 @@ def train_gan(
             for key, value in row.items():
                 if not math.isfinite(value):
                     raise TrainingDiverged(
-                        f"training diverged at step {s} (epoch {epoch}): {key} = {value}; nothing was saved. "
+                        f"training diverged at step {s} (epoch {epoch}): {key} = {value}; no model was saved. "
                         f"Lower train.lr_d / train.lr_g, or switch train.loss / add model.spectral_norm or train.r1_gamma")
             separated_run = separated_run + 1 if row.get("d_separated") == 1.0 else 0
             if cfg.guard_steps and separated_run >= cfg.guard_steps:
                 raise TrainingDiverged(
                     f"training stopped at step {s} (epoch {epoch}): D separated every real from every fake image for "
-                    f"{separated_run} consecutive steps (train.guard_steps), so G gets no useful signal; nothing was "
+                    f"{separated_run} consecutive steps (train.guard_steps), so G gets no useful signal; no model was "
                     "saved. Weaken D (model.spectral_norm, train.r1_gamma, train.augment, a lower train.lr_d)")
         steps_, rows = [s for s, _ in collected], [r for _, r in collected]
         now = time.perf_counter()
@@ -234,15 +337,17 @@ def train_gan(
         bar.set_postfix(D=f"{last.get('d_loss', float('nan')):.3f}", G=f"{last.get('g_loss', float('nan')):.3f}",
                         img_s=f"{ips:.0f}", threads=threads)
         if on_steps:
-            on_steps(StepWindow(epoch, steps_, rows, ips, now - t_start - t_hooks, sampled()))
+            on_steps(StepWindow(epoch, steps_, rows, ips, seconds_before + now - t_start - t_hooks, sampled()))
         t_window, imgs_window = time.perf_counter(), 0
 
     G.train()
     D.train()
     stopped = False
-    epoch = 0
-    for epoch in range(1, cfg.epochs + 1):
-        if epoch > 1:
+    epoch = start_epoch
+    if on_checkpoint is not None and resume is None:
+        checkpoint(0)  # a run killed in its first epoch goes on from here (and its MLflow run with it)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if epoch > start_epoch + 1:
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
         perm = torch.randperm(n, generator=order).to(device)
         for i in range(steps_per_epoch):
@@ -332,22 +437,25 @@ def train_gan(
                 Gs = sampled()
                 Gs.eval()
                 grid = make_grid(Gs(fixed_z, *cond(fixed_y)).float())
-                on_epoch(EpochEnd(epoch, step, t_hook - t_start - t_hooks, grid, Gs))
+                on_epoch(EpochEnd(epoch, step, seconds_before + t_hook - t_start - t_hooks, grid, Gs))
                 G.train()
             t_window = time.perf_counter()  # sampling and hooks are not training time
             t_hooks += t_window - t_hook
+        # After the grid: a run resumed from here has every epoch's grid already.
+        if on_checkpoint is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
+                and epoch < cfg.epochs:
+            checkpoint(epoch)
     bar.close()
     distributed.teardown(ddp)
 
-    seconds = time.perf_counter() - t_start - t_hooks
+    seconds = seconds_before + time.perf_counter() - t_start - t_hooks
+    final = state(epoch) | {"complete": not stopped and epoch == cfg.epochs}
     if ema is not None:
         ema.recompute_batchnorm(net.z_dim, device, seed=seed)
-    rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return TrainResult(G, D, opt_g, opt_d, net, step, epoch, seconds, step * b / max(seconds, 1e-9), last, rng,
-                       threads=threads if device.type == "cpu" else 0, device=str(device),
-                       G_ema=ema.G if ema is not None else None,
+        final["G_ema"] = ema.G.state_dict()
+    return TrainResult(G, D, opt_g, opt_d, net, step, epoch, seconds, step * b / max(seconds, 1e-9), last,
+                       final["rng"], threads=threads if device.type == "cpu" else 0, device=str(device),
+                       G_ema=ema.G if ema is not None else None, state=final,
                        channels_last=fmt == torch.channels_last, probe=found)
 
 
@@ -375,19 +483,7 @@ def probe_machine(cfg: TrainConfig, net: NetConfig, images: torch.Tensor, labels
     return probe(workload, measure, layouts=layouts)
 
 
-def checkpoint_payload(result: TrainResult, train_cfg: TrainConfig, seed: int) -> dict[str, Any]:
-    """Everything needed to resume or audit a run: both networks, both optimisers, step, RNG."""
-    return {
-        "format": "aigc.checkpoint/1",
-        "net": result.net.to_dict(),
-        "train": train_cfg.model_dump(),
-        "seed": seed,
-        "step": result.steps,
-        "epoch": result.epochs,
-        "G": result.G.state_dict(),
-        "G_ema": result.G_ema.state_dict() if result.G_ema is not None else None,
-        "D": result.D.state_dict(),
-        "opt_g": result.opt_g.state_dict(),
-        "opt_d": result.opt_d.state_dict(),
-        "rng": result.rng,
-    }
+def checkpoint_payload(result: TrainResult) -> dict[str, Any]:
+    """Everything needed to resume or audit a run: both networks, the EMA, both optimisers, step,
+    every RNG state, the loop's counters (the stage adds its own: fingerprint, MLflow run, curves)."""
+    return dict(result.state)

@@ -42,7 +42,7 @@ from aigc.images import make_grid
 from aigc.models import NetConfig, build_encoder, build_generator
 from aigc.runtime import CoreWatch, choose_threads, free_threads, resolve_device
 from aigc.stats import Stats
-from aigc.training import EpochEnd, StepWindow, TrainingDiverged
+from aigc.training import CHECKPOINT_FORMAT, EpochEnd, StepWindow, TrainingDiverged, rng_state, set_rng_state
 
 VAE_KEYS = ("loss", "recon", "kl", "neg_elbo", "beta")
 
@@ -61,6 +61,7 @@ class VAEResult:
     rng: dict[str, Any] = field(default_factory=dict)
     threads: int = 0
     device: str = "cpu"
+    state: dict[str, Any] = field(default_factory=dict)  # the final checkpoint (complete when all epochs ran)
 
 
 def recon_nll(logits: torch.Tensor, x: torch.Tensor, likelihood: str, sigma: float) -> torch.Tensor:
@@ -97,10 +98,13 @@ def train_vae(
     on_epoch: Callable[[EpochEnd], None] | None = None,
     progress: bool = True,
     labels: torch.Tensor | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> VAEResult:
     """Train the encoder and decoder on ``images`` ([-1, 1], (N, C, H, W)) by maximising the ELBO.
 
-    ``labels``: class indices (N,), needed when ``net.conditional``.
+    ``labels``: class indices (N,), needed when ``net.conditional``. ``on_checkpoint`` and
+    ``resume`` work as in :func:`aigc.training.train_gan`.
     """
     if net.family != "vae":
         raise UserError(f"train_vae trains the vae family, not {net.family!r}")
@@ -138,10 +142,38 @@ def train_vae(
 
     stats = Stats()  # the same sink as the GAN loop: the recorder takes whatever names appear
     last: dict[str, float] = {}
-    step, t_start, t_hooks = 0, time.perf_counter(), 0.0
+    step, start_epoch, seconds_before = 0, 0, 0.0
+    if resume is not None:
+        if resume.get("format") != CHECKPOINT_FORMAT or resume.get("family") != "vae" or resume["seed"] != seed:
+            raise UserError("the checkpoint is not of this VAE run; delete it to train from the start")
+        encoder.load_state_dict(resume["encoder"])
+        decoder.load_state_dict(resume["decoder"])
+        opt.load_state_dict(resume["opt"])
+        step, start_epoch = resume["step"], resume["epoch"]
+        last, seconds_before = dict(resume["loop"]["last"]), resume["loop"]["seconds"]
+        set_rng_state(resume["rng"], order, device)
+    t_start, t_hooks = time.perf_counter(), 0.0
     t_window, imgs_window = t_start, 0
-    bar = tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 15.0, desc=f"epoch 1/{cfg.epochs}")
+    bar = tqdm(total=total, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 15.0, desc=f"epoch {start_epoch + 1}/{cfg.epochs}")
+
+    def state(epoch: int) -> dict[str, Any]:
+        """The resume state at the end of ``epoch`` (0: before the first); tensors are the live ones."""
+        return {
+            "format": CHECKPOINT_FORMAT, "family": "vae", "net": net.to_dict(), "train": cfg.model_dump(),
+            "vae": vae.model_dump(), "seed": seed, "step": step, "epoch": epoch,
+            "decoder": decoder.state_dict(), "encoder": encoder.state_dict(), "opt": opt.state_dict(),
+            "rng": rng_state(order, device),
+            "loop": {"last": dict(last), "seconds": seconds_before + time.perf_counter() - t_start - t_hooks},
+            "extra": {}, "complete": False,
+        }
+
+    def checkpoint(epoch: int) -> None:
+        nonlocal t_hooks, t_window
+        t_hook = time.perf_counter()
+        on_checkpoint(state(epoch))
+        t_window = time.perf_counter()
+        t_hooks += t_window - t_hook
 
     def flush(epoch: int) -> None:
         nonlocal t_window, imgs_window, last
@@ -151,7 +183,7 @@ def train_vae(
         for s_, row in collected:
             for key, value in row.items():
                 if not math.isfinite(value):
-                    raise TrainingDiverged(f"training diverged at step {s_} (epoch {epoch}): {key} = {value}; nothing "
+                    raise TrainingDiverged(f"training diverged at step {s_} (epoch {epoch}): {key} = {value}; no model "
                                            "was saved. Lower vae.lr, or use vae.likelihood: bernoulli")
         steps_, rows = [s_ for s_, _ in collected], [r for _, r in collected]
         now = time.perf_counter()
@@ -160,13 +192,16 @@ def train_vae(
         bar.set_postfix(neg_elbo=f"{last['neg_elbo']:.1f}", kl=f"{last['kl']:.1f}", img_s=f"{ips:.0f}",
                         threads=threads)
         if on_steps:
-            on_steps(StepWindow(epoch, steps_, rows, ips, now - t_start - t_hooks, decoder))
+            on_steps(StepWindow(epoch, steps_, rows, ips, seconds_before + now - t_start - t_hooks, decoder))
         t_window, imgs_window = time.perf_counter(), 0
 
     encoder.train()
     decoder.train()
-    for epoch in range(1, cfg.epochs + 1):
-        if epoch > 1:
+    epoch = start_epoch
+    if on_checkpoint is not None and resume is None:
+        checkpoint(0)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if epoch > start_epoch + 1:
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
         perm = torch.randperm(n, generator=order).to(device)
         for i in range(steps_per_epoch):
@@ -203,18 +238,20 @@ def train_vae(
             with torch.no_grad():
                 decoder.eval()
                 grid = make_grid(decoder(fixed_z, *(() if fixed_y is None else (fixed_y,))).float())
-                on_epoch(EpochEnd(epoch, step, t_hook - t_start - t_hooks, grid, decoder))
+                on_epoch(EpochEnd(epoch, step, seconds_before + t_hook - t_start - t_hooks, grid, decoder))
                 decoder.train()
             t_window = time.perf_counter()  # sampling and hooks are not training time
             t_hooks += t_window - t_hook
+        if on_checkpoint is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
+                and epoch < cfg.epochs:
+            checkpoint(epoch)
     bar.close()
 
-    seconds = time.perf_counter() - t_start - t_hooks
-    rng = {"torch": torch.get_rng_state(), "order": order.get_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return VAEResult(decoder.eval(), encoder.eval(), opt, net, step, cfg.epochs, seconds, step * b / seconds, last,
-                     rng, threads=threads if device.type == "cpu" else 0, device=str(device))
+    seconds = seconds_before + time.perf_counter() - t_start - t_hooks
+    final = state(cfg.epochs) | {"complete": True}
+    return VAEResult(decoder.eval(), encoder.eval(), opt, net, step, cfg.epochs, seconds, step * b / max(seconds, 1e-9),
+                     last, final["rng"], threads=threads if device.type == "cpu" else 0, device=str(device),
+                     state=final)
 
 
 @torch.no_grad()
@@ -233,18 +270,6 @@ def neg_elbo(result: VAEResult, images: torch.Tensor, vae: VAEConfig, labels: to
     return total / max(len(images), 1)
 
 
-def vae_checkpoint_payload(result: VAEResult, train_cfg: TrainConfig, vae_cfg: VAEConfig, seed: int) -> dict[str, Any]:
+def vae_checkpoint_payload(result: VAEResult) -> dict[str, Any]:
     """Everything needed to resume or audit a VAE run: both halves, the optimiser, step, RNG."""
-    return {
-        "format": "aigc.checkpoint/1",
-        "net": result.net.to_dict(),
-        "train": train_cfg.model_dump(),
-        "vae": vae_cfg.model_dump(),
-        "seed": seed,
-        "step": result.steps,
-        "epoch": result.epochs,
-        "decoder": result.G.state_dict(),
-        "encoder": result.encoder.state_dict(),
-        "opt": result.opt.state_dict(),
-        "rng": result.rng,
-    }
+    return dict(result.state)

@@ -4,12 +4,25 @@
         --checkpoint models/checkpoint.pt --run models/run.json \
         --metrics reports/train/metrics.json --losses reports/train/losses.csv \
         --samples reports/train/samples.png
+
+Resume: the checkpoint (a ``persist: true`` output in dvc.yaml, so DVC leaves it in place when it
+reruns the stage) is written before the first epoch, every ``train.checkpoint_every`` epochs and
+at the end. It carries a fingerprint of what the result depends on -- the params the stage depends
+on, the data's hash and the code of the project's modules -- and the MLflow run.
+A stage that finds a checkpoint with the same fingerprint goes on from it, in the same MLflow run;
+one with another fingerprint starts fresh, says why, and marks the old run KILLED if it was left
+RUNNING. A finished checkpoint with the same fingerprint means nothing is left to train: the stage
+rewrites its outputs and uploads what the tracking server missed.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +33,16 @@ from aigc import distributed
 from aigc.config import ModelConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
 from aigc.data.preprocess import DATASET_JSON, dataset_sha256, load_info, load_split
 from aigc.images import save_png
-from aigc.io import atomic_path, params_sha256, save_torch, file_sha256, write_json
+from aigc.io import atomic_path, file_sha256, params_sha256, save_torch, write_json
 from aigc.models import generator_payload, net_config
-from aigc.tracking import Run, git_commit
-from aigc.training import EpochEnd, StepWindow, checkpoint_payload, train_gan
+from aigc.tracking import Run, TrackingUnavailable, git_commit
+from aigc.training import CHECKPOINT_FORMAT, EpochEnd, StepWindow, checkpoint_payload, train_gan
 from aigc.vae import train_vae, vae_checkpoint_payload
 from pipeline._stage import main
+
+# Knobs that change how fast or how often, not what is trained: a resume across a change of them
+# gives the same networks (threads and the memory format change the last bits of float sums).
+RESUME_NEUTRAL = {"threads", "compile", "channels_last", "log_every", "checkpoint_every"}
 
 
 class Recorder:
@@ -36,28 +53,63 @@ class Recorder:
     as ``Train/<name>`` and the throughput as ``perf/images_per_s``. The capital T is deliberate:
     MLflow 3.17's run page orders its chart sections by plain string order, where "Train" comes
     before "eval" and "perf", so the loss curves are the first thing the Model metrics tab shows.
+    Its state (every row, the throughput per window, each epoch's grid) goes into the checkpoint, so a
+    resumed run writes the whole curve and can send MLflow whatever it missed.
     """
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, state: dict[str, Any] | None = None) -> None:
         self.run = run
         self.rows: list[dict[str, float]] = []
         self.keys: dict[str, None] = {}  # every reported name, in order of first appearance
-        self.grid: np.ndarray | None = None
+        self.speed: list[tuple[int, float]] = []  # (last step of a window, images per second)
+        self.grids: dict[int, np.ndarray] = {}  # epoch -> sample grid
         self.tracking_seconds = 0.0  # time spent in MLflow calls while training (the overhead)
+        # A test hook that only waits (seconds per window), so a test can stop the process at a chosen step.
+        self.pause = float(os.environ.get("AIGC_TEST_WINDOW_PAUSE", "0") or 0)
+        if state:
+            self.rows = [dict(r) for r in state["rows"]]
+            self.keys = dict.fromkeys(state["keys"])
+            self.speed = [(int(s), float(v)) for s, v in state["speed"]]
+            self.grids = {int(e): np.frombuffer(zlib.decompress(g["data"].numpy().tobytes()), np.uint8)
+                          .reshape(g["shape"]) for e, g in state["grids"].items()}
+
+    @property
+    def grid(self) -> np.ndarray | None:
+        return self.grids[max(self.grids)] if self.grids else None
+
+    def state(self) -> dict[str, Any]:
+        grids = {e: {"shape": list(g.shape), "data": torch.frombuffer(bytearray(zlib.compress(g.tobytes())), dtype=torch.uint8)}
+                 for e, g in self.grids.items()}
+        return {"rows": [dict(r) for r in self.rows], "keys": list(self.keys), "speed": list(self.speed), "grids": grids}
+
+    @staticmethod
+    def mlflow_rows(rows: list[dict[str, Any]], speed: list[tuple[int, float]]) -> list[tuple[str, float, int]]:
+        """(key, value, step) for MLflow: the loop's scalars under ``Train/``, the throughput under ``perf/``."""
+        return ([(f"Train/{k}", v, r["step"]) for r in rows for k, v in r.items() if k not in ("step", "epoch")]
+                + [("perf/images_per_s", v, s) for s, v in speed])
+
+    def resend(self) -> None:
+        """Send everything recorded so far; a re-opened run keeps only what MLflow lacks."""
+        self.run.log_metric_rows(self.mlflow_rows(self.rows, self.speed))
+        for epoch, grid in sorted(self.grids.items()):
+            self.run.log_image(grid, key="samples", step=epoch)
 
     def on_steps(self, w: StepWindow) -> None:
         t = time.perf_counter()
-        for step, row in zip(w.steps, w.rows):
-            self.rows.append({"step": step, "epoch": w.epoch, **row})
+        new = [{"step": step, "epoch": w.epoch, **row} for step, row in zip(w.steps, w.rows)]
+        for row in w.rows:
             self.keys.update(dict.fromkeys(row))
-        metrics = [(f"Train/{k}", v, step) for step, row in zip(w.steps, w.rows) for k, v in row.items()]
-        metrics.append(("perf/images_per_s", w.images_per_s, w.steps[-1]))
+        self.rows.extend(new)
+        self.speed.append((w.steps[-1], w.images_per_s))
+        metrics = self.mlflow_rows(new, self.speed[-1:])
         self.run.log_metric_rows(metrics)
         self.tracking_seconds += time.perf_counter() - t
+        if self.pause:
+            time.sleep(self.pause)
 
     def on_epoch(self, end: EpochEnd) -> None:
         t = time.perf_counter()
-        self.grid = end.grid
+        self.grids[end.epoch] = end.grid
         self.run.log_image(end.grid, key="samples", step=end.epoch)
         self.tracking_seconds += time.perf_counter() - t
 
@@ -85,11 +137,59 @@ def run_name(kind: str, model: ModelConfig, train: TrainConfig, vae: VAEConfig, 
     return "-".join([*parts, params_hash[:7]])
 
 
+def code_files() -> dict[str, str]:
+    """sha256 of every module of the project (aigc/, pipeline/): the code a result may depend on.
+    All of them, not only those this process imported, so the fingerprint does not depend on what
+    else happened to be loaded; a change anywhere in them means starting fresh (the message names
+    the files)."""
+    root = Path(__file__).resolve().parents[1]
+    return {p.relative_to(root).as_posix(): file_sha256(p)
+            for package in ("aigc", "pipeline") for p in sorted((root / package).rglob("*.py"))}
+
+
+def fingerprint(seed: int, model: ModelConfig, train_cfg: TrainConfig, vae: VAEConfig, dataset_sha: str) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed: params, data, code."""
+    parts = {"params": {"seed": seed} | flatten(model, "model.")
+             | {k: v for k, v in flatten(train_cfg, "train.").items() if k.removeprefix("train.") not in RESUME_NEUTRAL}
+             | (flatten(vae, "vae.") if model.family == "vae" else {}),
+             "dataset_sha256": dataset_sha, "code": code_files()}
+    parts["params"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in parts["params"].items()}
+    return {"sha256": hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest(), **parts}
+
+
+def why_not(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two fingerprints, in a few words."""
+    reasons = []
+    params = [f"{k} {old['params'].get(k)!r} -> {new['params'].get(k)!r}"
+              for k in sorted(set(old["params"]) | set(new["params"])) if old["params"].get(k) != new["params"].get(k)]
+    if params:
+        reasons.append("params changed (" + ", ".join(params[:3]) + (", ..." if len(params) > 3 else "") + ")")
+    if old["dataset_sha256"] != new["dataset_sha256"]:
+        reasons.append("the data changed")
+    code = sorted(k for k in set(old["code"]) | set(new["code"]) if old["code"].get(k) != new["code"].get(k))
+    if code:
+        reasons.append("the code changed (" + ", ".join(code[:3]) + (", ..." if len(code) > 3 else "") + ")")
+    return "; ".join(reasons) or "it differs"
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, Any] | None, str]:
+    """The checkpoint a previous run of the stage left, or None and why not."""
+    if not Path(path).exists():
+        return None, "no checkpoint"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file just means: start from the beginning
+        return None, f"{path} is unreadable ({type(exc).__name__})"
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "fingerprint" not in state:
+        return None, f"{path} is not a resumable checkpoint of this version"
+    return state, ""
+
+
 def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingConfig, processed: str,
           generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str,
           vae: VAEConfig = VAEConfig()) -> dict[str, Any]:
     """Train the model (GAN: G and D; vae: encoder and decoder) on PROCESSED's train split and
-    record the run in MLflow."""
+    record the run in MLflow; a killed run goes on from its checkpoint."""
     info = load_info(processed)
     split = load_split(processed, "train")
     net = net_config(model, info)  # a conditional model on unlabelled data stops here
@@ -107,30 +207,66 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
         tags["mlflow.source.git.commit"] = commit
     name = run_name(kind, model, train, vae, params_hash)
     ddp = distributed.from_env()  # under torchrun only rank 0 tracks and writes (aigc/distributed.py)
-    tracker = (Run.disabled() if not ddp.is_main else
-               Run.start(tracking, run_name=name, params=params, tags=tags))
+
+    # Resume when the last checkpoint is of this very run (same params, data and code).
+    fp = fingerprint(seed, model, train, vae, dataset_sha)
+    previous, unreadable = read_checkpoint(checkpoint)
+    resume = previous if previous is not None and previous["fingerprint"]["sha256"] == fp["sha256"] else None
+    if resume is not None:
+        left = "nothing left to train" if resume["complete"] else f"{train.epochs - resume['epoch']} epoch(s) to go"
+        print(f"resuming from {checkpoint}: epoch {resume['epoch']}/{train.epochs}, step {resume['step']} ({left})")
+    elif previous is not None:
+        print(f"starting fresh: {checkpoint} is of another run ({why_not(previous['fingerprint'], fp)})")
+    elif unreadable != "no checkpoint":
+        print(f"starting fresh: {unreadable}")
+
+    tracker = Run.disabled()
+    if ddp.is_main:
+        old_run = (previous or {}).get("run") or {}
+        if resume is not None and old_run.get("run_id"):
+            reopened = Run.reopen(old_run, tracking)
+            if reopened is not None:
+                tracker = reopened
+                tracker.set_tags({"aigc.resumed_from_epoch": resume["epoch"]})
+        if not tracker.active:
+            tracker = Run.start(tracking, run_name=name, params=params, tags=tags)
+            # The interrupted run this one replaces (not a finished one whose checkpoint is merely older).
+            if old_run.get("run_id") and Run.mark_killed(old_run, tracking):
+                print(f"MLflow run {old_run['run_id']} of the interrupted training is marked KILLED")
+                tracker.set_tags({"aigc.previous_run": old_run["run_id"]})
+        tracker.buffer(tracking.retry_seconds)
     if tracker.active:
         print(f"MLflow run {tracker.run_id} in {tracker.uri} (experiment {tracking.experiment!r})")
-    rec = Recorder(tracker)
+    rec = Recorder(tracker, resume["recorder"] if resume is not None else None)
+    if resume is not None:
+        rec.resend()  # what the server missed before the kill (or during an outage)
+
+    def stage_state(state: dict[str, Any]) -> dict[str, Any]:
+        return state | {"fingerprint": fp, "run": tracker.info(), "recorder": rec.state()}
+
+    def save_checkpoint(state: dict[str, Any]) -> None:
+        save_torch(stage_state(state), checkpoint)
+        print(f"checkpoint: epoch {state['epoch']}/{train.epochs}, step {state['step']} -> {checkpoint}")
+
     ok = False
     try:
         images = torch.from_numpy(split["images"])
         if model.family == "vae":
             result = train_vae(train, vae, net, images, seed, on_steps=rec.on_steps, on_epoch=rec.on_epoch,
-                               labels=labels)
-            state, G_saved = vae_checkpoint_payload(result, train, vae, seed), result.G
+                               labels=labels, on_checkpoint=save_checkpoint, resume=resume)
+            state, G_saved = vae_checkpoint_payload(result), result.G
         else:
             result = train_gan(train, net, images, seed, on_steps=rec.on_steps, on_epoch=rec.on_epoch,
-                               labels=labels)
+                               labels=labels, on_checkpoint=save_checkpoint, resume=resume)
             # The EMA generator when train.ema_kimg > 0: what is sampled, evaluated, registered, served.
-            state, G_saved = checkpoint_payload(result, train, seed), result.generator
+            state, G_saved = checkpoint_payload(result), result.generator
         if not ddp.is_main:
             ok = True
             return {"rank": ddp.rank, "steps": result.steps}
 
         # save_torch: atomic, and a full disk is one clear error with the previous file kept.
         save_torch(generator_payload(G_saved, net), generator)
-        save_torch(state, checkpoint)
+        save_torch(stage_state(state), checkpoint)
         rec.write_losses(losses)
         save_png(rec.grid, samples)
         summary = {
@@ -167,7 +303,12 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
         tracker.log_metrics({"perf/tracking_seconds": rec.tracking_seconds + time.perf_counter() - t})
         ok = True
     finally:
-        tracker.end(ok)
+        undelivered = tracker.end(ok)  # waits for the outbox (at most tracking.retry_seconds of outage)
+    if undelivered:
+        raise TrackingUnavailable(
+            f"{undelivered}. Training finished and every output is written; when the server is back, run "
+            f"`dvc repro` (or this command) again: the stage goes on from {checkpoint} with nothing left to "
+            "train and uploads the rest")
     print(f"trained {kind}: {result.steps} steps in {result.seconds:.0f} s ({result.images_per_s:.0f} img/s); final "
           + ", ".join(f"{k} {v:.3f}" for k, v in result.last.items()))
     return summary

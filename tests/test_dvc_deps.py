@@ -86,10 +86,18 @@ def test_the_checker_sees_imports_through_packages():
 def test_speed_and_logging_knobs_do_not_retrain():
     params = _stages()["train"]["params"]
     for knob in ("train", "tracking", "train.threads", "train.compile", "train.channels_last", "train.log_every",
-                 "tracking.uri", "tracking.experiment", "tracking.artifact_root"):
+                 "train.checkpoint_every", "tracking.uri", "tracking.experiment", "tracking.artifact_root",
+                 "tracking.retry_seconds"):
         assert knob not in params, f"train depends on {knob}: changing it would retrain for nothing"
     # ...while every other train knob is a param: a change of the recipe must retrain
     from aigc.config import TrainConfig
 
-    speed = {"threads", "compile", "channels_last", "log_every"}
+    speed = {"threads", "compile", "channels_last", "log_every", "checkpoint_every"}
     assert {f"train.{k}" for k in TrainConfig.model_fields if k not in speed} <= set(params)
+
+
+def test_the_checkpoint_survives_a_rerun_of_its_stage():
+    # DVC deletes a stage's outputs before it runs it again, unless they persist: the checkpoint
+    # must, or a killed training could never go on from it (README, "Resume").
+    outs = _stages()["train"]["outs"]
+    assert {"models/checkpoint.pt": {"persist": True}} in outs

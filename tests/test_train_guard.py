@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -41,7 +42,10 @@ def test_forced_nan_fails_the_stage_and_writes_nothing(tmp_path: Path, sqlite_ur
     assert errors[0].startswith("error: training diverged at step ") and "= nan" in errors[0]
     step = int(errors[0].split("at step ")[1].split()[0])
     assert 1 <= step <= 1617 // 64  # within the first epoch: the poisoned image is in it
-    assert not any(p.exists() for p in out.values())  # no generator, checkpoint, run file or report
+    # no generator, run file or report; the checkpoint is the resumable state before the first epoch
+    assert not any(p.exists() for k, p in out.items() if k != "checkpoint")
+    state = torch.load(out["checkpoint"], weights_only=True)
+    assert state["epoch"] == 0 and not state["complete"]
     client = MlflowClient(sqlite_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("guard").experiment_id])
     assert run.info.status == "FAILED"
