@@ -33,9 +33,7 @@ class Recorder:
 
     It takes whatever names the loop and the losses reported (aigc/stats.py): a new penalty or
     statistic appears in losses.csv and MLflow without a change here. In MLflow they are grouped
-    as ``Train/<name>`` and the throughput as ``perf/images_per_s``. The capital T is deliberate:
-    MLflow 3.17's run page orders its chart sections by plain string order, where "Train" comes
-    before "eval" and "perf", so the loss curves are the first thing the Model metrics tab shows.
+    as ``train/<name>`` (one chart section of the run page) and the throughput as ``perf/images_per_s``.
     """
 
     def __init__(self, run: Run) -> None:
@@ -50,7 +48,7 @@ class Recorder:
         for step, row in zip(w.steps, w.rows):
             self.rows.append({"step": step, "epoch": w.epoch, **row})
             self.keys.update(dict.fromkeys(row))
-        metrics = [(f"Train/{k}", v, step) for step, row in zip(w.steps, w.rows) for k, v in row.items()]
+        metrics = [(f"train/{k}", v, step) for step, row in zip(w.steps, w.rows) for k, v in row.items()]
         metrics.append(("perf/images_per_s", w.images_per_s, w.steps[-1]))
         self.run.log_metric_rows(metrics)
         self.tracking_seconds += time.perf_counter() - t
