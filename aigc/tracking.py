@@ -47,8 +47,8 @@ from aigc.errors import UserError  # noqa: E402
 
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 MAX_PARAM_LEN = 6000
-# The experiment holds model training: MLflow 3's UI then opens it on its runs, charts and
-# models ("Model training"), not on the GenAI traces view an experiment without a kind gets.
+# The experiment holds model training (MLflow 3.17 reads this tag when it picks an experiment's
+# default tab; its GenAI/Model training switch itself is a per-browser setting: README).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 

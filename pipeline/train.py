@@ -50,9 +50,7 @@ class Recorder:
 
     It takes whatever names the loop and the losses reported (aigc/stats.py): a new penalty or
     statistic appears in losses.csv and MLflow without a change here. In MLflow they are grouped
-    as ``Train/<name>`` and the throughput as ``perf/images_per_s``. The capital T is deliberate:
-    MLflow 3.17's run page orders its chart sections by plain string order, where "Train" comes
-    before "eval" and "perf", so the loss curves are the first thing the Model metrics tab shows.
+    as ``train/<name>`` (one chart section of the run page) and the throughput as ``perf/images_per_s``.
     Its state (every row, the throughput per window, each epoch's grid) goes into the checkpoint, so a
     resumed run writes the whole curve and can send MLflow whatever it missed.
     """
@@ -84,8 +82,8 @@ class Recorder:
 
     @staticmethod
     def mlflow_rows(rows: list[dict[str, Any]], speed: list[tuple[int, float]]) -> list[tuple[str, float, int]]:
-        """(key, value, step) for MLflow: the loop's scalars under ``Train/``, the throughput under ``perf/``."""
-        return ([(f"Train/{k}", v, r["step"]) for r in rows for k, v in r.items() if k not in ("step", "epoch")]
+        """(key, value, step) for MLflow: the loop's scalars under ``train/``, the throughput under ``perf/``."""
+        return ([(f"train/{k}", v, r["step"]) for r in rows for k, v in r.items() if k not in ("step", "epoch")]
                 + [("perf/images_per_s", v, s) for s, v in speed])
 
     def resend(self) -> None:

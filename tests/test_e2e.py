@@ -50,7 +50,7 @@ def test_repro_produces_every_output_and_an_mlflow_run(project: Path):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run_id, "Train/g_loss")) == 1617 // 64
+    assert len(client.get_metric_history(run_id, "train/g_loss")) == 1617 // 64
     assert any(a.path == "images" for a in client.list_artifacts(run_id))
     assert (project / "mlartifacts").is_dir() and not (project / "mlruns").exists()
     metrics = json.loads((project / "reports/train/metrics.json").read_text())
@@ -91,7 +91,11 @@ def test_dvc_exp_show_has_the_scores_and_params_in_its_first_columns(project: Pa
     assert set(metric_files) == {"reports/data_quality/metrics.json", "reports/train/metrics.json",
                                  "reports/scores.json"}, metric_files
     n_metrics = sum(map(len, metric_files.values()))
-    first_param = min(table.index(p) for f in data["params"].values() for p in f["data"]) + 1  # 1-based column
+    def flat(d: dict, prefix: str = "") -> list[str]:  # params come nested by section: data.source, ...
+        return [n for k, v in d.items() for n in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k])]
+
+    params = [p for f in data["params"].values() for p in flat(f["data"])]
+    first_param = min(table.index(p) for p in params) + 1  # 1-based column
     print(f"dvc exp show: {len(table)} columns, {n_metrics} metric columns, fid at column {table.index('fid') + 1}, "
           f"first param at column {first_param}")
     assert table[:2] == ["Experiment", "Created"] and n_metrics <= 41

@@ -69,7 +69,7 @@ def test_each_family_trained_evaluated_and_registered_in_one_store(sweep):
     kinds = {(r.data.tags["aigc.family"], r.data.tags["aigc.conditional"]) for r in runs}
     assert {("dcgan", "false"), ("dcgan", "true"), ("vae", "false")} <= kinds, kinds
     vae = next(r for r in runs if r.data.tags["aigc.family"] == "vae")
-    assert {"Train/recon", "Train/kl", "Train/neg_elbo", "eval/fid"} <= set(vae.data.metrics), vae.data.metrics
+    assert {"train/recon", "train/kl", "train/neg_elbo", "eval/fid"} <= set(vae.data.metrics), vae.data.metrics
     assert vae.data.params["vae.likelihood"] == "bernoulli"
     versions = client.search_model_versions("name = 'aigc-generator'")
     assert {v.tags.get("aigc.family") for v in versions} >= {"dcgan", "vae"}

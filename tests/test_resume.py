@@ -191,7 +191,7 @@ def test_stage_rerun_on_a_finished_checkpoint_trains_nothing_and_keeps_the_run(
     client = MlflowClient(sqlite_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("again").experiment_id])
     assert run.info.status == "FINISHED"
-    history = client.get_metric_history(run.info.run_id, "d_loss")
+    history = client.get_metric_history(run.info.run_id, "train/d_loss")
     assert sorted(m.step for m in history) == list(range(1, first["steps"] + 1))  # each step once
 
 

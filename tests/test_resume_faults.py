@@ -36,7 +36,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 OUTS = ("generator", "checkpoint", "run", "metrics", "losses", "samples")
-CURVES = ("d_loss", "g_loss", "d_real", "d_fake", "d_separated", "ema_beta")
+CURVES = tuple(f"train/{k}" for k in ("d_loss", "g_loss", "d_real", "d_fake", "d_separated", "ema_beta"))
 STEPS_PER_EPOCH = 1617 // 64  # the 8x8 digits' train split at batch 64
 
 
@@ -101,7 +101,7 @@ def run_id_of(path: Path) -> str | None:
         return None
 
 
-def last_step(client: MlflowClient, run_id: str | None, key: str = "d_loss") -> int:
+def last_step(client: MlflowClient, run_id: str | None, key: str = "train/d_loss") -> int:
     if run_id is None:
         return -1
     return max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
@@ -186,7 +186,7 @@ def test_kill_9_three_times_then_resume_gives_the_uninterrupted_run(tmp_path: Pa
     assert only.info.run_id == run_id and only.info.status == "FINISHED"
     (reference,) = client.search_runs([client.get_experiment_by_name("uninterrupted").experiment_id])
     got, want = curves(client, run_id), curves(client, reference.info.run_id)
-    assert [s for s, _ in got["d_loss"]] == list(range(1, total + 1))
+    assert [s for s, _ in got["train/d_loss"]] == list(range(1, total + 1))
     assert got == want
     assert only.data.tags["aigc.logged.image.samples"] == "2"
 

@@ -104,7 +104,7 @@ def test_two_clones_at_once_lose_nothing_on_the_postgres_backed_server(services,
     for root in clones:
         info = json.loads((root / "models/run.json").read_text())
         assert info["tracking_uri"] == services.mlflow
-        assert len(client.get_metric_history(info["run_id"], "Train/g_loss")) == 1617 // 64  # every step batch
+        assert len(client.get_metric_history(info["run_id"], "train/g_loss")) == 1617 // 64  # every step batch
         assert "eval/fid" in client.get_run(info["run_id"]).data.metrics
         grids = [a.path for a in client.list_artifacts(info["run_id"], "images")]
         assert grids, "no sample grids"

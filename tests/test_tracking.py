@@ -89,9 +89,9 @@ def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, pro
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "1" and run.data.params["model.family"] == "dcgan"
     assert len(run.data.tags["aigc.dataset_sha256"]) == 64
-    for key in ("d_loss", "g_loss", "d_real", "d_fake"):  # grouped: the run page's first chart section
-        assert len(client.get_metric_history(run.info.run_id, f"Train/{key}")) == summary["steps"]
-    assert {k.split("/")[0] for k in run.data.metrics} == {"Train", "perf"}
+    for key in ("d_loss", "g_loss", "d_real", "d_fake"):  # grouped: the run page's train/ chart section
+        assert len(client.get_metric_history(run.info.run_id, f"train/{key}")) == summary["steps"]
+    assert {k.split("/")[0] for k in run.data.metrics} == {"train", "perf"}
     # the name says what differs: family, loss, augmentation, the params hash's first characters
     assert run.info.run_name == f"dcgan-bce-noaug-{run_info['params_sha256'][:7]}"
     assert run.data.tags["aigc.params_sha256"] == run_info["params_sha256"] == params_sha256(run_info["params"])
