@@ -3,6 +3,8 @@
     aigc check-params [params.yaml]          validate params.yaml, print the resolved values
     aigc generate --model models/generator.pt -n 64 --seed 0 --out grid.png
     aigc generate --model models:/aigc-generator@champion -n 64 --seed 0 --label 3 --out grid.png
+    aigc keygen --out ~/.config/aigc/data.key              a new data key (privacy.encrypt_at_rest)
+    aigc rekey data/raw data/validated --new-key-file NEW  re-encrypt under a new key (rotation)
 
 ``--label`` on a conditional model (model.conditional: true) uses its own conditioning; on an
 unconditional one it rejection-samples with the evaluator classifier (aigc/sampling.py).
@@ -72,6 +74,39 @@ def _generate(args: argparse.Namespace) -> None:
           f"to {args.out}")
 
 
+def _keygen(args: argparse.Namespace) -> None:
+    import os
+
+    from aigc.encryption import KEY_FILE_ENV, generate_key
+
+    out = Path(args.out).expanduser().resolve()
+    here = Path.cwd().resolve()
+    if out == here or here in out.parents:
+        raise UserError(f"{out} lies inside this project, where git or DVC could copy it; write the key outside "
+                        "the repository (e.g. ~/.config/aigc/data.key)")
+    if out.exists():
+        raise UserError(f"{out} exists; a key is never overwritten (data encrypted with it would be lost)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # readable by its owner only
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(generate_key() + "\n")
+    print(f"wrote a new 256-bit data key to {out} (mode 600); use it with: export {KEY_FILE_ENV}={out}")
+
+
+def _rekey(args: argparse.Namespace) -> None:
+    from aigc.encryption import key_from_env, parse_key, rekey
+
+    old = key_from_env()
+    try:
+        new = parse_key(Path(args.new_key_file).expanduser().read_text(encoding="ascii"),
+                        f"--new-key-file {args.new_key_file}")
+    except OSError as exc:
+        raise UserError(f"--new-key-file {args.new_key_file} cannot be read ({type(exc).__name__})") from None
+    for folder in args.folders:
+        files = rekey(folder, old, new)
+        print(f"re-encrypted {len(files)} file(s) in {folder} under the new key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aigc", description="aigc: train, evaluate and register generative image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for z: same seed, same images (default: %(default)s)")
     p.add_argument("--out", default="samples.png", help="PNG to write (default: %(default)s)")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("keygen", help="write a new random data key (privacy.encrypt_at_rest) to a file outside the repository")
+    p.add_argument("--out", required=True, help="key file to create (mode 600; never overwritten)")
+    p.set_defaults(func=_keygen)
+
+    p = sub.add_parser("rekey", help="re-encrypt encrypted data folders from the current key ($AIGC_DATA_KEY or "
+                                     "$AIGC_DATA_KEY_FILE) to a new one (key rotation)")
+    p.add_argument("folders", nargs="+", help="folders holding *.enc files (data/raw data/validated)")
+    p.add_argument("--new-key-file", required=True, help="the new key's file (aigc keygen --out ...)")
+    p.set_defaults(func=_rekey)
     return parser
 
 

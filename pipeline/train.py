@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from aigc import distributed
-from aigc.config import ModelConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
+from aigc.config import ModelConfig, PrivacyConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
 from aigc.data.preprocess import DATASET_JSON, dataset_sha256, load_info, load_split
 from aigc.images import save_png
 from aigc.io import atomic_path, save_torch, file_sha256, write_json
@@ -68,9 +68,10 @@ class Recorder:
 
 def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingConfig, processed: str,
           generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str,
-          vae: VAEConfig = VAEConfig()) -> dict[str, Any]:
+          vae: VAEConfig = VAEConfig(), privacy: PrivacyConfig = PrivacyConfig()) -> dict[str, Any]:
     """Train the model (GAN: G and D; vae: encoder and decoder) on PROCESSED's train split and
-    record the run in MLflow."""
+    record the run in MLflow. With privacy.dp.enabled D is trained with DP-SGD (Opacus)."""
+    dp = privacy.dp
     info = load_info(processed)
     split = load_split(processed, "train")
     net = net_config(model, info)  # a conditional model on unlabelled data stops here
@@ -80,9 +81,11 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     params = {"seed": seed} | flatten(model, "model.") | flatten(train, "train.")
     if model.family == "vae":
         params |= flatten(vae, "vae.")
+    if dp.enabled:
+        params |= flatten(dp, "privacy.dp.")
     kind = f"{'c' if net.conditional else ''}{model.family}"  # dcgan, cdcgan, vae, cvae
     tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family,
-            "aigc.conditional": str(net.conditional).lower()}
+            "aigc.conditional": str(net.conditional).lower(), "aigc.dp": str(dp.enabled).lower()}
     if commit:
         tags["mlflow.source.git.commit"] = commit
     ddp = distributed.from_env()  # under torchrun only rank 0 tracks and writes (aigc/distributed.py)
@@ -100,7 +103,8 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
             state, G_saved = vae_checkpoint_payload(result, train, vae, seed), result.G
         else:
             result = train_gan(train, net, images, seed, on_steps=rec.on_steps, on_epoch=rec.on_epoch,
-                               labels=labels)
+                               labels=labels, dp=dp)
+            net = result.net  # a private D is built without spectral norm (aigc/privacy/dp.py)
             # The EMA generator when train.ema_kimg > 0: what is sampled, evaluated, registered, served.
             state, G_saved = checkpoint_payload(result, train, seed), result.generator
         if not ddp.is_main:
@@ -119,14 +123,23 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
             "epochs": result.epochs,
             "tracking_seconds": round(rec.tracking_seconds, 2),
             "threads": result.threads,
-            **{f"final_{k}": round(v, 4) for k, v in result.last.items()},
+            **{f"final_{k}": round(v, 4) for k, v in result.last.items() if k != "epsilon"},
         }
+        privacy_summary = result.dp.summary() if getattr(result, "dp", None) is not None else {"dp": False}
+        if privacy_summary["dp"]:  # the guarantee beside the scores: dvc exp show lists epsilon next to fid
+            summary |= {"epsilon": privacy_summary["epsilon"], "delta": privacy_summary["delta"],
+                        "noise_multiplier": privacy_summary["noise_multiplier"]}
         write_json(metrics, summary)
         write_json(run, tracker.info() | {"git_commit": commit, "dataset_sha256": dataset_sha, "params": params,
-                                          "net": net.to_dict(), "device": result.device})
+                                          "net": net.to_dict(), "device": result.device,
+                                          "privacy": privacy_summary})
 
         t = time.perf_counter()
-        tracker.log_metrics({k: v for k, v in summary.items() if k != "tracking_seconds"}, step=result.steps)
+        tracker.log_metrics({k: v for k, v in summary.items() if k not in ("tracking_seconds", "delta")},
+                            step=result.steps)
+        if privacy_summary["dp"]:
+            tracker.set_tags({"aigc.dp.epsilon": str(privacy_summary["epsilon"]),
+                              "aigc.dp.delta": str(privacy_summary["delta"])})
         tracker.log_artifact(generator, "model")
         tracker.log_artifact(checkpoint, "checkpoint")
         for path in (losses, samples, metrics, Path(processed) / DATASET_JSON):
@@ -141,5 +154,5 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
 
 
 if __name__ == "__main__":
-    main(train, sections=("seed", "model", "train", "vae", "tracking"),
+    main(train, sections=("seed", "model", "train", "vae", "tracking", "privacy"),
          paths=("processed", "generator", "checkpoint", "run", "metrics", "losses", "samples"))
