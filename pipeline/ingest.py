@@ -14,7 +14,7 @@ from aigc.io import atomic_path
 from pipeline._stage import main
 
 
-def ingest(data: DataConfig, privacy: PrivacyConfig, out: str) -> dict[str, Any]:
+def ingest(data: DataConfig, out: str, privacy: PrivacyConfig = PrivacyConfig()) -> dict[str, Any]:
     """Read the raw images named by data.source (and data.path) into OUT: images.npy, labels.npy, metadata.csv
     (each AES-GCM encrypted as <name>.enc with privacy.encrypt_at_rest)."""
     key = key_from_env() if privacy.encrypt_at_rest else None  # a missing key fails before any work

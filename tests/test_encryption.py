@@ -138,11 +138,11 @@ def test_keygen_and_rekey_rotate_the_key(tmp_path: Path, monkeypatch: pytest.Mon
 def test_ingest_writes_ciphertext_and_needs_the_key_first(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch):
     from pipeline.ingest import ingest
 
-    summary = ingest(DataConfig(source="digits"), PrivacyConfig(encrypt_at_rest=True), str(tmp_path / "raw"))
+    summary = ingest(DataConfig(source="digits"), str(tmp_path / "raw"), PrivacyConfig(encrypt_at_rest=True))
     assert summary["encrypted"] is True and encryption.is_encrypted(tmp_path / "raw")
     images = np.load(io.BytesIO(encryption.read_file(tmp_path / "raw" / "images.npy")))
     assert images.shape == (1797, 8, 8, 1)
     monkeypatch.delenv(encryption.KEY_ENV)
     with pytest.raises(UserError, match=r"privacy.encrypt_at_rest needs the data key: set \$AIGC_DATA_KEY"):
-        ingest(DataConfig(source="digits"), PrivacyConfig(encrypt_at_rest=True), str(tmp_path / "raw2"))
+        ingest(DataConfig(source="digits"), str(tmp_path / "raw2"), PrivacyConfig(encrypt_at_rest=True))
     assert not (tmp_path / "raw2").exists()
