@@ -135,7 +135,8 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
                                           "privacy": privacy_summary})
 
         t = time.perf_counter()
-        tracker.log_metrics({k: v for k, v in summary.items() if k not in ("tracking_seconds", "delta")},
+        # (epsilon is already logged once per epoch by the loop; delta is a tag)
+        tracker.log_metrics({k: v for k, v in summary.items() if k not in ("tracking_seconds", "epsilon", "delta")},
                             step=result.steps)
         if privacy_summary["dp"]:
             tracker.set_tags({"aigc.dp.epsilon": str(privacy_summary["epsilon"]),

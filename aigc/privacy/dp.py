@@ -232,4 +232,8 @@ def quiet_opacus() -> None:
     """Opacus warns about the secure RNG on every run (the noise uses torch's generator, as every
     non-``secure_mode`` run does); once is enough for a pipeline log."""
     warnings.filterwarnings("once", message=".*[Ss]ecure RNG turned off.*")
+    # D's inputs need no gradient in its own step (reals, detached fakes): PyTorch then notes that
+    # Opacus' full backward hooks fire on the outputs' gradients only, which is all they need.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                                              "to module outputs")
     logging.getLogger("opacus.data_loader").addFilter(_DropLastNote())
