@@ -5,6 +5,8 @@
     aigc generate --model models:/aigc-generator@champion -n 64 --seed 0 --label 3 --out grid.png
     aigc report [RUN_ID] [--out run.html]   the one-page run report, rebuilt from MLflow
     aigc doctor                              is this machine set up? (exit code 1 when not)
+    aigc keygen --out ~/.config/aigc/data.key              a new data key (privacy.encrypt_at_rest)
+    aigc rekey data/raw data/validated --new-key-file NEW  re-encrypt under a new key (rotation)
 
 ``--label`` on a conditional model (model.conditional: true) uses its own conditioning; on an
 unconditional one it rejection-samples with the evaluator classifier (aigc/sampling.py).
@@ -116,6 +118,37 @@ def _doctor(args: argparse.Namespace) -> int:
     failed = [c for c in checks if c.failed]
     print(f"{len(failed)} problem(s)" if failed else "all ok")
     return 1 if failed else 0
+def _keygen(args: argparse.Namespace) -> None:
+    import os
+
+    from aigc.encryption import KEY_FILE_ENV, generate_key
+
+    out = Path(args.out).expanduser().resolve()
+    here = Path.cwd().resolve()
+    if out == here or here in out.parents:
+        raise UserError(f"{out} lies inside this project, where git or DVC could copy it; write the key outside "
+                        "the repository (e.g. ~/.config/aigc/data.key)")
+    if out.exists():
+        raise UserError(f"{out} exists; a key is never overwritten (data encrypted with it would be lost)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # readable by its owner only
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(generate_key() + "\n")
+    print(f"wrote a new 256-bit data key to {out} (mode 600); use it with: export {KEY_FILE_ENV}={out}")
+
+
+def _rekey(args: argparse.Namespace) -> None:
+    from aigc.encryption import key_from_env, parse_key, rekey
+
+    old = key_from_env()
+    try:
+        new = parse_key(Path(args.new_key_file).expanduser().read_text(encoding="ascii"),
+                        f"--new-key-file {args.new_key_file}")
+    except OSError as exc:
+        raise UserError(f"--new-key-file {args.new_key_file} cannot be read ({type(exc).__name__})") from None
+    for folder in args.folders:
+        files = rekey(folder, old, new)
+        print(f"re-encrypted {len(files)} file(s) in {folder} under the new key")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the MLflow store, DVC, disk; exit code 1 when something is wrong")
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     p.set_defaults(func=_doctor)
+    p = sub.add_parser("keygen", help="write a new random data key (privacy.encrypt_at_rest) to a file outside the repository")
+    p.add_argument("--out", required=True, help="key file to create (mode 600; never overwritten)")
+    p.set_defaults(func=_keygen)
+
+    p = sub.add_parser("rekey", help="re-encrypt encrypted data folders from the current key ($AIGC_DATA_KEY or "
+                                     "$AIGC_DATA_KEY_FILE) to a new one (key rotation)")
+    p.add_argument("folders", nargs="+", help="folders holding *.enc files (data/raw data/validated)")
+    p.add_argument("--new-key-file", required=True, help="the new key's file (aigc keygen --out ...)")
+    p.set_defaults(func=_rekey)
     return parser
 
 

@@ -251,6 +251,9 @@ class RegisterConfig(_Section):
     min_dcr_score: float = Field(default=0.8, ge=0.0, le=10.0)  # memorisation: 1 = as far as fresh images (0: off)
     max_copy_share: float = Field(default=0.05, ge=0.0, le=1.0)  # near-duplicates of training images (1: off)
     require_data_gate: bool = True  # reports/data_quality/summary.json must say passed
+    # Privacy gate: a version must have been trained with differential privacy at an epsilon no
+    # larger than this (null: no DP required). A non-private model is refused when it is set.
+    max_epsilon: float | None = Field(default=None, gt=0.0, le=1000.0)
     # The broken-generator check: this many samples must be finite and not constant.
     check_samples: int = Field(default=64, ge=2, le=4096)
     min_output_std: float = Field(default=0.01, ge=0.0)  # in the [-1, 1] pixel scale
@@ -306,8 +309,27 @@ class ValidateConfig(_Section):
         return self
 
 
+class DPConfig(_Section):
+    """Differential privacy for the discriminator (DP-SGD with Opacus; aigc/privacy/dp.py).
+
+    Only D sees real images, so only D is trained privately; G learns through D's noisy,
+    clipped updates (post-processing). The noise multiplier follows from the budget
+    (target_epsilon, delta) and the planned D steps (train.epochs x Poisson batches per epoch)."""
+
+    enabled: bool = False
+    # The (epsilon, delta)-DP budget the whole training may spend; the run stops before exceeding it.
+    target_epsilon: float = Field(default=10.0, gt=0.0, le=1000.0)
+    # Must be below 1/N (N training images); checked at training, where N is known.
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    # Per-sample gradient clipping bound C (flat, over all of D's parameters).
+    max_grad_norm: float = Field(default=1.0, gt=0.0, le=1e4)
+    # Opacus' accountant: rdp (Renyi DP, Mironov 2017) | prv (privacy random variables, tighter, slower).
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
 class PrivacyConfig(_Section):
-    """What to do with a metadata column the gate flags as personal data (see aigc/privacy)."""
+    """What to do with a metadata column the gate flags as personal data (see aigc/privacy), and
+    differential privacy and encryption at rest."""
 
     # drop: remove the column | hash: salted SHA-256 (salt from $AIGC_PII_SALT) | keep: opt-in
     action: PrivacyAction = "drop"
@@ -315,6 +337,11 @@ class PrivacyConfig(_Section):
     columns: dict[str, PrivacyAction] = Field(default_factory=dict)
     # A column whose name contains one of these words holds person names.
     name_columns: list[str] = Field(default_factory=lambda: ["name", "author", "writer", "patient", "owner"])
+    # DP-SGD on the discriminator (train stage).
+    dp: DPConfig = DPConfig()
+    # ingest and validate write data/raw and data/validated AES-GCM encrypted with the key in
+    # $AIGC_DATA_KEY (or the file $AIGC_DATA_KEY_FILE names); readers decrypt in memory (aigc/encryption.py).
+    encrypt_at_rest: bool = False
 
 
 # The section is called "validate", like its stage; pydantic warns that the name hides the
@@ -338,6 +365,28 @@ class Params(_Section):
     validate: ValidateConfig = ValidateConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     register: RegisterConfig = RegisterConfig()
+
+
+def cross_section_problems(params: Params) -> list[str]:
+    """Settings that are valid alone but not together (one line each, naming both keys)."""
+    problems = []
+    if params.privacy.dp.enabled:
+        t = params.train
+        # Opacus computes per-sample gradients of one backward pass; a penalty on dD/dx needs a
+        # second backward through those hooks (double backward), which Opacus does not support.
+        for key, value, what in (("r1_gamma", t.r1_gamma, "the R1 penalty"),
+                                 ("gp_weight", t.gp_weight, "the WGAN-GP gradient penalty")):
+            if value > 0:
+                problems.append(f"train.{key} = {value} with privacy.dp.enabled = true: {what} needs a double "
+                                f"backward through D, which Opacus' per-sample gradients do not support; set "
+                                f"train.{key}: 0 (and train.loss: bce or hinge) or privacy.dp.enabled: false")
+        if t.compile:
+            problems.append("train.compile = true with privacy.dp.enabled = true: Opacus' per-sample gradient hooks "
+                            "do not run under torch.compile; set train.compile: false")
+        if params.model.family == "vae":
+            problems.append("model.family = 'vae' with privacy.dp.enabled = true: DP is implemented for the GAN "
+                            "discriminator only; use family dcgan or mlp, or privacy.dp.enabled: false")
+    return problems
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -372,9 +421,13 @@ def parse_params(raw: Any, source: str = DEFAULT_PARAMS) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+    problems = cross_section_problems(params)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    return params
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:

@@ -4,7 +4,8 @@ Losses are functions of D's logits; penalties are functions of a callable ``D`` 
 so a conditional discriminator passes ``lambda x: D(x, y)``. Nothing here knows about optimisers
 or where scalars are logged: the loop reports what these return.
 
-Sign convention: every function returns a quantity to *minimise*.
+Sign convention: every function returns a quantity to *minimise*. D's losses average each side
+over its own rows and count an empty side as 0 (a DP run's Poisson batch of reals can be empty).
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ import torch.nn.functional as F
 Critic = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x``; 0 (with a zero gradient) when ``x`` is empty."""
+    return x.sum() / max(x.numel(), 1)
+
+
 # --- non-saturating BCE (Goodfellow et al. 2014; the DCGAN paper) ---------------------------------
 
 def d_loss_nonsaturating(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Discriminator: maximise log D(x) + log(1 - D(G(z))), as BCE-with-logits on 1s and 0s."""
-    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    return (_mean(F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits), reduction="none"))
+            + _mean(F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="none")))
 
 
 def g_loss_nonsaturating(fake_logits: torch.Tensor) -> torch.Tensor:
@@ -36,7 +42,7 @@ def g_loss_nonsaturating(fake_logits: torch.Tensor) -> torch.Tensor:
 def d_loss_hinge(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Discriminator: mean relu(1 - D(x)) + mean relu(1 + D(G(z))): no gradient from samples
     already on the right side of the margin."""
-    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+    return _mean(F.relu(1.0 - real_logits)) + _mean(F.relu(1.0 + fake_logits))
 
 
 def g_loss_hinge(fake_logits: torch.Tensor) -> torch.Tensor:
@@ -48,7 +54,7 @@ def g_loss_hinge(fake_logits: torch.Tensor) -> torch.Tensor:
 
 def d_loss_wasserstein(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Critic: mean D(G(z)) - mean D(x), minus the estimated Wasserstein-1 distance."""
-    return fake_logits.mean() - real_logits.mean()
+    return _mean(fake_logits) - _mean(real_logits)
 
 
 def g_loss_wasserstein(fake_logits: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ The rule (README, "Model registry and serving"):
 
 1. a broken generator (NaN/inf or constant output) is refused;
 2. every gate must pass: the data gate, the covered modes, memorisation (the DCR ratio and the
-   near-duplicate share), and the compared metric must be a finite number;
+   near-duplicate share), the privacy budget when ``register.max_epsilon`` is set (trained with
+   differential privacy at epsilon <= it), and the compared metric must be a finite number;
 3. the first version that passes the gates becomes the champion; a later one is compared with
    the champion *re-scored in the same feature space* (the register stage scores the champion's
    own generator with the candidate's evaluator, data and settings; numbers from another
@@ -141,9 +142,21 @@ def output_problem(images: torch.Tensor, min_std: float) -> str | None:
     return None
 
 
+def privacy_gate(privacy: dict[str, Any] | None, max_epsilon: float) -> Gate:
+    """Trained with DP at epsilon <= ``max_epsilon``? ``privacy``: run.json's ``privacy``
+    (``{"dp": bool, "epsilon", "delta", ...}``; None for a run that predates it)."""
+    bound = f"differential privacy with epsilon <= {max_epsilon:g} (register.max_epsilon)"
+    if not privacy or not privacy.get("dp"):
+        return Gate("privacy", False, "no DP guarantee (trained without privacy.dp.enabled)", bound)
+    eps, delta = privacy.get("epsilon"), privacy.get("delta")
+    ok = _finite(eps) and eps <= max_epsilon
+    return Gate("privacy", bool(ok), f"epsilon {eps} at delta {delta}" if _finite(eps) else repr(eps), bound)
+
+
 def gates(candidate: dict[str, Any], cfg: RegisterConfig, data_gate_passed: bool | None,
-          output_problem: str | None) -> list[Gate]:
-    """Every gate of ``register:`` on the candidate's metrics (reports/metrics.json)."""
+          output_problem: str | None, privacy: dict[str, Any] | None = None) -> list[Gate]:
+    """Every gate of ``register:`` on the candidate's metrics (reports/metrics.json) and, with
+    ``register.max_epsilon``, its privacy guarantee (``privacy``: run.json's)."""
     out = [Gate("output", output_problem is None, output_problem or "finite, varied images",
                 "finite, non-constant samples")]
     if cfg.require_data_gate:
@@ -165,6 +178,8 @@ def gates(candidate: dict[str, Any], cfg: RegisterConfig, data_gate_passed: bool
         ok = _finite(share) and share <= cfg.max_copy_share
         out.append(Gate("copy_share", bool(ok), share if _finite(share) else repr(share),
                         f"<= {cfg.max_copy_share:g} (register.max_copy_share; near-duplicates of training images)"))
+    if cfg.max_epsilon is not None:
+        out.append(privacy_gate(privacy, cfg.max_epsilon))
     value = compared_value(candidate, cfg.metric, cfg.relative_to_floor)
     what = f"{cfg.metric} - {cfg.metric}_floor" if cfg.relative_to_floor else cfg.metric
     out.append(Gate("metric", value is not None, value if value is not None else repr(candidate.get(cfg.metric)),
@@ -175,7 +190,7 @@ def gates(candidate: dict[str, Any], cfg: RegisterConfig, data_gate_passed: bool
 def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, cfg: RegisterConfig,
            data_gate_passed: bool | None, output_problem: str | None = None,
            champion_version: str | None = None, is_champion: bool = False,
-           champion_problem: str | None = None) -> Decision:
+           champion_problem: str | None = None, privacy: dict[str, Any] | None = None) -> Decision:
     """Promote the candidate, or refuse it, with the reason.
 
     ``candidate``: metrics as reports/metrics.json holds them. ``champion``: the champion's
@@ -183,7 +198,8 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, cfg: Regi
     champion yet). ``champion_problem``: why the champion could not be re-scored (then nothing is
     compared and the candidate is refused). ``champion_version`` only names it in the reason.
     ``is_champion``: the candidate is the very generator the alias already points at (a rerun
-    of the stage): nothing moves.
+    of the stage): nothing moves. ``privacy``: the training's guarantee (run.json ``privacy``), for
+    the ``register.max_epsilon`` gate.
     """
     direction = DIRECTIONS[cfg.metric]
     if direction == "closer":
@@ -194,7 +210,7 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, cfg: Regi
     champ = compared_value(champion, cfg.metric, cfg.relative_to_floor) if champion is not None else None
     se = difference_se(candidate, champion, cfg.metric) if champion is not None else None
     margin = max(cfg.min_improvement, cfg.margin_se * se) if se is not None else None
-    checks = gates(candidate, cfg, data_gate_passed, output_problem)
+    checks = gates(candidate, cfg, data_gate_passed, output_problem, privacy)
     common = dict(metric=cfg.metric, direction=direction, relative_to_floor=cfg.relative_to_floor,
                   candidate_value=cand, champion_value=champ, margin=margin, gates=checks)
     who = f"champion v{champion_version}" if champion_version else "the champion"

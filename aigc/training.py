@@ -20,6 +20,10 @@ penalty, a lazy R1 step, DiffAugment on everything D sees, and an EMA of G, whic
 generator that is sampled and saved. D's step and G's step are separate blocks under banners:
 a wrapper of D (differential privacy) needs to see them apart.
 
+With ``dp`` (privacy.dp, enabled) D is trained with DP-SGD (aigc/privacy/dp.py): real batches are
+Poisson-sampled, reals and fakes go through D in one pass, D's hooks are off in G's step, and the
+epsilon spent is reported as the scalar ``epsilon`` at the end of every epoch.
+
 Per-step scalars stay on the device and are copied to the host once per window: no ``.item()``
 on the hot path, so a CUDA step never waits on a host sync. The divergence guard reads them
 there: a non-finite value, or D separating every real from every fake image for
@@ -43,7 +47,7 @@ from tqdm.auto import tqdm
 
 from aigc import distributed
 from aigc.augment import check_policy, diff_augment
-from aigc.config import TrainConfig
+from aigc.config import DPConfig, TrainConfig
 from aigc.ema import GeneratorEMA
 from aigc.errors import UserError
 from aigc.images import make_grid
@@ -131,6 +135,7 @@ class EpochEnd:
     seconds: float  # training time so far; time spent in hooks and sampling is not counted
     grid: np.ndarray  # uint8 (H, W, C) samples from the fixed z
     G: torch.nn.Module
+    epsilon: float | None = None  # DP runs: the budget spent so far
 
 
 @dataclass
@@ -152,6 +157,7 @@ class TrainResult:
     channels_last: bool = False  # the memory layout the step ran in
     probe: ProbeResult | None = None  # what train.channels_last / train.threads = auto measured (CPU only)
     state: dict[str, Any] = field(default_factory=dict)  # the final checkpoint (complete when all epochs ran)
+    dp: Any = None  # DP runs: the aigc.privacy.dp.PrivateD (accountant, sigma, q); D above is the plain module
 
     @property
     def generator(self) -> torch.nn.Module:
@@ -172,19 +178,24 @@ def train_gan(
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
     extra: dict[str, Stateful] | None = None,
+    dp: DPConfig | None = None,
 ) -> TrainResult:
     """Train G and D on ``images`` ([-1, 1], (N, C, H, W)) with the recipe ``cfg`` describes.
 
     A conditional ``net`` also needs ``labels``: class indices (N,) of the images. Real images are
     judged with their own labels, fakes with classes drawn by ``net.class_share``.
 
+    ``dp`` (enabled) trains D with differential privacy (aigc/privacy/dp.py).
+
     ``resume``: a state ``on_checkpoint`` received (a checkpoint of this run) to go on from.
-    ``extra``: objects with ``state_dict``/``load_state_dict`` (a DP accountant, ...) saved in each
-    checkpoint under ``extra`` and restored on resume.
+    ``extra``: objects with ``state_dict``/``load_state_dict`` saved in each checkpoint under
+    ``extra`` and restored on resume. A private run's accountant travels the same way (``extra.dp``),
+    so a resumed run goes on spending the same budget instead of starting again from epsilon 0.
     """
     extra = extra or {}
     if resume is not None:
         check_resume(resume, cfg, net, seed)
+    private = dp is not None and dp.enabled
     # conditional: the labels must come with the images
     if net.conditional and (labels is None or len(labels) != len(images)):
         raise UserError(f"a conditional model needs one label per training image; got "
@@ -201,6 +212,14 @@ def train_gan(
     ddp = distributed.from_env()
     device = distributed.setup(ddp, resolve_device(cfg.device))
     distributed.per_rank_batch(cfg.batch_size, ddp)  # the global batch must split evenly over the ranks
+    if private:
+        from aigc.privacy import dp as dp_lib
+
+        if ddp.enabled:
+            raise UserError("privacy.dp.enabled under torchrun: DP training runs in one process here (Opacus' "
+                            "DPDDP is not wired in); run it without torchrun")
+        dp_lib.quiet_opacus()
+        net = dp_lib.private_net(net)  # no spectral norm in a private D (Opacus cannot clip through it)
     if not ddp.is_main:  # hooks, the progress bar and every write belong to rank 0
         on_steps = on_epoch = on_checkpoint = None
         progress = False
@@ -239,6 +258,7 @@ def train_gan(
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=betas_d)
     ema = GeneratorEMA(G, cfg.ema_kimg, cfg.ema_rampup) if cfg.ema_kimg > 0 else None
+    pd = None  # DP: D, its optimiser and the real batches, wrapped by Opacus
     d_loss_fn, g_loss_fn = D_LOSSES[cfg.loss], G_LOSSES[cfg.loss]
     # Mixed precision on CUDA only (bf16 needs no loss scaling); CPU stays fp32.
     amp = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -262,6 +282,13 @@ def train_gan(
         fixed_y = (torch.arange(cfg.grid_size) * net.num_classes // cfg.grid_size).to(device)
     n, b = len(data), cfg.batch_size  # b: the global batch
     steps_per_epoch = n // b  # drop the ragged last batch: BatchNorm and D's statistics want full ones
+    if private:  # Poisson batches (expected size ~b), b fakes beside them; sigma from the budget
+        spent = (resume or {}).get("extra", {}).get("dp")  # resumed: sigma kept, the spent steps count
+        pd = dp_lib.make_private(dp, D, opt_d, data, y_data if net.conditional else None, b,
+                                 cfg.epochs - (resume["epoch"] if spent else 0), b, resume=spent)
+        D_step = D_frozen = pd.D
+        opt_d = pd.opt
+        steps_per_epoch = pd.steps_per_epoch
     total = steps_per_epoch * cfg.epochs
 
     stats = Stats()
@@ -300,7 +327,8 @@ def train_gan(
             "rng": rng_state(order, device),
             "loop": {"separated_run": separated_run, "last": dict(last),
                      "seconds": seconds_before + time.perf_counter() - t_start - t_hooks},
-            "extra": {name: obj.state_dict() for name, obj in extra.items()},
+            "extra": {name: obj.state_dict() for name, obj in extra.items()}
+                     | ({"dp": pd.state_dict()} if pd is not None else {}),
             "complete": False,
         }
 
@@ -342,30 +370,46 @@ def train_gan(
 
     G.train()
     D.train()
-    stopped = False
+    stopped = budget_spent = False
     epoch = start_epoch
     if on_checkpoint is not None and resume is None:
         checkpoint(0)  # a run killed in its first epoch goes on from here (and its MLflow run with it)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         if epoch > start_epoch + 1:
             bar.set_description(f"epoch {epoch}/{cfg.epochs}")
+        if pd is not None and pd.epsilon_after(steps_per_epoch) > dp.target_epsilon * 1.001:
+            bar.write(f"privacy budget: another epoch would spend epsilon {pd.epsilon_after(steps_per_epoch):.3g} > "
+                      f"privacy.dp.target_epsilon = {dp.target_epsilon:g}; training stops at epoch {epoch - 1}")
+            epoch -= 1
+            budget_spent = True
+            break
         perm = torch.randperm(n, generator=order).to(device)
+        poisson = pd.batches() if pd is not None else None
         for i in range(steps_per_epoch):
             # every rank draws the same global batch and z and keeps its slice (one process: all of it)
-            idx = distributed.shard(perm[i * b:(i + 1) * b], ddp)
-            real = data[idx]
             z = distributed.shard(torch.randn(b, net.z_dim, device=device), ddp)
             # conditional: the reals' own labels; the fakes' drawn by the data's class shares
             y_real = y_fake = None
+            if poisson is not None:  # DP: a Poisson batch (its size varies; it may be empty)
+                real, y_real = next(poisson)
+            else:
+                idx = distributed.shard(perm[i * b:(i + 1) * b], ddp)
+                real = data[idx]
+                if net.conditional:
+                    y_real = y_data[idx]
             if net.conditional:
-                y_real = y_data[idx]
                 y_fake = distributed.shard(torch.multinomial(share, b, replacement=True), ddp)
 
             # (1) Update D: tell real from fake (the loss of train.loss), plus WGAN-GP's penalty.
             with amp:
                 fake = G_step(z, *cond(y_fake))
-                real_logits = D_sees(real, y_real)
-                fake_logits = D_sees(fake.detach(), y_fake)
+                if pd is not None:  # DP: one pass over reals and fakes, so each row is clipped once
+                    logits = D_sees(torch.cat([real, fake.detach()]),
+                                    torch.cat([y_real, y_fake]) if net.conditional else None)
+                    real_logits, fake_logits = logits[:len(real)], logits[len(real):]
+                else:
+                    real_logits = D_sees(real, y_real)
+                    fake_logits = D_sees(fake.detach(), y_fake)
                 d_loss = d_loss_fn(real_logits, fake_logits)
                 d_total = d_loss
                 if cfg.gp_weight > 0:  # on real/fake mixtures, judged with the reals' labels
@@ -374,11 +418,16 @@ def train_gan(
                     stats.report("gp_penalty", gp)
             opt_d.zero_grad(set_to_none=True)
             d_total.backward()
-            opt_d.step()
+            if pd is not None:
+                pd.step_d()  # clip, noise, account; then zeroed, so no grad_sample reaches G's step
+            else:
+                opt_d.step()
             stats.report("d_loss", d_loss)
-            stats.report("d_real", torch.sigmoid(real_logits.detach().float()).mean())  # mean D(x) as a probability
+            if len(real_logits):  # an empty Poisson batch (DP) has no D(x)
+                stats.report("d_real", torch.sigmoid(real_logits.detach().float()).mean())  # mean D(x) as a probability
             stats.report("d_fake", torch.sigmoid(fake_logits.detach().float()).mean())
-            stats.report("d_separated", (real_logits.detach().min() > fake_logits.detach().max()).float())
+            if len(real_logits):
+                stats.report("d_separated", (real_logits.detach().min() > fake_logits.detach().max()).float())
 
             # (1b) Lazy R1 on real images, every r1_interval steps, as its own D step (stylegan2-ada's
             # "Dreg"): gamma/2 * ||dD(x)/dx||^2, times the interval it stands for.
@@ -392,12 +441,14 @@ def train_gan(
 
             # (2) Update G: make D call the fakes real. D is frozen here: its weight gradients would
             # be thrown away, and not computing them saves a third of D's backward pass.
+            # DP: D's per-sample hooks are off too, so the fakes' gradients never enter D's clipping.
             D.requires_grad_(False)
-            with amp:
-                g_logits = D_sees(fake, y_fake, D_frozen)
-                g_loss = g_loss_fn(g_logits)
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
+            with pd.hooks_off() if pd is not None else nullcontext():
+                with amp:
+                    g_logits = D_sees(fake, y_fake, D_frozen)
+                    g_loss = g_loss_fn(g_logits)
+                opt_g.zero_grad(set_to_none=True)
+                g_loss.backward()
             opt_g.step()
             D.requires_grad_(True)
             stats.report("g_loss", g_loss)
@@ -408,6 +459,8 @@ def train_gan(
 
             step += 1
             imgs_window += b
+            if pd is not None and i == steps_per_epoch - 1:
+                stats.report("epsilon", pd.epsilon())  # the budget spent, once per epoch (a float: no device sync)
             stats.end_step(step)
             bar.update(1)
             if len(stats) >= cfg.log_every:
@@ -437,7 +490,8 @@ def train_gan(
                 Gs = sampled()
                 Gs.eval()
                 grid = make_grid(Gs(fixed_z, *cond(fixed_y)).float())
-                on_epoch(EpochEnd(epoch, step, seconds_before + t_hook - t_start - t_hooks, grid, Gs))
+                on_epoch(EpochEnd(epoch, step, t_hook - t_start - t_hooks, grid, Gs,
+                                  epsilon=pd.epsilon() if pd is not None else None))
                 G.train()
             t_window = time.perf_counter()  # sampling and hooks are not training time
             t_hooks += t_window - t_hook
@@ -449,14 +503,15 @@ def train_gan(
     distributed.teardown(ddp)
 
     seconds = seconds_before + time.perf_counter() - t_start - t_hooks
-    final = state(epoch) | {"complete": not stopped and epoch == cfg.epochs}
+    # complete: every epoch ran, or the privacy budget allows no more (a rerun has nothing to add)
+    final = state(epoch) | {"complete": (not stopped and epoch == cfg.epochs) or budget_spent}
     if ema is not None:
         ema.recompute_batchnorm(net.z_dim, device, seed=seed)
         final["G_ema"] = ema.G.state_dict()
     return TrainResult(G, D, opt_g, opt_d, net, step, epoch, seconds, step * b / max(seconds, 1e-9), last,
                        final["rng"], threads=threads if device.type == "cpu" else 0, device=str(device),
                        G_ema=ema.G if ema is not None else None, state=final,
-                       channels_last=fmt == torch.channels_last, probe=found)
+                       channels_last=fmt == torch.channels_last, probe=found, dp=pd)
 
 
 def probe_machine(cfg: TrainConfig, net: NetConfig, images: torch.Tensor, labels: torch.Tensor | None, seed: int,

@@ -101,6 +101,7 @@ def register(register: RegisterConfig, evaluate: EvaluateConfig, tracking: Track
     # (2) Is the generator broken? NaN or constant output is refused whatever the metrics say.
     G, net = load_generator(generator)
     problem = output_problem(sample(G, net.z_dim, cfg.check_samples, seed=0), cfg.min_output_std)
+    privacy = run_info.get("privacy") or {"dp": False}  # the training's DP guarantee (pipeline/train.py)
     numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     candidate = {
         "generator_sha256": generator_sha,
@@ -109,6 +110,7 @@ def register(register: RegisterConfig, evaluate: EvaluateConfig, tracking: Track
         "dataset_sha256": run_info.get("dataset_sha256"),
         "git_commit": run_info.get("git_commit"),
         "params_sha256": params_hash(run_info.get("params", {})),
+        "privacy": privacy,
         # NaN/inf as text: registry.json stays strict JSON
         "metrics": {k: (v if math.isfinite(v) else str(v)) for k, v in numbers.items()},
     }
@@ -116,7 +118,7 @@ def register(register: RegisterConfig, evaluate: EvaluateConfig, tracking: Track
 
     tracker = Run.attach(run_info, tracking)
     if not tracker.active:
-        decision = decide(numbers, None, cfg, gate.get("passed"), problem)
+        decision = decide(numbers, None, cfg, gate.get("passed"), problem, privacy=privacy)
         record |= {"outcome": "not registered", "promoted": False,
                    "reason": "tracking is off (tracking.enabled: false, or the training recorded no run): "
                              f"nothing registered. The gates alone would have {decision.outcome} it: {decision.reason}",
@@ -137,7 +139,7 @@ def register(register: RegisterConfig, evaluate: EvaluateConfig, tracking: Track
         t_rescore = time.perf_counter() - t
     decision = decide(numbers, rescored, cfg, gate.get("passed"), problem,
                       champion_version=champion.version if champion else None, is_champion=is_champion,
-                      champion_problem=champion_problem)
+                      champion_problem=champion_problem, privacy=privacy)
 
     # (4) The version: logged into the training's run, tagged with everything it was judged on.
     version = reg.find(cfg.model_name, GENERATOR_TAG, generator_sha)
@@ -204,6 +206,10 @@ def _log_and_register(tracker: Run, reg: Registry, cfg: RegisterConfig, generato
         "aigc.git_commit": candidate["git_commit"] or "",
         "aigc.data_gate_passed": str(data_gate_passed).lower(),
         "aigc.family": net.family,
+        # the privacy guarantee it was trained with (a team's private alias filters on these)
+        "aigc.dp": str(bool(candidate["privacy"].get("dp"))).lower(),
+        **({"aigc.dp.epsilon": str(candidate["privacy"]["epsilon"]), "aigc.dp.delta": str(candidate["privacy"]["delta"])}
+           if candidate["privacy"].get("dp") else {}),
     }
     return reg.register(model_uri, cfg.model_name, tags)
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from aigc import distributed
-from aigc.config import ModelConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
+from aigc.config import ModelConfig, PrivacyConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
 from aigc.data.preprocess import DATASET_JSON, dataset_sha256, load_info, load_split
 from aigc.images import save_png
 from aigc.io import atomic_path, file_sha256, params_sha256, save_torch, write_json
@@ -145,11 +145,13 @@ def code_files() -> dict[str, str]:
             for package in ("aigc", "pipeline") for p in sorted((root / package).rglob("*.py"))}
 
 
-def fingerprint(seed: int, model: ModelConfig, train_cfg: TrainConfig, vae: VAEConfig, dataset_sha: str) -> dict[str, Any]:
-    """What a checkpoint must share with this run to be resumed: params, data, code."""
+def fingerprint(seed: int, model: ModelConfig, train_cfg: TrainConfig, vae: VAEConfig, dataset_sha: str,
+                dp: Any = None) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed: params (privacy.dp's included), data, code."""
     parts = {"params": {"seed": seed} | flatten(model, "model.")
              | {k: v for k, v in flatten(train_cfg, "train.").items() if k.removeprefix("train.") not in RESUME_NEUTRAL}
-             | (flatten(vae, "vae.") if model.family == "vae" else {}),
+             | (flatten(vae, "vae.") if model.family == "vae" else {})
+             | (flatten(dp, "privacy.dp.") if dp is not None and dp.enabled else {}),
              "dataset_sha256": dataset_sha, "code": code_files()}
     parts["params"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in parts["params"].items()}
     return {"sha256": hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest(), **parts}
@@ -185,9 +187,11 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any] | None, str]:
 
 def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingConfig, processed: str,
           generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str,
-          vae: VAEConfig = VAEConfig()) -> dict[str, Any]:
+          vae: VAEConfig = VAEConfig(), privacy: PrivacyConfig = PrivacyConfig()) -> dict[str, Any]:
     """Train the model (GAN: G and D; vae: encoder and decoder) on PROCESSED's train split and
-    record the run in MLflow; a killed run goes on from its checkpoint."""
+    record the run in MLflow; a killed run goes on from its checkpoint. With privacy.dp.enabled D is
+    trained with DP-SGD (Opacus)."""
+    dp = privacy.dp
     info = load_info(processed)
     split = load_split(processed, "train")
     net = net_config(model, info)  # a conditional model on unlabelled data stops here
@@ -197,17 +201,20 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     params = {"seed": seed} | flatten(model, "model.") | flatten(train, "train.")
     if model.family == "vae":
         params |= flatten(vae, "vae.")
+    if dp.enabled:
+        params |= flatten(dp, "privacy.dp.")
     kind = f"{'c' if net.conditional else ''}{model.family}"  # dcgan, cdcgan, vae, cvae
     params_hash = params_sha256(params)
     tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family,
-            "aigc.conditional": str(net.conditional).lower(), "aigc.params_sha256": params_hash}
+            "aigc.conditional": str(net.conditional).lower(), "aigc.params_sha256": params_hash,
+            "aigc.dp": str(dp.enabled).lower()}
     if commit:
         tags["mlflow.source.git.commit"] = commit
     name = run_name(kind, model, train, vae, params_hash)
     ddp = distributed.from_env()  # under torchrun only rank 0 tracks and writes (aigc/distributed.py)
 
     # Resume when the last checkpoint is of this very run (same params, data and code).
-    fp = fingerprint(seed, model, train, vae, dataset_sha)
+    fp = fingerprint(seed, model, train, vae, dataset_sha, dp)
     previous, unreadable = read_checkpoint(checkpoint)
     resume = previous if previous is not None and previous["fingerprint"]["sha256"] == fp["sha256"] else None
     if resume is not None:
@@ -255,7 +262,8 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
             state, G_saved = vae_checkpoint_payload(result), result.G
         else:
             result = train_gan(train, net, images, seed, on_steps=rec.on_steps, on_epoch=rec.on_epoch,
-                               labels=labels, on_checkpoint=save_checkpoint, resume=resume)
+                               labels=labels, on_checkpoint=save_checkpoint, resume=resume, dp=dp)
+            net = result.net  # a private D is built without spectral norm (aigc/privacy/dp.py)
             # The EMA generator when train.ema_kimg > 0: what is sampled, evaluated, registered, served.
             state, G_saved = checkpoint_payload(result), result.generator
         if not ddp.is_main:
@@ -275,15 +283,19 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
             "tracking_seconds": round(rec.tracking_seconds, 2),
             "threads": result.threads,
             "channels_last": getattr(result, "channels_last", False),
-            **{f"final_{k}": round(v, 4) for k, v in result.last.items()},
+            **{f"final_{k}": round(v, 4) for k, v in result.last.items() if k != "epsilon"},
         }
+        privacy_summary = result.dp.summary() if getattr(result, "dp", None) is not None else {"dp": False}
+        if privacy_summary["dp"]:  # the guarantee beside the scores: dvc exp show lists epsilon next to fid
+            summary |= {"epsilon": privacy_summary["epsilon"], "delta": privacy_summary["delta"],
+                        "noise_multiplier": privacy_summary["noise_multiplier"]}
         headline = {k: summary[k] for k in ("images_per_s", "seconds", "epochs")} | {
             f"final_{k}": summary[f"final_{k}"] for k in FINAL_LOSSES if f"final_{k}" in summary} | {
             k: summary[k] for k in ("epsilon", "delta") if k in summary}  # differential privacy's guarantee
         write_json(metrics, headline)
         write_json(run, tracker.info() | {"git_commit": commit, "dataset_sha256": dataset_sha, "params": params,
                                           "params_sha256": params_hash, "run_name": name, "net": net.to_dict(),
-                                          "device": result.device, "training": summary})
+                                          "device": result.device, "training": summary, "privacy": privacy_summary})
 
         t = time.perf_counter()
         found = getattr(result, "probe", None)  # train.channels_last / threads = auto: what the probe measured
@@ -294,6 +306,9 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
                             step=result.steps)
         tracker.set_tags({"aigc.epochs": summary["epochs"], "aigc.steps": summary["steps"],
                           "aigc.channels_last": str(summary["channels_last"]).lower(), "aigc.threads": summary["threads"]})
+        if privacy_summary["dp"]:  # epsilon itself is logged once per epoch by the loop
+            tracker.set_tags({"aigc.dp.epsilon": str(privacy_summary["epsilon"]),
+                              "aigc.dp.delta": str(privacy_summary["delta"])})
         tracker.log_artifact(generator, "model")
         tracker.log_artifact(checkpoint, "checkpoint")
         for path in (losses, samples, metrics, Path(processed) / DATASET_JSON):
@@ -313,5 +328,5 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
 
 
 if __name__ == "__main__":
-    main(train, sections=("seed", "model", "train", "vae", "tracking"),
+    main(train, sections=("seed", "model", "train", "vae", "tracking", "privacy"),
          paths=("processed", "generator", "checkpoint", "run", "metrics", "losses", "samples"))

@@ -14,6 +14,7 @@ naming the expectation, the observed value, the bound and the first offending re
 
 from __future__ import annotations
 
+import hashlib
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -23,8 +24,9 @@ import great_expectations  # noqa: F401  (~2.5 s once per process: up front, so 
 
 from aigc.config import DataConfig, PrivacyConfig, TrackingConfig, ValidateConfig, flatten
 from aigc.data.sources import load_raw, save_raw
+from aigc.encryption import key_from_env, read_file
 from aigc.errors import DataError
-from aigc.io import atomic_path, file_sha256, write_json
+from aigc.io import atomic_path, write_json
 from aigc.privacy import salt_from_env
 from aigc.quality.gate import run_gate
 from aigc.quality.report import render_html
@@ -46,9 +48,13 @@ def validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyConfig,
     records to OUT only if it passes. SUMMARY (JSON), its headline METRICS (JSON) and REPORT (HTML) say
     what passed, either way."""
     salt = salt_from_env(privacy)  # a missing salt fails before any work
+    key = key_from_env() if privacy.encrypt_at_rest else None  # ... and so does a missing data key
     ds = load_raw(raw)
-    params = flatten(validate, "validate.") | flatten(privacy, "privacy.") | {"data.blank_std": data.blank_std}
-    tags = {"aigc.stage": "validate", "aigc.raw_images_sha256": file_sha256(Path(raw) / "images.npy")}
+    params = flatten(validate, "validate.") | {k: v for k, v in flatten(privacy, "privacy.").items()
+                                                if not k.startswith("privacy.dp.")} | {"data.blank_std": data.blank_std}
+    # of the plain array file, encrypted at rest or not (the ciphertext changes with every nonce)
+    raw_sha = hashlib.sha256(read_file(Path(raw) / "images.npy", key)).hexdigest()
+    tags = {"aigc.stage": "validate", "aigc.raw_images_sha256": raw_sha}
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
     tracker = Run.start(tracking, run_name=f"validate-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
@@ -82,7 +88,7 @@ def validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyConfig,
             raise DataError(f"{result.failure_message()}; report: {report}")
 
         with atomic_path(out) as tmp:
-            save_raw(result.scrubbed, tmp)
+            save_raw(result.scrubbed, tmp, key)
         ok = True
     finally:
         tracker.end(ok)

@@ -3,12 +3,18 @@ project, on a folder of 8x8 digits whose metadata.csv carries planted personal d
 
 No planted value may appear anywhere under the validated and processed data, the models, the
 reports or the MLflow store; then a bad label stops ``dvc repro`` at the gate with one line and
-nothing downstream changes.
+nothing downstream changes. Last, with ``privacy.encrypt_at_rest`` the raw and validated snapshots
+are re-written encrypted, and the DVC cache (after ``dvc gc``) holds none of the planted values in
+clear -- where without encryption it held them in the raw snapshot's metadata.csv. (A missing or
+wrong key and a tampered file: tests/test_encryption.py.)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +26,8 @@ from PIL import Image
 
 from aigc.config import DataConfig
 from aigc.data.sources import load_source
-from tests.conftest import copy_project
+from aigc.encryption import KEY_FILE_ENV, generate_key
+from tests.conftest import copy_project, run_module, set_params
 from tests.test_e2e import sh
 
 pytestmark = pytest.mark.slow
@@ -129,3 +136,30 @@ def test_a_failing_expectation_stops_repro_and_nothing_downstream_changes(projec
         assert (project / p).read_bytes() == before[p], p
     assert not (project / "data/validated").exists() or (
         (project / "data/validated/metadata.csv").read_bytes() == before["data/validated/metadata.csv"])
+
+
+def cache_text(project: Path) -> str:
+    files = [f for f in (project / ".dvc/cache").rglob("*") if f.is_file()]
+    assert files
+    return "\n".join(f.read_bytes().decode("utf-8", "replace") for f in files).lower()
+
+
+def test_encrypted_at_rest_the_dvc_cache_holds_no_planted_value(project: Path, tmp_path: Path):
+    shutil.rmtree(project / "data/source/planted/11", ignore_errors=True)  # the bad class of the test above
+    # encryption off: the raw snapshot's metadata.csv sits in the DVC cache (and any remote) in clear
+    assert PLANTED["email"].lower() in cache_text(project)
+
+    key_file = tmp_path / "data.key"  # outside the project
+    key_file.write_text(generate_key() + "\n")
+    set_params(project, {"privacy.encrypt_at_rest": True})
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", KEY_FILE_ENV: str(key_file)}
+    for args in (["dvc", "repro", "validate"], ["dvc", "gc", "--workspace", "--force"]):
+        res = run_module(args, project, env=env)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for folder in ("data/raw", "data/validated"):
+        assert sorted(p.name for p in (project / folder).iterdir()) == [
+            "images.npy.enc", "labels.npy.enc", "metadata.csv.enc"], folder
+    text = cache_text(project)
+    for value in [*PLANTED.values(), "hopper", "555 0147"]:
+        assert value.lower() not in text, value
+    assert key_file.read_text().strip().lower() not in text + (project / "dvc.lock").read_text().lower()

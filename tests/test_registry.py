@@ -108,6 +108,23 @@ def test_a_margin_is_required_when_configured_and_a_broken_output_is_refused():
     assert decide(scores(), scores(), CFG, True, is_champion=True).outcome == "kept"
 
 
+@pytest.mark.parametrize("privacy, promote, says", [
+    (None, False, "privacy = no DP guarantee (trained without privacy.dp.enabled) (needs differential privacy with "
+                  "epsilon <= 10 (register.max_epsilon))"),
+    ({"dp": False}, False, "privacy = no DP guarantee"),
+    ({"dp": True, "epsilon": 12.5, "delta": 1e-5}, False, "privacy = epsilon 12.5 at delta 1e-05 (needs differential "
+                                                          "privacy with epsilon <= 10"),
+    ({"dp": True, "epsilon": 9.7, "delta": 1e-5}, True, "first version to pass the gates"),
+    ({"dp": True, "epsilon": math.nan, "delta": 1e-5}, False, "privacy = nan"),
+])
+def test_max_epsilon_requires_a_dp_guarantee_within_the_budget(privacy, promote, says):
+    d = decide(scores(fid=5), None, RegisterConfig(max_epsilon=10.0), True, privacy=privacy)
+    assert d.promote is promote and says in d.reason, d.reason
+    # without register.max_epsilon (the default) privacy is not a gate at all
+    assert decide(scores(fid=5), None, CFG, True, privacy=privacy).promote
+    assert "privacy" not in {g.name for g in decide(scores(fid=5), None, CFG, True, privacy=privacy).gates}
+
+
 def test_output_problem_finds_nan_constant_and_identical_samples():
     rng = torch.Generator().manual_seed(0)
     good = torch.rand(8, 1, 4, 4, generator=rng) * 2 - 1

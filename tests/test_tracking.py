@@ -153,3 +153,29 @@ def test_two_stores_in_one_process_never_mix(tmp_path: Path, monkeypatch: pytest
     decoy_client = MlflowClient(decoy, registry_uri=decoy)
     assert decoy_client.search_registered_models() == []
     assert decoy_client.search_experiments(filter_string="name = 't'") == []
+
+
+def test_a_private_training_reports_epsilon_beside_its_scores(tmp_path: Path, sqlite_uri: str, processed_digits: Path):
+    from aigc.config import DPConfig, PrivacyConfig
+
+    out = {k: str(tmp_path / v) for k, v in {
+        "generator": "models/generator.pt", "checkpoint": "models/checkpoint.pt", "run": "models/run.json",
+        "metrics": "reports/metrics.json", "losses": "reports/losses.csv", "samples": "reports/samples.png"}.items()}
+    tracking = TrackingConfig(uri=sqlite_uri, experiment="dp", artifact_root=str(tmp_path / "art"))
+    privacy = PrivacyConfig(dp=DPConfig(enabled=True, target_epsilon=10.0))
+    summary = train(0, ModelConfig(d_widths=[8], g_widths=[16, 8], kernel=4, spectral_norm=True),
+                    TrainConfig(epochs=2, log_every=10), tracking, str(processed_digits), **out, privacy=privacy)
+    metrics = json.loads(Path(out["metrics"]).read_text())
+    assert metrics["delta"] == 1e-5 and 9.5 < metrics["epsilon"] <= 10.0 * 1.001 and metrics["epsilon"] == summary["epsilon"]
+    run_info = json.loads(Path(out["run"]).read_text())
+    assert run_info["privacy"]["dp"] is True and run_info["privacy"]["d_steps"] == summary["steps"] == 2 * (1617 // 64)
+    assert run_info["net"]["spectral_norm"] is False  # a private D is built without it
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(run_info["run_id"])
+    assert run.data.tags["aigc.dp"] == "true" and run.data.tags["aigc.dp.delta"] == "1e-05"
+    assert run.data.params["privacy.dp.target_epsilon"] == "10.0"
+    per_epoch = client.get_metric_history(run.info.run_id, "epsilon")
+    assert [m.step for m in per_epoch] == [1617 // 64, 2 * (1617 // 64)]  # once per epoch
+    assert per_epoch[0].value < per_epoch[1].value == pytest.approx(metrics["epsilon"], abs=1e-4)
+    epsilon_rows = [line for line in Path(out["losses"]).read_text().splitlines()[1:] if not line.endswith(",")]
+    assert len(epsilon_rows) == 2  # the DVC plot's epsilon column: filled at each epoch's last step

@@ -10,6 +10,7 @@ data gate decides what to scrub). A loader either returns a consistent dataset o
 from __future__ import annotations
 
 import gzip
+import io
 import re
 import struct
 from collections import Counter
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aigc import encryption
 from aigc.config import DataConfig
 from aigc.errors import DataError
 from aigc.io import save_npy
@@ -387,20 +389,30 @@ def load_source(cfg: DataConfig) -> RawDataset:
 
 # --- the raw folder (ingest's output, preprocess's input) ----------------------------------------
 
-def save_raw(ds: RawDataset, folder: Path) -> None:
-    """Write ``images.npy``, ``labels.npy`` and ``metadata.csv`` into ``folder`` (which must be new)."""
+def save_raw(ds: RawDataset, folder: Path, key: bytes | None = None) -> None:
+    """Write ``images.npy``, ``labels.npy`` and ``metadata.csv`` into ``folder`` (which must be new);
+    with a ``key`` each one AES-GCM encrypted as ``<name>.enc`` (aigc/encryption.py)."""
     folder.mkdir(parents=True)
-    save_npy(folder / "images.npy", ds.images)
-    save_npy(folder / "labels.npy", ds.labels)
-    ds.metadata.to_csv(folder / "metadata.csv", index=False)
+    if key is None:
+        save_npy(folder / "images.npy", ds.images)
+        save_npy(folder / "labels.npy", ds.labels)
+        ds.metadata.to_csv(folder / "metadata.csv", index=False)
+        return
+    for name, array in (("images.npy", ds.images), ("labels.npy", ds.labels)):
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        encryption.write_file(folder / name, buf.getvalue(), key)
+    encryption.write_file(folder / "metadata.csv", ds.metadata.to_csv(index=False).encode("utf-8"), key)
 
 
 def load_raw(folder: str | Path) -> RawDataset:
+    """The dataset ``save_raw`` wrote; encrypted files are decrypted in memory with the key from
+    the environment (``$AIGC_DATA_KEY`` / ``$AIGC_DATA_KEY_FILE``)."""
     folder = Path(folder)
     try:
-        images = np.load(folder / "images.npy", allow_pickle=False)
-        labels = np.load(folder / "labels.npy", allow_pickle=False)
-        metadata = pd.read_csv(folder / "metadata.csv")
+        images = np.load(io.BytesIO(encryption.read_file(folder / "images.npy")), allow_pickle=False)
+        labels = np.load(io.BytesIO(encryption.read_file(folder / "labels.npy")), allow_pickle=False)
+        metadata = pd.read_csv(io.BytesIO(encryption.read_file(folder / "metadata.csv")))
     except FileNotFoundError as exc:
         raise DataError(f"{folder}: incomplete raw dataset ({exc.filename} missing); run the ingest stage") from None
     return RawDataset(images, labels, metadata)
