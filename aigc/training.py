@@ -193,8 +193,6 @@ def train_gan(
     so a resumed run goes on spending the same budget instead of starting again from epsilon 0.
     """
     extra = extra or {}
-    if resume is not None:
-        check_resume(resume, cfg, net, seed)
     private = dp is not None and dp.enabled
     # conditional: the labels must come with the images
     if net.conditional and (labels is None or len(labels) != len(images)):
@@ -220,6 +218,8 @@ def train_gan(
                             "DPDDP is not wired in); run it without torchrun")
         dp_lib.quiet_opacus()
         net = dp_lib.private_net(net)  # no spectral norm in a private D (Opacus cannot clip through it)
+    if resume is not None:  # against the network as trained (a private D's included)
+        check_resume(resume, cfg, net, seed)
     if not ddp.is_main:  # hooks, the progress bar and every write belong to rank 0
         on_steps = on_epoch = on_checkpoint = None
         progress = False

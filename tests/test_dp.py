@@ -68,11 +68,11 @@ def test_accountant_steps_equal_d_optimiser_steps_and_the_checkpoint_keeps_them(
     result, _, _, _ = private_run
     pd = result.dp
     assert pd.optimizer_steps == pd.steps == result.steps == 20
-    state = checkpoint_payload(result, CFG, seed=0)["dp"]
+    state = checkpoint_payload(result)["extra"]["dp"]
     assert dp_lib.steps_of(state["accountant_state"]) == 20
     assert state["noise_multiplier"] == pd.noise_multiplier and state["epsilon"] == pytest.approx(pd.epsilon())
     # the plain D is saved (no Opacus prefix), built without spectral norm
-    assert not any(k.startswith("_module.") for k in checkpoint_payload(result, CFG, seed=0)["D"])
+    assert not any(k.startswith("_module.") for k in checkpoint_payload(result)["D"])
     assert result.net.spectral_norm is False
     assert not any("parametrizations" in k for k in result.D.state_dict())
 
@@ -181,3 +181,18 @@ def test_window_scalars_stay_finite_with_dp(private_run):
     _, rows, _, _ = private_run
     assert rows and all(math.isfinite(v) for r in rows for v in r.values())
     assert {"d_loss", "g_loss", "d_real", "d_fake"} <= set(rows[0])
+
+
+def test_a_killed_private_run_resumes_with_its_accountant(private_run):
+    """The accountant travels in the periodic checkpoint (extra.dp): resumed after epoch 1, the run
+    spends the same epsilon over the same number of D steps as the uninterrupted one."""
+    result, _, _, dp = private_run
+    states: list[dict] = []
+    cfg = CFG.model_copy(update={"threads": 1, "channels_last": False})
+    train_gan(cfg, NET, images(), seed=0, progress=False, dp=dp, on_checkpoint=states.append)
+    after_epoch_1 = next(s for s in states if s["epoch"] == 1)
+    assert dp_lib.steps_of(after_epoch_1["extra"]["dp"]["accountant_state"]) == 10
+    resumed = train_gan(cfg, NET, images(), seed=0, progress=False, dp=dp, resume=after_epoch_1)
+    assert resumed.dp.steps == resumed.dp.optimizer_steps + 10 == result.dp.steps == 20
+    assert resumed.dp.noise_multiplier == result.dp.noise_multiplier
+    assert resumed.dp.epsilon() == pytest.approx(result.dp.epsilon(), rel=1e-9)
