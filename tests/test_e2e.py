@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,57 @@ def test_experiment_with_a_changed_param_is_listed(project: Path):
     shown = json.loads(sh(["dvc", "exp", "show", "--json"], project).stdout)
     names = [exp.get("name") for base in shown for exp in (base.get("experiments") or [])]
     assert "bs32" in names, shown
+
+
+def test_two_queued_experiments_run_at_once_and_the_registry_serialises_them(project: Path):
+    """dvc exp run --queue twice, dvc queue start -j 2: both run (each in a temporary copy under
+    .dvc/tmp/exps) into the project's own MLflow store, and the two register stages never both
+    move the champion alias from the same version (a compare-and-set under the registry's lock)."""
+    import subprocess
+
+    from dvc.repo import Repo
+
+    # a one-epoch generator fails the default gates: off here, so both can compete for the alias
+    gates_off = ["-S", "register.min_modes_covered=0", "-S", "register.min_dcr_score=0",
+                 "-S", "register.max_copy_share=1"]
+    for name, lr in (("q1", "0.0004"), ("q2", "0.0001")):
+        sh(["dvc", "exp", "run", "--queue", "--name", name, "-S", f"train.lr_g={lr}", *gates_off], project)
+    t = time.monotonic()
+    sh(["dvc", "queue", "start", "-j", "2"], project)
+    try:
+        while True:
+            with Repo(str(project)) as repo:
+                states = {e["name"]: e["status"] for e in repo.experiments.celery_queue.status()}
+            if all(states.get(n) in ("Success", "Failed") for n in ("q1", "q2")):
+                break
+            assert time.monotonic() - t < 900, states
+            time.sleep(2)
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=project, capture_output=True, timeout=60)
+    print(f"two queued experiments, 2 workers: {time.monotonic() - t:.0f} s")
+    logs = {n: sh(["dvc", "queue", "logs", n], project, ok=False).stdout for n in ("q1", "q2")}
+    assert states["q1"] == states["q2"] == "Success", (states, {n: log[-3000:] for n, log in logs.items()})
+
+    # what each experiment committed (its exp ref): its run file and its registry decision
+    refs = sh(["git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"], project).stdout.split()
+    sha = {ref.rsplit("/", 1)[1]: obj for ref, obj in zip(refs[::2], refs[1::2], strict=True)}
+    show = lambda n, f: json.loads(sh(["git", "show", f"{sha[n]}:{f}"], project).stdout)  # noqa: E731
+    runs = {n: show(n, "models/run.json") for n in ("q1", "q2")}
+    recs = {n: show(n, "reports/registry.json") for n in ("q1", "q2")}
+    # both runs landed in the project's store, not in the deleted temporary copies, and finished
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    for n, info in runs.items():
+        assert info["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}", info["tracking_uri"]
+        run = client.get_run(info["run_id"])
+        assert run.info.status == "FINISHED" and "eval/fid" in run.data.metrics
+        assert run.data.tags["aigc.registered_version"] == recs[n]["version"]
+    # never two promotions from the same champion; the alias ends at the last one promoted
+    prev = {n: (r["previous_champion"] or {}).get("version") for n, r in recs.items()}
+    promoted = [n for n, r in recs.items() if r["promoted"]]
+    assert promoted and len({prev[n] for n in promoted}) == len(promoted), (prev, recs)
+    last = next(n for n in promoted if len(promoted) == 1 or prev[n] == recs[({"q1", "q2"} - {n}).pop()]["version"])
+    assert str(client.get_model_version_by_alias("aigc-generator", "champion").version) == recs[last]["version"]
+    print({n: (r["version"], r["outcome"], prev[n], r["decided_again_after_alias_moved_from"]) for n, r in recs.items()})
 
 
 def test_bad_source_stops_the_pipeline_and_keeps_the_outputs(project: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from aigc.data.preprocess import preprocess, save_processed
 from aigc.data.sources import load_source
 from aigc.errors import UserError
 from aigc.models import load_generator
-from aigc.tracking import Run
+from aigc.tracking import LOCK_SUFFIX, Registry, Run
 from pipeline.train import train
 
 
@@ -120,14 +121,15 @@ def test_two_stores_in_one_process_never_mix(tmp_path: Path, monkeypatch: pytest
     mlflow.set_tracking_uri(decoy)  # MLflow's global; it also exports the variable, which would
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # rightly win over tracking.uri: drop that copy
     try:
-        class Echo(mlflow.pyfunc.PythonModel):
-            def predict(self, context, model_input):
-                return model_input  # noqa: the model is beside the point here
-
+        echo = tmp_path / "echo.py"  # models from code; the model is beside the point here
+        echo.write_text("import mlflow.models, mlflow.pyfunc\n\n"
+                        "class Echo(mlflow.pyfunc.PythonModel):\n"
+                        "    def predict(self, context, model_input):\n        return model_input\n\n"
+                        "mlflow.models.set_model(Echo())\n")
         (tmp_path / "weights.txt").write_text("w")
         cfg = TrackingConfig(uri=real, experiment="t", artifact_root=str(tmp_path / "art"))
         run = Run.start(cfg, "r", {}, {})
-        uri = run.log_pyfunc_model("generator", Echo(), {"weights": str(tmp_path / "weights.txt")}, None, None, ["numpy"])
+        uri = run.log_pyfunc_model("generator", echo, {"weights": str(tmp_path / "weights.txt")}, None, None, ["numpy"])
         reg = Registry(real)
         version = reg.register(uri, "m", {"k": "v"})
         reg.set_alias(version, "champion")
@@ -142,3 +144,24 @@ def test_two_stores_in_one_process_never_mix(tmp_path: Path, monkeypatch: pytest
     decoy_client = MlflowClient(decoy, registry_uri=decoy)
     assert decoy_client.search_registered_models() == []
     assert decoy_client.search_experiments(filter_string="name = 't'") == []
+
+
+def test_the_registry_lock_excludes_waits_and_breaks_a_dead_holders_lock(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = Registry(uri)
+    name = f"m{LOCK_SUFFIX}"
+    with reg.lock(name):
+        # held: a second taker waits, then gives up with one clear line naming the lock and its holder
+        t = time.monotonic()
+        with pytest.raises(UserError, match=r"the registry lock 'm.alias-lock' .* has been held for more than 1 s "
+                                            r"\(by pid \d+ on "):
+            with Registry(uri).lock(name, timeout_s=1, stale_s=60):
+                pass
+        assert time.monotonic() - t >= 1
+    assert not MlflowClient(uri).search_registered_models()  # released
+    # a holder that died inside the section (its lock never deleted) is broken after stale_s
+    MlflowClient(uri).create_registered_model(name, tags={"aigc.lock.token": "dead"})
+    with Registry(uri).lock(name, timeout_s=30, stale_s=0.5):
+        held = MlflowClient(uri).get_registered_model(name)
+        assert held.tags["aigc.lock.token"] != "dead"
+    assert not MlflowClient(uri).search_registered_models()
