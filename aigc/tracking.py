@@ -62,7 +62,12 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     ``sqlite:///mlflow.db``) is the project's: inside a queued experiment's temporary copy it is
     made absolute against the project, or the experiment's runs and registered models would be
     written into the copy and deleted with it."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    return project_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri)
+
+
+def project_uri(uri: str) -> str:
+    """``uri`` as this project means it: a relative SQLite store inside a queued experiment's
+    temporary copy is the project's (a run file written by ``dvc repro`` names it relatively too)."""
     root = workspace_root()
     if root is not None and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
@@ -192,7 +197,7 @@ class Run:
         """
         if not cfg.enabled or not info.get("run_id"):
             return cls.disabled()
-        uri = info.get("tracking_uri") or resolve_uri(cfg)
+        uri = project_uri(info["tracking_uri"]) if info.get("tracking_uri") else resolve_uri(cfg)
         _check_reachable(uri)
         try:
             client = MlflowClient(tracking_uri=uri)

@@ -149,7 +149,7 @@ def test_the_server_refuses_anonymous_clients_and_wrong_passwords(services, tmp_
                         ({"MLFLOW_TRACKING_USERNAME": "aigc", "MLFLOW_TRACKING_PASSWORD": "wrong-password"},
                          "user 'aigc' and its password were refused")):
         res = subprocess.run([str(BIN / "aigc"), "generate", "--model", f"models:/{MODEL}@champion", "-n", "4",
-                              "--out", str(tmp_path / "g.png")], cwd=tmp_path, capture_output=True, text=True,
+                              "--params", str(ROOT / "params.yaml"), "--out", str(tmp_path / "g.png")], cwd=tmp_path, capture_output=True, text=True,
                              env=base | creds | {"MLFLOW_TRACKING_URI": services.mlflow}, timeout=120)
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
         assert res.stderr.startswith(f"error: MLflow tracking server {services.mlflow} requires authentication "

@@ -165,3 +165,30 @@ def test_the_registry_lock_excludes_waits_and_breaks_a_dead_holders_lock(tmp_pat
         held = MlflowClient(uri).get_registered_model(name)
         assert held.tags["aigc.lock.token"] != "dead"
     assert not MlflowClient(uri).search_registered_models()
+
+
+def test_a_queued_experiments_copy_uses_the_projects_local_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`dvc queue start` runs an experiment in <project>/.dvc/tmp/exps/tmpXXXX and deletes it after:
+    a relative SQLite store (tracking.uri, or a run file's) and the artifact folder are the project's."""
+    from aigc.tracking import artifact_location, project_uri, resolve_uri, workspace_root
+
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingConfig(uri="sqlite:///mlflow.db", experiment="aigc", artifact_root="mlartifacts")
+    monkeypatch.chdir(tmp_path)  # the project itself: relative, as the user wrote it
+    assert workspace_root() is None and resolve_uri(cfg) == "sqlite:///mlflow.db"
+    monkeypatch.chdir(copy)
+    assert workspace_root() == tmp_path.resolve()
+    assert resolve_uri(cfg) == project_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert project_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"  # absolute and server URIs stay
+    assert project_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert artifact_location(cfg, resolve_uri(cfg)) == (tmp_path.resolve() / "mlartifacts" / "aigc").as_uri()
+    # a run recorded by `dvc repro` in the project (run.json names the store relatively) re-opens here
+    monkeypatch.chdir(tmp_path)
+    run = Run.start(cfg, "r", {}, {})
+    run.end(ok=True)
+    monkeypatch.chdir(copy)
+    again = Run.attach(run.info(), cfg)
+    assert again.run_id == run.run_id and again.uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert not (copy / "mlflow.db").exists()
