@@ -48,6 +48,8 @@ MALFORMED: list[tuple[str, Any, str, str]] = [
     ("n = 0", frame([[0, 1]]), "application/json", "n = 0: ask for 1 to 10000 images"),
     ("n over the limit", frame([[10_001, 1]]), "application/json", "n = 10001: ask for 1 to 10000 images"),
     ("negative n", frame([[-3, 1]]), "application/json", "n = -3: ask for 1 to 10000 images"),
+    ("over the serving limit", frame([[1000, 0], [25, 1]]), "application/json",
+     "1025 images asked for in one request; the served model makes at most 1024"),
     ("negative seed", frame([[2, -1]]), "application/json", "seed = -1: must be a non-negative integer"),
     ("unknown label", frame([[2, 0, 11]], ("n", "seed", "label")), "application/json", "unknown label 11"),
     ("missing column", frame([[2]], ("n",)), "application/json", "seed"),
@@ -62,12 +64,11 @@ MALFORMED: list[tuple[str, Any, str, str]] = [
 
 
 def valid_requests(labels: bool) -> list[tuple[str, dict[str, Any], int]]:
-    """(name, body, images expected); a request for the limit (10,000 images) among them."""
-    from aigc.sampling import MAX_IMAGES
+    """(name, body, images expected); a request for the limit (MAX_SERVED_IMAGES) among them."""
+    from pipeline.serving import MAX_SERVED_IMAGES as LIMIT
 
     out = [("n=1", frame([[1, 0]]), 1), ("n=16", frame([[16, 0]]), 16), ("n=256", frame([[256, 0]]), 256),
-           ("two rows n=8+8", frame([[8, 0], [8, 1]]), 16), (f"n={MAX_IMAGES} (the limit)", frame([[MAX_IMAGES, 0]]),
-                                                              MAX_IMAGES)]
+           ("two rows n=8+8", frame([[8, 0], [8, 1]]), 16), (f"n={LIMIT} (the limit)", frame([[LIMIT, 0]]), LIMIT)]
     if labels:
         out.append(("n=4 of label 3", frame([[4, 0, 3]], ("n", "seed", "label")), 4))
     return out

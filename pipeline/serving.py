@@ -46,6 +46,13 @@ from aigc.models import NetConfig
 SERVING_PACKAGES = ("torch", "numpy", "pandas", "pydantic", "PyYAML", "tqdm", "pillow", "torchmetrics", "mlflow")
 
 
+# Images per HTTP request. The scoring server answers with JSON lists of pixels, built in memory:
+# under the load benchmark (benchmarks/serving_load.py, 8 clients) requests for 10,000 images each
+# took over 60 s, blocked the single worker until even n=1 requests hit MLflow's 60 s timeout
+# (HTTP 504), and the server grew to 3 GB. Larger batches belong to `aigc generate`.
+MAX_SERVED_IMAGES = 1024
+
+
 class GeneratorModel(mlflow.pyfunc.PythonModel):
     """(n, seed, label?) rows -> uint8 images; the generator is rebuilt from its file on load."""
 
@@ -72,11 +79,21 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         from aigc.sampling import generate_uint8
 
+        from aigc.sampling import check_request
+
         images = []
         try:
+            rows = []
             for row in model_input.to_dict("records"):
                 n, seed = whole(row["n"], "n"), whole(row["seed"], "seed")
-                label = whole(row["label"], "label") if "label" in row else None
+                check_request(n, seed)
+                rows.append((n, seed, whole(row["label"], "label") if "label" in row else None))
+            total = sum(n for n, _, _ in rows)
+            if total > MAX_SERVED_IMAGES:
+                raise UserError(f"{total} images asked for in one request; the served model makes at most "
+                                f"{MAX_SERVED_IMAGES} per request: split it into several, or use aigc generate "
+                                f"for large batches")
+            for n, seed, label in rows:
                 # Only an unconditional generator needs the classifier to honour a label.
                 evaluator = self.evaluator() if label is not None and not self.cfg.conditional else None
                 images.append(generate_uint8(self.G, self.cfg, n, seed, label, evaluator))
