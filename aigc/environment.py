@@ -6,7 +6,7 @@ set before any of them is imported: ``pipeline/__init__.py``, ``aigc/tracking.py
 exported wins. Tools started from the Makefile get it through ``python -m aigc.environment CMD``,
 which runs CMD with this environment added.
 
-Only telemetry, start-up budgets and retry limits live here -- never where a run goes: the
+Only telemetry, start-up budgets, retry limits and the refusal of pickled models live here -- never where a run goes: the
 tracking store and the Prefect API are passed explicitly (a client, a URI), not through globals.
 """
 
@@ -28,6 +28,9 @@ def quiet(cwd: Path | None = None) -> dict[str, str]:
         # A dead tracking server should fail in seconds, not after MLflow's default minutes of retries.
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+        # Loading a registered model never unpickles code: aigc logs models from code
+        # (pipeline/serving.py); a cloudpickled pyfunc (anyone's) is refused, not executed.
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
         "PREFECT_HOME": str((cwd or Path.cwd()) / ".prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # The ephemeral server's default 20 s start-up budget is too tight on a busy 2-core machine.

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -110,8 +111,17 @@ def load_net_file(path: str | Path, fmt: str, kind: str, missing_hint: str = "",
         raise UserError(f"{kind} file {path} not found{missing_hint}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refused a Python object (a class, a function): such a file can run code when
+        # unpickled, so it is never loaded. torch's message is many lines; keep the one that names it.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        what = next((line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line),
+                    lines[0] if lines else "")
+        raise UserError(f"{path}: not a readable {kind} file (UnpicklingError: it holds Python objects, not only "
+                        f"weights: {what[:300]}); a file like this can run code when loaded, so it is refused") from None
     except Exception as exc:
-        raise UserError(f"{path}: not a readable {kind} file ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"{path}: not a readable {kind} file ({type(exc).__name__}: {first[:300]})") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise UserError(f"{path}: not an aigc {kind} file (expected format {fmt!r})")
     return payload

@@ -24,12 +24,16 @@ and a local file, an earlier run's store) never get mixed up.
 from __future__ import annotations
 
 import os
+import random
 import re
+import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,14 +50,42 @@ from aigc.config import TrackingConfig  # noqa: E402
 from aigc.errors import UserError  # noqa: E402
 
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+LOCK_SUFFIX = ".alias-lock"  # Registry.lock: the registered model "<name>.alias-lock" is the mutex
+LOCK_TOKEN_TAG = "aigc.lock.token"
+LOCK_TIMEOUT_S = 300.0
+LOCK_STALE_S = 60.0
 MAX_PARAM_LEN = 6000
 # The experiment holds model training (MLflow 3.17 reads this tag when it picks an experiment's
 # default tab; its GenAI/Model training switch itself is a per-browser setting: README).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+def workspace_root(cwd: Path | None = None) -> Path | None:
+    """The project folder when this process runs in a queued DVC experiment's temporary copy
+    (``dvc exp run --queue``; ``dvc queue start`` runs it in ``<project>/.dvc/tmp/exps/tmpXXXX``
+    and deletes the copy afterwards); None elsewhere."""
+    parts = (cwd or Path.cwd()).resolve().parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return None
+
+
 def resolve_uri(cfg: TrackingConfig) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    """``MLFLOW_TRACKING_URI``, else ``tracking.uri``. A relative SQLite store (the default
+    ``sqlite:///mlflow.db``) is the project's: inside a queued experiment's temporary copy it is
+    made absolute against the project, or the experiment's runs and registered models would be
+    written into the copy and deleted with it."""
+    return project_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri)
+
+
+def project_uri(uri: str) -> str:
+    """``uri`` as this project means it: a relative SQLite store inside a queued experiment's
+    temporary copy is the project's (a run file written by ``dvc repro`` names it relatively too)."""
+    root = workspace_root()
+    if root is not None and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
+    return uri
 
 
 def _check_reachable(uri: str) -> None:
@@ -69,10 +101,35 @@ def _check_reachable(uri: str) -> None:
                 f"(mlflow server --backend-store-uri ... --host ... --port ...), or unset MLFLOW_TRACKING_URI "
                 f"to use the local store in params.yaml (tracking.uri)"
             ) from None
+        _check_signed_in(uri)
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.parent.exists():
             raise UserError(f"MLflow tracking URI {uri}: folder {db.parent} does not exist; create it or fix tracking.uri")
+
+
+def _check_signed_in(uri: str) -> None:
+    """A server with authentication (MLflow's basic-auth app) refuses anonymous clients and wrong
+    passwords: say so in one line, with what to set, instead of MLflow's 401 deep in a stage.
+    The credentials are the ones MLflow itself reads (MLFLOW_TRACKING_USERNAME/PASSWORD or
+    MLFLOW_TRACKING_TOKEN)."""
+    import requests
+
+    user, password, token = (os.environ.get(f"MLFLOW_TRACKING_{k}") for k in ("USERNAME", "PASSWORD", "TOKEN"))
+    try:
+        res = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                           auth=(user, password) if user and password else None,
+                           headers={"Authorization": f"Bearer {token}"} if token and not user else None, timeout=10)
+    except requests.RequestException:
+        return  # reachable a moment ago (/health); MLflow's own retries and errors take it from here
+    if res.status_code == 401:
+        given = f"user {user!r} and its password were refused" if user else "no user name and password were given"
+        raise UserError(f"MLflow tracking server {uri} requires authentication and {given} (HTTP 401): export "
+                        f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (make services writes them to "
+                        f".services/mlflow.env), or ask the server's admin for an account")
+    if res.status_code == 403:
+        raise UserError(f"MLflow tracking server {uri}: user {user!r} may not read experiments (HTTP 403); "
+                        f"ask the server's admin for READ or EDIT permission")
 
 
 def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
@@ -85,7 +142,8 @@ def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
         return root
     if uri.startswith(("http://", "https://")):
         return None
-    return Path(root).resolve().joinpath(cfg.experiment).as_uri()
+    # in a queued experiment's temporary copy, the project's folder (resolve_uri)
+    return (workspace_root() or Path.cwd()).joinpath(root).resolve().joinpath(cfg.experiment).as_uri()
 
 
 def _create_experiment(client: MlflowClient, cfg: TrackingConfig, uri: str) -> str:
@@ -250,7 +308,7 @@ class Run:
         """
         if not cfg.enabled or not info.get("run_id"):
             return cls.disabled()
-        uri = info.get("tracking_uri") or resolve_uri(cfg)
+        uri = project_uri(info["tracking_uri"]) if info.get("tracking_uri") else resolve_uri(cfg)
         _check_reachable(uri)
         try:
             client = MlflowClient(tracking_uri=uri)
@@ -407,13 +465,20 @@ class Run:
             problems.append(f"the MLflow server refused {len(box.refused)} call(s), first: {box.refused[0]}")
         return "; ".join(problems) or None
 
-    def log_pyfunc_model(self, name: str, python_model: Any, artifacts: dict[str, str], signature: Any,
+    def log_pyfunc_model(self, name: str, code_path: str | Path, artifacts: dict[str, str], signature: Any,
                          input_example: Any, pip_requirements: list[str]) -> str:
-        """Log an ``mlflow.pyfunc`` model (``python_model`` + its artifact files) into this run;
-        returns its ``models:/m-...`` URI, which :meth:`Registry.register` takes.
+        """Log an ``mlflow.pyfunc`` model into this run as *models from code*: ``code_path`` is a
+        Python file that defines the model and calls ``mlflow.models.set_model(...)``; MLflow
+        stores a copy of it beside the artifact files. Returns its ``models:/m-...`` URI, which
+        :meth:`Registry.register` takes.
 
-        ``pip_requirements`` must be given: inferring them costs ~11 s (stack.md).
+        A model object is refused: MLflow would cloudpickle it, and unpickling can execute
+        arbitrary code in whoever loads the registered model. ``pip_requirements`` must be given:
+        inferring them costs ~11 s (stack.md).
         """
+        if not isinstance(code_path, (str, Path)) or not Path(code_path).is_file():
+            raise TypeError(f"log_pyfunc_model takes the path of the model's code file (models from code), "
+                            f"not {type(code_path).__name__}: a pickled object runs code when loaded")
         if not self.active:
             raise RuntimeError("log_pyfunc_model needs an active run (tracking.enabled)")
         import tempfile
@@ -431,7 +496,7 @@ class Run:
             local = Path(tmp) / "model"
             meta = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=self.run_id,
                          model_id=model.model_id)
-            mlflow.pyfunc.save_model(path=str(local), python_model=python_model, artifacts=artifacts,
+            mlflow.pyfunc.save_model(path=str(local), python_model=str(code_path), artifacts=artifacts,
                                      signature=signature, input_example=input_example,
                                      pip_requirements=pip_requirements, mlflow_model=meta)
             self.client.log_model_artifacts(model.model_id, str(local))
@@ -523,8 +588,83 @@ class Registry:
             self.client.set_model_version_tag(version.name, version.version, key, str(value))
 
     def set_alias(self, version: ModelVersion, alias: str) -> None:
-        """Point ``alias`` at ``version`` (moving it from wherever it was)."""
+        """Point ``alias`` at ``version`` (moving it from wherever it was), unconditionally."""
         self.client.set_registered_model_alias(version.name, alias, version.version)
+
+    def compare_and_set_alias(self, version: ModelVersion, alias: str, expected: str | None,
+                              timeout_s: float = LOCK_TIMEOUT_S, stale_s: float = LOCK_STALE_S
+                              ) -> tuple[bool, ModelVersion | None]:
+        """Point ``alias`` at ``version`` only if it still points at version ``expected`` (None: the
+        alias does not exist yet). Returns (moved, the version the alias points at afterwards).
+
+        MLflow's alias update is last-writer-wins, so the read and the write happen under the
+        registry's alias lock (:meth:`lock`): two register stages that both decided against the
+        same champion cannot both move the alias; the second finds it moved and must decide again.
+        """
+        with self.lock(f"{version.name}{LOCK_SUFFIX}", timeout_s, stale_s):
+            now = self.by_alias(version.name, alias)
+            if (now.version if now else None) != expected:
+                return False, now
+            self.set_alias(version, alias)
+        return True, version
+
+    @contextmanager
+    def lock(self, name: str, timeout_s: float = LOCK_TIMEOUT_S, stale_s: float = LOCK_STALE_S) -> Iterator[None]:
+        """A mutex every client of this tracking store shares, whatever the backend (SQLite file,
+        PostgreSQL behind a server): the registered model ``name`` itself. Creating a registered
+        model is atomic in MLflow's stores (a unique name; a second create fails with
+        RESOURCE_ALREADY_EXISTS), so whoever creates it holds the lock, and deleting it releases it.
+
+        A lock left by a holder that died is broken once it has stayed the same lock (its token)
+        for ``stale_s`` seconds of this process's clock (no clock shared with other machines is
+        assumed); the sections it guards take milliseconds. Waiting longer than ``timeout_s``
+        stops with a clear error.
+        """
+        token = uuid.uuid4().hex
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        deadline = time.monotonic() + timeout_s
+        seen: tuple[str, float] | None = None  # (the held lock's token, when this process first saw it)
+        while True:
+            try:
+                self.client.create_registered_model(
+                    name, tags={LOCK_TOKEN_TAG: token, "aigc.lock.holder": holder},
+                    description="aigc's registry lock, held for milliseconds while an alias moves; "
+                                "delete it only if its holder is dead")
+                break
+            except MlflowException as exc:
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                    raise
+            held = self._model(name)
+            if held is not None:
+                other = (held.tags or {}).get(LOCK_TOKEN_TAG, "?")
+                if seen is None or seen[0] != other:
+                    seen = (other, time.monotonic())
+                elif time.monotonic() - seen[1] > stale_s:
+                    self._release(name, other)  # its holder died inside the section: break it
+                    seen = None
+                    continue
+                if time.monotonic() > deadline:
+                    who = (held.tags or {}).get("aigc.lock.holder", "unknown")
+                    raise UserError(f"the registry lock {name!r} in {self.uri} has been held for more than "
+                                    f"{timeout_s:g} s (by {who}); if that process is gone and the lock is not "
+                                    f"broken automatically (deleting it needs MANAGE permission on a server "
+                                    f"with authentication), delete the registered model {name!r} by hand")
+            time.sleep(random.uniform(0.05, 0.25))  # jitter: waiters do not retry in lockstep
+        try:
+            yield
+        finally:
+            self._release(name, token)
+
+    def _release(self, name: str, token: str) -> None:
+        """Delete the lock ``name`` if it is still the one with ``token`` (never a newer holder's)."""
+        held = self._model(name)
+        if held is None or (held.tags or {}).get(LOCK_TOKEN_TAG) != token:
+            return
+        try:
+            self.client.delete_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
 
     def resolve(self, uri: str) -> ModelVersion:
         """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the version; a clear error for an
@@ -535,7 +675,7 @@ class Registry:
         name, alias, number = m.groups()
         model = self._model(name)
         if model is None:
-            known = sorted(r.name for r in self.client.search_registered_models())
+            known = sorted(r.name for r in self.client.search_registered_models() if not r.name.endswith(LOCK_SUFFIX))
             raise UserError(f"no registered model {name!r} in {self.uri}; registered: "
                             f"{', '.join(known) if known else 'none yet (dvc repro registers one)'}")
         aliases = dict(model.aliases or {})

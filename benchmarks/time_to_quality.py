@@ -245,7 +245,7 @@ def main() -> None:
         load_evaluator(args.evaluator)
     except UserError as exc:
         sys.exit(f"error: {exc}; the trained candidates are kept in {tmp}: rerun with --score-only")
-    runs = [torch.load(tmp / f"{i}.pt", weights_only=False) for i in range(len(names))]
+    runs = [torch.load(tmp / f"{i}.pt", weights_only=True) for i in range(len(names))]  # tensors, numbers, str
     common = min(len(r["snapshots"]) for r in runs)  # compare only the marks every candidate reached
     for r in runs:
         r["snapshots"] = r["snapshots"][:common]

@@ -15,6 +15,11 @@ The version is logged into the training's own MLflow run (run.json) as a pyfunc 
 (pipeline/serving.py) and tagged with its metrics, params hash, git commit and dataset hash.
 DVC reruns this stage only when one of its inputs changes, so the decision is made once per
 new model; a rerun on the same generator file reuses its version instead of registering it twice.
+
+Parallel register stages (``dvc queue start -j 2``, two teammates) are serialised where it
+matters: the alias moves by compare-and-set under the registry's lock
+(``Registry.compare_and_set_alias``), so two candidates never both replace the same champion;
+the later one is judged again against the new champion.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pipeline.evaluate import Scorer
 
 METRIC_TAG = "metric."  # version tags "metric.fid", "metric.fid_floor", ...: the champion's scores
 GENERATOR_TAG = "aigc.generator_sha256"
+MAX_REDECISIONS = 20  # a champion that keeps moving under this stage: give up with a clear line
 
 
 def tag_metrics(tags: dict[str, str]) -> dict[str, float]:
@@ -130,16 +136,21 @@ def register(register: RegisterConfig, evaluate: EvaluateConfig, tracking: Track
     # (3) The champion now, re-scored in this feature space; whether this very generator was
     # registered before (a rerun).
     reg = Registry(tracker.uri)
+
+    def judge(champion: ModelVersion | None) -> tuple[Any, dict[str, float] | None, str | None, float]:
+        is_champion = champion is not None and champion.tags.get(GENERATOR_TAG) == generator_sha
+        rescored, champion_problem, seconds = None, None, 0.0
+        if champion is not None and not is_champion:
+            t = time.perf_counter()
+            rescored, champion_problem = rescore_champion(reg, champion, scorer)
+            seconds = time.perf_counter() - t
+        decision = decide(numbers, rescored, cfg, gate.get("passed"), problem,
+                          champion_version=champion.version if champion else None, is_champion=is_champion,
+                          champion_problem=champion_problem, privacy=privacy)
+        return decision, rescored, champion_problem, seconds
+
     champion = reg.by_alias(cfg.model_name, cfg.alias)
-    is_champion = champion is not None and champion.tags.get(GENERATOR_TAG) == generator_sha
-    rescored, champion_problem, t_rescore = None, None, 0.0
-    if champion is not None and not is_champion:
-        t = time.perf_counter()
-        rescored, champion_problem = rescore_champion(reg, champion, scorer)
-        t_rescore = time.perf_counter() - t
-    decision = decide(numbers, rescored, cfg, gate.get("passed"), problem,
-                      champion_version=champion.version if champion else None, is_champion=is_champion,
-                      champion_problem=champion_problem, privacy=privacy)
+    decision, rescored, champion_problem, t_rescore = judge(champion)
 
     # (4) The version: logged into the training's run, tagged with everything it was judged on.
     version = reg.find(cfg.model_name, GENERATOR_TAG, generator_sha)
@@ -147,9 +158,25 @@ def register(register: RegisterConfig, evaluate: EvaluateConfig, tracking: Track
     if version is None:
         version = _log_and_register(tracker, reg, cfg, generator, evaluator, net, candidate, gate.get("passed"),
                                     scorer.lineage)
+
+    # (5) Promotion is a compare-and-set: the alias moves only if it still points at the champion
+    # this decision was made against. Another register stage (a parallel experiment, a teammate)
+    # may have moved it meanwhile; then the candidate is judged again against the new champion.
+    superseded = []  # the champions the alias moved past while this stage was deciding
+    while decision.promote:
+        moved, now = reg.compare_and_set_alias(version, cfg.alias, champion.version if champion else None)
+        if moved:
+            break
+        superseded.append(champion.version if champion else None)
+        print(f"@{cfg.alias} moved to v{now.version if now else '?'} while this stage decided against "
+              f"{f'v{champion.version}' if champion else 'no champion'}: deciding again")
+        if len(superseded) > MAX_REDECISIONS:
+            raise UserError(f"@{cfg.alias} of {cfg.model_name} kept moving while this stage decided "
+                            f"({len(superseded)} times); rerun the register stage when the other runs are done")
+        champion = now
+        decision, rescored, champion_problem, more = judge(champion)
+        t_rescore += more
     reg.set_tags(version, {"aigc.decision": decision.outcome, "aigc.reason": decision.reason[:4000]})
-    if decision.promote:
-        reg.set_alias(version, cfg.alias)
     tracker.set_tags({"aigc.registered_model": cfg.model_name, "aigc.registered_version": version.version,
                       "aigc.registry_decision": decision.outcome})
 
@@ -174,6 +201,7 @@ def register(register: RegisterConfig, evaluate: EvaluateConfig, tracking: Track
         "decision": decision.to_dict(),
         "candidate": candidate,
         "lineage": scorer.lineage,
+        "decided_again_after_alias_moved_from": superseded,  # [] unless another stage promoted meanwhile
         "seconds": {"total": round(time.perf_counter() - t_start, 2), "rescore_champion": round(t_rescore, 2)},
         "tracking_uri": tracker.uri,
     }
@@ -193,7 +221,7 @@ def _log_and_register(tracker: Run, reg: Registry, cfg: RegisterConfig, generato
         # Stable artifact names inside the model, whatever the files are called in the workspace.
         artifacts = {"generator": str(shutil.copy2(generator, Path(tmp) / "generator.pt")),
                      "evaluator": str(shutil.copy2(evaluator, Path(tmp) / "evaluator.pt"))}
-        model_uri = tracker.log_pyfunc_model("generator", serving.GeneratorModel(), artifacts,
+        model_uri = tracker.log_pyfunc_model("generator", serving.CODE_PATH, artifacts,
                                              serving.signature(net), serving.input_example(),
                                              serving.pip_requirements())
     tags = {f"{METRIC_TAG}{k}": v for k, v in candidate["metrics"].items()} | {

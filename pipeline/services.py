@@ -10,6 +10,12 @@ Their data lives under ``.services/`` (git-ignored): ``pg/`` the database cluste
 ``mlartifacts/`` the artifacts MLflow proxies, ``prefect/`` the Prefect server's home, ``*.log``.
 The tests start the same engines through the functions here, each in its own folder.
 
+The MLflow server runs MLflow's basic-auth app (``mlflow server --app-name basic-auth``): a
+client without a user name and password is refused (HTTP 401). The first start writes
+``auth.json`` (mode 0600: the admin's and the team user's passwords, the server's secret key),
+``basic_auth.ini`` (the auth app's settings; its users live in ``basic_auth.db``) and
+``mlflow.env`` (0600), which a shell sources to become the team user.
+
 PostgreSQL refuses to run as root; run as root (CI), the cluster belongs to the ``postgres``
 system user the Debian package creates (``apt-get install postgresql``).
 """
@@ -21,6 +27,7 @@ import getpass
 import glob
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -192,19 +199,90 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
                                 env=os.environ | (env or {}))
 
 
+TEAM_USER = "aigc"  # the non-admin account the pipeline runs as (`make services`)
+# Every signed-in user may read and write every experiment and registered model (a team shares
+# one experiment and one champion alias); deleting and managing permissions stay with a
+# resource's creator and the admin. Anonymous clients get nothing.
+AUTH_DEFAULT_PERMISSION = "EDIT"
+
+
+@dataclass
+class Credentials:
+    """The basic-auth secrets of one MLflow server (``root/auth.json``, mode 0600)."""
+
+    secret_key: str  # MLflow's CSRF key: the same across restarts and workers
+    admin_password: str
+    user: str
+    password: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client exports to sign in as the team user."""
+        return {"MLFLOW_TRACKING_USERNAME": self.user, "MLFLOW_TRACKING_PASSWORD": self.password}
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def auth_setup(root: Path) -> tuple[Credentials, Path]:
+    """The auth app's settings for a server whose state lives in ``root``: the secrets (made once,
+    then reused) and ``basic_auth.ini``; returns them and the ini's path."""
+    root.mkdir(parents=True, exist_ok=True)
+    secret = root / "auth.json"
+    if secret.exists():
+        creds = Credentials(**json.loads(secret.read_text()))
+    else:
+        creds = Credentials(secrets.token_urlsafe(32), secrets.token_urlsafe(18), TEAM_USER, secrets.token_urlsafe(18))
+        _write_private(secret, json.dumps(asdict(creds), indent=1))
+    ini = root / "basic_auth.ini"
+    ini.write_text("\n".join([
+        "[mlflow]", f"default_permission = {AUTH_DEFAULT_PERMISSION}",
+        f"database_uri = sqlite:///{(root / 'basic_auth.db').resolve()}", "admin_username = admin",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth", "",
+    ]))
+    _write_private(root / "mlflow.env", "".join(f"export {k}={v}\n" for k, v in creds.env.items()))
+    return creds, ini
+
+
+def _ensure_user(url: str, creds: Credentials) -> None:
+    """Create the team user through the auth app's REST API, as the admin (once)."""
+    import httpx
+
+    res = httpx.post(f"{url}/api/2.0/mlflow/users/create", json={"username": creds.user, "password": creds.password},
+                     auth=("admin", creds.admin_password), timeout=30)
+    if res.status_code != 200 and "RESOURCE_ALREADY_EXISTS" not in res.text:
+        raise ServiceError(f"the MLflow auth app refused to create user {creds.user!r}: "
+                           f"HTTP {res.status_code} {res.text[:300]}")
+
+
 def start_mlflow(backend_uri: str, artifacts: Path, root: Path, port: int | None = None,
-                 timeout_s: float = 120) -> Service:
+                 timeout_s: float = 120, auth: bool = True) -> Service:
     """``mlflow server`` on ``backend_uri`` (PostgreSQL), proxying artifacts to ``artifacts``
-    (clients upload and download through the server: they need no access to the store)."""
+    (clients upload and download through the server: they need no access to the store).
+
+    ``auth``: with MLflow's basic-auth app (``--app-name basic-auth``): anonymous requests are
+    refused; the team user of :func:`auth_setup` (``root/auth.json``) signs in with a password."""
     port = port or free_port()
     log = root / "mlflow.log"
     artifacts.mkdir(parents=True, exist_ok=True)
-    proc = _spawn([_venv_tool("mlflow"), "server", "--backend-store-uri", backend_uri,
-                   "--artifacts-destination", str(artifacts.resolve()), "--serve-artifacts",
-                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log)
+    cmd = [_venv_tool("mlflow"), "server", "--backend-store-uri", backend_uri,
+           "--artifacts-destination", str(artifacts.resolve()), "--serve-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {}
+    if auth:
+        creds, ini = auth_setup(root)
+        cmd += ["--app-name", "basic-auth"]
+        env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini.resolve()), "MLFLOW_FLASK_SERVER_SECRET_KEY": creds.secret_key,
+               "MLFLOW_AUTH_ADMIN_PASSWORD": creds.admin_password}  # read on the first start only
+    proc = _spawn(cmd, log, env)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(lambda: _healthy(f"{url}/health"), proc, "the MLflow server", log, timeout_s)
+        if auth:
+            _ensure_user(url, creds)
     except ServiceError:
         Service("mlflow", proc.pid, port, url, str(log)).stop()
         raise
@@ -319,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
             for s in services:
                 print(f"  {s.name:9s} {s.url}")
             mlflow, prefect = services[1], services[2]
-            print(f"point the pipeline at them:\n  export MLFLOW_TRACKING_URI={mlflow.url}\n"
+            print(f"point the pipeline at them (MLflow asks for a password: {home / 'mlflow.env'} signs in "
+                  f"as user {TEAM_USER!r}):\n  export MLFLOW_TRACKING_URI={mlflow.url}\n"
+                  f"  source {home / 'mlflow.env'}\n"
                   f"  export PREFECT_API_URL={prefect.url}\n(make services-down stops them; the data stays)")
         elif args.command == "down":
             stopped = down(home)

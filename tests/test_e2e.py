@@ -9,6 +9,7 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,65 @@ def test_the_run_report_is_written_and_logged(project: Path):
     assert {a.path for a in client.list_artifacts(run_id, "report")} == {
         "report/run.html", "report/registry.json", "report/run.json"}
     assert client.get_run(run_id).info.run_name.startswith("dcgan-hinge-noaug-")
+def test_two_queued_experiments_run_at_once_and_the_registry_serialises_them(project: Path):
+    """dvc exp run --queue twice, dvc queue start -j 2: both run (each in a temporary copy under
+    .dvc/tmp/exps) into the project's own MLflow store, and the two register stages never both
+    move the champion alias from the same version (a compare-and-set under the registry's lock).
+
+    Kept small: the two variants differ in register settings only, so each experiment runs just
+    the register stage (the rest is restored from the cache), and both register the same trained
+    generator at about the same moment. The last experiment (bs32) is committed first, so the
+    queue starts from it."""
+    import subprocess
+
+    from dvc.repo import Repo
+
+    sh(["git", "add", "-A"], project)
+    sh(["git", "commit", "-qm", "bs32"], project)
+    # a one-epoch generator fails the default gates: off here, so both compete for the alias
+    gates_off = ["-S", "register.min_modes_covered=0", "-S", "register.min_dcr_score=0",
+                 "-S", "register.max_copy_share=1"]
+    for name, margin in (("q1", "1.0"), ("q2", "3.0")):
+        sh(["dvc", "exp", "run", "--queue", "--name", name, "-S", f"register.margin_se={margin}", *gates_off], project)
+    t = time.monotonic()
+    sh(["dvc", "queue", "start", "-j", "2"], project)
+    try:
+        while True:
+            with Repo(str(project)) as repo:
+                states = {e["name"]: e["status"] for e in repo.experiments.celery_queue.status()}
+            if all(states.get(n) in ("Success", "Failed") for n in ("q1", "q2")):
+                break
+            assert time.monotonic() - t < 900, states
+            time.sleep(2)
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=project, capture_output=True, timeout=60)
+    print(f"two queued experiments, 2 workers: {time.monotonic() - t:.0f} s")
+    logs = {n: sh(["dvc", "queue", "logs", n], project, ok=False).stdout for n in ("q1", "q2")}
+    assert states["q1"] == states["q2"] == "Success", (states, {n: log[-3000:] for n, log in logs.items()})
+
+    # what each experiment committed (its exp ref): its run file and its registry decision
+    refs = sh(["git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"], project).stdout.split()
+    sha = {ref.rsplit("/", 1)[1]: obj for ref, obj in zip(refs[::2], refs[1::2], strict=True)}
+    show = lambda n, f: json.loads(sh(["git", "show", f"{sha[n]}:{f}"], project).stdout)  # noqa: E731
+    runs = {n: show(n, "models/run.json") for n in ("q1", "q2")}
+    recs = {n: show(n, "reports/registry.json") for n in ("q1", "q2")}
+    # both runs landed in the project's store, not in the deleted temporary copies, and finished
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    for n, info in runs.items():
+        assert info["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}", info["tracking_uri"]
+        run = client.get_run(info["run_id"])
+        assert run.info.status == "FINISHED" and "eval/fid" in run.data.metrics
+        assert run.data.tags["aigc.registered_version"] == recs[n]["version"]
+    # no champion before (the one-epoch baselines failed the default gates); the same generator in
+    # both: exactly one promotion, the other finds that generator is the champion ("kept"), whether
+    # it was overtaken while deciding or started after the first had finished
+    before = [r for r in (json.loads((project / "reports/registry.json").read_text()),)]
+    assert before[0]["champion_version"] is None, before
+    print({n: (r["version"], r["outcome"], r["decided_again_after_alias_moved_from"]) for n, r in recs.items()})
+    assert sorted(r["outcome"] for r in recs.values()) == ["kept", "promoted"], recs
+    won = next(r for r in recs.values() if r["promoted"])
+    assert won["previous_champion"] is None
+    assert str(client.get_model_version_by_alias("aigc-generator", "champion").version) == won["version"]
 
 
 def test_bad_source_stops_the_pipeline_and_keeps_the_outputs(project: Path):

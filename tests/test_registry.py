@@ -482,6 +482,17 @@ def test_mlflow_serves_the_champion_over_http(store, tmp_path: Path):
         bad = requests.post(f"{url}/invocations", timeout=60,
                             json={"dataframe_split": {"columns": ["n", "seed", "label"], "data": [[2, 0, 11]]}})
         assert bad.status_code == 400 and "unknown label 11" in bad.json()["message"]
+        # every malformed request of the load benchmark: a 4xx that says what is wrong, never a 5xx
+        from benchmarks.serving_load import MALFORMED, check, load, send, summarise
+
+        session = requests.Session()
+        for kind, body, ctype, expect in MALFORMED:
+            status, _, payload = send(session, url, body, ctype, timeout_s=60)
+            assert check(kind, status, payload, expect) is None, (kind, status, payload)
+        # and a few seconds of 4 concurrent clients, valid and malformed mixed (the limit left out)
+        burst = summarise(load(url, clients=4, seconds=3, labels=False, limit_every=0)["results"], 3)
+        assert burst["requests"] > 4 and burst["server_errors_5xx"] == 0, burst
+        assert burst["malformed_not_4xx_with_message"] == burst["valid_failed"] == 0, burst["problems"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -490,6 +501,72 @@ def test_mlflow_serves_the_champion_over_http(store, tmp_path: Path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+# --- parallel register stages: the alias moves by compare-and-set -----------------------------------
+
+# Each process imports everything, then waits for the go file: the two decisions start together.
+DRIVER = """
+import json, sys, time
+from pathlib import Path
+from aigc.config import EvaluateConfig, RegisterConfig, TrackingConfig
+from pipeline.register import register
+a = json.loads(sys.argv[1])
+go = Path(a.pop("go"))
+Path(a.pop("ready")).touch()
+while not go.exists():
+    time.sleep(0.01)
+register(RegisterConfig(**a.pop("register")), EvaluateConfig(**a.pop("evaluate")), TrackingConfig(**a.pop("tracking")), **a)
+"""
+
+
+
+@pytest.mark.slow
+def test_two_register_stages_at_once_never_both_replace_the_same_champion(store, tmp_path: Path):
+    """Two real processes run the register stage at the same instant on one store, for a model
+    that has no champion yet (the generators of seed1 and seed2, already evaluated): both pass the
+    gates and decide to promote "the first version"; only one moves the alias, the other finds it
+    moved and is judged again against the new champion, re-scored."""
+    p, _ = store
+    cfg = STAGE.model_copy(update={"model_name": "race"})
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    go = tmp_path / "go"
+    procs = {}
+    for name in ("seed1", "seed2"):
+        d = p.root / name
+        args = {"register": cfg.model_dump(), "evaluate": EVAL.model_dump(), "tracking": p.tracking.model_dump(),
+                "generator": str(d / "generator.pt"), "evaluator": str(p.evaluator), "processed": str(p.processed),
+                "cache_dir": str(p.root / "cache"), "run": str(d / "run.json"), "metrics": str(d / "metrics.json"),
+                "data_gate": str(p.root / "gate.json"), "registry": str(tmp_path / f"{name}.json"),
+                "go": str(go), "ready": str(tmp_path / f"{name}.ready")}
+        procs[name] = subprocess.Popen([sys.executable, str(driver), json.dumps(args)], cwd=tmp_path,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"{n}.ready").exists() for n in procs):
+        assert all(q.poll() is None for q in procs.values()) and time.monotonic() < deadline, \
+            {n: q.communicate()[0][-3000:] for n, q in procs.items() if q.poll() is not None}
+        time.sleep(0.05)
+    go.touch()
+    outs = {n: q.communicate(timeout=600)[0] for n, q in procs.items()}
+    for n, q in procs.items():
+        assert q.returncode == 0, outs[n][-4000:]
+    rec = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in procs}
+    print({n: (r["version"], r["outcome"], r["reason"], r["decided_again_after_alias_moved_from"])
+           for n, r in rec.items()})
+    first = [n for n, r in rec.items() if r["decided_again_after_alias_moved_from"] == []]
+    again = [n for n, r in rec.items() if r["decided_again_after_alias_moved_from"] == [None]]
+    assert len(first) == 1 and len(again) == 1, rec
+    won, later = rec[first[0]], rec[again[0]]
+    assert won["promoted"] and won["previous_champion"] is None and "first version" in won["reason"]
+    assert later["previous_champion"]["version"] == won["version"] and "(re-scored)" in later["reason"]
+    assert f"moved to v{won['version']} while this stage decided against no champion: deciding again" in outs[again[0]]
+    client = MlflowClient(p.uri)
+    expected = later["version"] if later["promoted"] else won["version"]
+    assert str(client.get_model_version_by_alias("race", "champion").version) == expected == later["champion_version"]
+    for r in rec.values():  # the versions' tags hold the final decisions; the lock is gone
+        assert client.get_model_version("race", r["version"]).tags["aigc.decision"] == r["outcome"]
+    assert sorted(m.name for m in client.search_registered_models()) == ["aigc-generator", "race"]
 
 
 def test_with_tracking_off_nothing_is_registered_and_the_record_says_why(tmp_path: Path):

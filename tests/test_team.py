@@ -27,7 +27,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.services import free_port, start_mlflow, start_postgres, start_prefect, start_sshd
+from pipeline.services import auth_setup, free_port, start_mlflow, start_postgres, start_prefect, start_sshd
 from tests.conftest import ROOT, tiny_project
 
 pytestmark = pytest.mark.slow
@@ -53,13 +53,23 @@ def services():
     try:
         pg, backend = start_postgres(root)
         started.append(pg)
-        mlflow = start_mlflow(backend, root / "mlartifacts", root)
+        mlflow = start_mlflow(backend, root / "mlartifacts", root)  # with MLflow's basic-auth app
         started.append(mlflow)
         prefect = start_prefect(root)
         started.append(prefect)
+        creds, _ = auth_setup(root)
+        # every client here (the clones' stages, `mlflow models serve`, this process's MlflowClient)
+        # signs in as the team user, the way `source .services/mlflow.env` does
+        saved = {k: os.environ.get(k) for k in creds.env}
+        os.environ.update(creds.env)
         yield SimpleNamespace(root=root, backend=backend, mlflow=mlflow.url, prefect=prefect.url,
-                              artifacts=root / "mlartifacts")
+                              artifacts=root / "mlartifacts", creds=creds)
     finally:
+        for k, v in locals().get("saved", {}).items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         for s in reversed(started):
             s.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -117,6 +127,34 @@ def test_two_clones_at_once_lose_nothing_on_the_postgres_backed_server(services,
     assert str(champion.version) in {"1", "2"}
     print(f"through {services.mlflow} on {services.backend}: {len(runs)} runs, "
           f"{len(versions)} versions, @champion -> v{champion.version}")
+
+
+def test_the_server_refuses_anonymous_clients_and_wrong_passwords(services, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """MLflow's basic-auth app: no credentials or a wrong password is HTTP 401 for the REST API,
+    for MLflow's own client, and one clear line from aigc; the team user gets in."""
+    import httpx
+    from mlflow.exceptions import MlflowException
+
+    api = f"{services.mlflow}/api/2.0/mlflow/experiments/search"
+    assert httpx.get(api, params={"max_results": 1}).status_code == 401
+    assert httpx.get(api, params={"max_results": 1}, auth=(services.creds.user, "wrong-password")).status_code == 401
+    assert httpx.get(api, params={"max_results": 1}, auth=(services.creds.user, services.creds.password)).status_code == 200
+    for key in services.creds.env:
+        monkeypatch.delenv(key)
+    with pytest.raises(MlflowException, match="401"):
+        MlflowClient(services.mlflow).search_experiments()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    for creds, says in (({}, "no user name and password were given"),
+                        ({"MLFLOW_TRACKING_USERNAME": "aigc", "MLFLOW_TRACKING_PASSWORD": "wrong-password"},
+                         "user 'aigc' and its password were refused")):
+        res = subprocess.run([str(BIN / "aigc"), "generate", "--model", f"models:/{MODEL}@champion", "-n", "4",
+                              "--params", str(ROOT / "params.yaml"), "--out", str(tmp_path / "g.png")], cwd=tmp_path, capture_output=True, text=True,
+                             env=base | creds | {"MLFLOW_TRACKING_URI": services.mlflow}, timeout=120)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.startswith(f"error: MLflow tracking server {services.mlflow} requires authentication "
+                                     f"and {says} (HTTP 401)"), res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "g.png").exists()
 
 
 def test_models_serve_the_champion_from_the_server(services, clones, tmp_path: Path):
@@ -296,7 +334,7 @@ def test_a_worker_runs_the_deployment_and_refuses_an_overlapping_run(services, c
         assert "skipped: another retraining run holds" in text
 
 
-def test_make_services_starts_and_stops_the_three(tmp_path: Path):
+def test_make_services_starts_and_stops_the_three(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`make services` / `make services-down` (python -m pipeline.services up/down), on free ports."""
     home = Path(tempfile.mkdtemp(prefix="aigc-make-services-"))
     ports = [f"--{name}-port={free_port()}" for name in ("postgres", "mlflow", "prefect")]
@@ -304,9 +342,20 @@ def test_make_services_starts_and_stops_the_three(tmp_path: Path):
     try:
         res = sh([*cmd, "up", "--home", str(home), *ports], ROOT, timeout=300)
         assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:" in res.stdout
+        assert f"source {home / 'mlflow.env'}" in res.stdout
         uri = next(line.split("=", 1)[1] for line in res.stdout.splitlines() if "MLFLOW_TRACKING_URI=" in line)
+        assert oct((home / "mlflow.env").stat().st_mode & 0o777) == oct(0o600)
+        assert oct((home / "auth.json").stat().st_mode & 0o777) == oct(0o600)
+        creds = dict(line.removeprefix("export ").split("=", 1) for line in (home / "mlflow.env").read_text().split())
+        assert creds["MLFLOW_TRACKING_USERNAME"] == "aigc"
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        with pytest.raises(Exception, match="401"):  # the server asks for a password
+            MlflowClient(uri).create_experiment("anonymous")
+        for key, value in creds.items():
+            monkeypatch.setenv(key, value)
         client = MlflowClient(uri)
-        client.create_experiment("from-make-services")  # a write that lands in PostgreSQL
+        client.create_experiment("from-make-services")  # a write that lands in PostgreSQL, as the team user
         status = sh([*cmd, "status", "--home", str(home)], ROOT).stdout
         assert status.count(" up (log ") == 3, status
         again = sh([*cmd, "up", "--home", str(home), *ports], ROOT, ok=False)

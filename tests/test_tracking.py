@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from aigc.data.sources import load_source
 from aigc.errors import UserError
 from aigc.io import params_sha256
 from aigc.models import load_generator
-from aigc.tracking import Run
+from aigc.tracking import LOCK_SUFFIX, Registry, Run
 from pipeline.train import train
 
 
@@ -131,14 +132,15 @@ def test_two_stores_in_one_process_never_mix(tmp_path: Path, monkeypatch: pytest
     mlflow.set_tracking_uri(decoy)  # MLflow's global; it also exports the variable, which would
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # rightly win over tracking.uri: drop that copy
     try:
-        class Echo(mlflow.pyfunc.PythonModel):
-            def predict(self, context, model_input):
-                return model_input  # noqa: the model is beside the point here
-
+        echo = tmp_path / "echo.py"  # models from code; the model is beside the point here
+        echo.write_text("import mlflow.models, mlflow.pyfunc\n\n"
+                        "class Echo(mlflow.pyfunc.PythonModel):\n"
+                        "    def predict(self, context, model_input):\n        return model_input\n\n"
+                        "mlflow.models.set_model(Echo())\n")
         (tmp_path / "weights.txt").write_text("w")
         cfg = TrackingConfig(uri=real, experiment="t", artifact_root=str(tmp_path / "art"))
         run = Run.start(cfg, "r", {}, {})
-        uri = run.log_pyfunc_model("generator", Echo(), {"weights": str(tmp_path / "weights.txt")}, None, None, ["numpy"])
+        uri = run.log_pyfunc_model("generator", echo, {"weights": str(tmp_path / "weights.txt")}, None, None, ["numpy"])
         reg = Registry(real)
         version = reg.register(uri, "m", {"k": "v"})
         reg.set_alias(version, "champion")
@@ -179,3 +181,49 @@ def test_a_private_training_reports_epsilon_beside_its_scores(tmp_path: Path, sq
     assert per_epoch[0].value < per_epoch[1].value == pytest.approx(metrics["epsilon"], abs=1e-4)
     epsilon_rows = [line for line in Path(out["losses"]).read_text().splitlines()[1:] if not line.endswith(",")]
     assert len(epsilon_rows) == 2  # the DVC plot's epsilon column: filled at each epoch's last step
+def test_the_registry_lock_excludes_waits_and_breaks_a_dead_holders_lock(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = Registry(uri)
+    name = f"m{LOCK_SUFFIX}"
+    with reg.lock(name):
+        # held: a second taker waits, then gives up with one clear line naming the lock and its holder
+        t = time.monotonic()
+        with pytest.raises(UserError, match=r"the registry lock 'm.alias-lock' .* has been held for more than 1 s "
+                                            r"\(by pid \d+ on "):
+            with Registry(uri).lock(name, timeout_s=1, stale_s=60):
+                pass
+        assert time.monotonic() - t >= 1
+    assert not MlflowClient(uri).search_registered_models()  # released
+    # a holder that died inside the section (its lock never deleted) is broken after stale_s
+    MlflowClient(uri).create_registered_model(name, tags={"aigc.lock.token": "dead"})
+    with Registry(uri).lock(name, timeout_s=30, stale_s=0.5):
+        held = MlflowClient(uri).get_registered_model(name)
+        assert held.tags["aigc.lock.token"] != "dead"
+    assert not MlflowClient(uri).search_registered_models()
+
+
+def test_a_queued_experiments_copy_uses_the_projects_local_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`dvc queue start` runs an experiment in <project>/.dvc/tmp/exps/tmpXXXX and deletes it after:
+    a relative SQLite store (tracking.uri, or a run file's) and the artifact folder are the project's."""
+    from aigc.tracking import artifact_location, project_uri, resolve_uri, workspace_root
+
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingConfig(uri="sqlite:///mlflow.db", experiment="aigc", artifact_root="mlartifacts")
+    monkeypatch.chdir(tmp_path)  # the project itself: relative, as the user wrote it
+    assert workspace_root() is None and resolve_uri(cfg) == "sqlite:///mlflow.db"
+    monkeypatch.chdir(copy)
+    assert workspace_root() == tmp_path.resolve()
+    assert resolve_uri(cfg) == project_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert project_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"  # absolute and server URIs stay
+    assert project_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert artifact_location(cfg, resolve_uri(cfg)) == (tmp_path.resolve() / "mlartifacts" / "aigc").as_uri()
+    # a run recorded by `dvc repro` in the project (run.json names the store relatively) re-opens here
+    monkeypatch.chdir(tmp_path)
+    run = Run.start(cfg, "r", {}, {})
+    run.end(ok=True)
+    monkeypatch.chdir(copy)
+    again = Run.attach(run.info(), cfg)
+    assert again.run_id == run.run_id and again.uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert not (copy / "mlflow.db").exists()
