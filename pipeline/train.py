@@ -45,6 +45,9 @@ from pipeline._stage import main
 RESUME_NEUTRAL = {"threads", "compile", "channels_last", "log_every", "checkpoint_every"}
 
 
+UNGROUPED = {"epsilon"}  # the privacy guarantee, not a training curve
+
+
 class Recorder:
     """Collects the per-step scalars for the DVC plot file and forwards them to MLflow in batches.
 
@@ -82,8 +85,10 @@ class Recorder:
 
     @staticmethod
     def mlflow_rows(rows: list[dict[str, Any]], speed: list[tuple[int, float]]) -> list[tuple[str, float, int]]:
-        """(key, value, step) for MLflow: the loop's scalars under ``train/``, the throughput under ``perf/``."""
-        return ([(f"train/{k}", v, r["step"]) for r in rows for k, v in r.items() if k not in ("step", "epoch")]
+        """(key, value, step) for MLflow: the loop's scalars under ``train/``, the throughput under ``perf/``;
+        a DP run's spent ``epsilon`` (once per epoch) keeps its own top-level name, beside the scores."""
+        return ([(k if k in UNGROUPED else f"train/{k}", v, r["step"])
+                 for r in rows for k, v in r.items() if k not in ("step", "epoch")]
                 + [("perf/images_per_s", v, s) for s, v in speed])
 
     def resend(self) -> None:
