@@ -102,25 +102,17 @@ def check_environment(environ: Mapping[str, str]) -> list[Check]:
     return out
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
-    """The CPU's model name and flags (Linux); ('unknown', set()) elsewhere."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return "unknown", set()
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    return (model.group(1).strip() if model else "unknown"), set(flags.group(1).split() if flags else ())
-
-
 def check_cpu() -> list[Check]:
     import torch
 
-    model, flags = cpu_flags()
+    from aigc.machine import cpu
+
+    info = cpu()
+    model, flags = info["model"], set(info["flags"])
     have = {"AVX2": "avx2" in flags, "AVX-512": "avx512f" in flags, "AVX-512 BF16": "avx512_bf16" in flags,
             "AMX": "amx_tile" in flags}
     uses = torch.backends.cpu.get_cpu_capability()
-    text = (f"{model}, {os.cpu_count()} logical cores; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in have.items())
+    text = (f"{model}, {info['logical_cpus']} logical cores; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in have.items())
             + f"; PyTorch kernels: {uses}")
     if not have["AVX2"] and flags:
         return [Check("cpu", "info", text + " (no AVX2: expect training several times slower than the README's figures)")]
