@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from aigc import machine
 
@@ -43,6 +44,17 @@ FAMILIES = {"dcgan": ("dcgan", False), "cdcgan": ("dcgan", True), "mlp": ("mlp",
             "cvae": ("vae", True)}
 
 
+def evaluator_setup(params: Any) -> tuple[Any, torch.Tensor, torch.Tensor, Any, Any]:
+    """The default data preprocessed as the pipeline does, and the evaluator classifier trained on it
+    as the train_evaluator stage does: (processed, train images, test images, its config, the model)."""
+    data = preprocess(load_source(params.data), params.data, params.seed)
+    train_x, test_x = torch.from_numpy(data.train["images"]), torch.from_numpy(data.test["images"])
+    enet = evaluator_net(params.evaluator, data.info)
+    ev = fit_evaluator(params.evaluator, enet, train_x, label_indices(data.train["labels"], enet), test_x,
+                       label_indices(data.test["labels"], enet), params.seed, progress=False).model
+    return data, train_x, test_x, enet, ev
+
+
 class BudgetSpent(Exception):
     """Raised by the epoch hook to end a run once its training seconds pass the budget."""
 
@@ -60,11 +72,7 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml")
     load0 = os.getloadavg()
 
-    data = preprocess(load_source(params.data), params.data, params.seed)
-    train_x, test_x = torch.from_numpy(data.train["images"]), torch.from_numpy(data.test["images"])
-    enet = evaluator_net(params.evaluator, data.info)
-    ev = fit_evaluator(params.evaluator, enet, train_x, label_indices(data.train["labels"], enet), test_x,
-                       label_indices(data.test["labels"], enet), params.seed, progress=False).model
+    data, train_x, test_x, enet, ev = evaluator_setup(params)
     test_emb = embed(ev, test_x)
     test_idx = label_indices(data.test["labels"], enet)
     ref = reference(ev, embed(ev, train_x), test_emb, data.train["labels"], args.samples, params.evaluate.seed)

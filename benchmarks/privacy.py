@@ -18,31 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
-import torch
-
+from aigc import machine
 from aigc.config import load_params
-from aigc.data.preprocess import preprocess
-from aigc.data.sources import load_source
 from aigc.metrics import calc_metrics, embed, reference
-from aigc.metrics.evaluator import evaluator_net, fit_evaluator, label_indices
 from aigc.models import draw, net_config
 from aigc.training import train_gan
-from benchmarks.families import cpu_model
+from benchmarks.families import evaluator_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "benchmarks"
-
-
-def cpu_flags() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Flags"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return "unknown"
 
 
 def main() -> None:
@@ -54,11 +41,7 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml")
     load0 = os.getloadavg()
 
-    data = preprocess(load_source(params.data), params.data, params.seed)
-    train_x, test_x = torch.from_numpy(data.train["images"]), torch.from_numpy(data.test["images"])
-    enet = evaluator_net(params.evaluator, data.info)
-    ev = fit_evaluator(params.evaluator, enet, train_x, label_indices(data.train["labels"], enet), test_x,
-                       label_indices(data.test["labels"], enet), params.seed, progress=False).model
+    data, train_x, test_x, enet, ev = evaluator_setup(params)
     # with pixels: the near-duplicate share is measured in pixel space
     ref = reference(ev, embed(ev, train_x).with_pixels(train_x), embed(ev, test_x).with_pixels(test_x),
                     data.train["labels"], args.samples, params.evaluate.seed)
@@ -70,7 +53,7 @@ def main() -> None:
               "samples_per_score": args.samples, "sample_size": ref.sample_size, "recipe": {
                   "model": params.model.model_dump(), "train": cfg.model_dump(mode="json")},
               "delta": params.privacy.dp.delta, "max_grad_norm": params.privacy.dp.max_grad_norm,
-              "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "load_average_before": load0,
+              "machine": machine.describe(), "cores": os.cpu_count(), "load_average_before": load0,
               "runs": {}}
     for budget in args.budgets.split(","):
         dp = None
@@ -101,7 +84,7 @@ def main() -> None:
     (OUT / "privacy.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Privacy/quality trade-off ({args.epochs} epochs, {cfg.batch_size}-image batches, "
              f"{len(train_x)} train images)", "",
-             f"CPU: {report['cpu']}, {report['cores']} cores; load average before {load0[0]:.1f}, after "
+             f"CPU: {machine.one_line(report['machine'])}; load average before {load0[0]:.1f}, after "
              f"{report['load_average_after'][0]:.1f} (the machine is shared).", "",
              "| run | D steps | sigma | epsilon (delta) | FID | FID gap | gap / non-private | DCR ratio | copy share | img/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -110,7 +93,7 @@ def main() -> None:
         lines.append(f"| {name} | {r['d_steps']} | {r.get('noise_multiplier', '-')} | {eps} | {r['fid']:.2f} | "
                      f"{r['fid_gap']:.2f} | {r.get('fid_gap_ratio', '-')} | {r['dcr_score']:.3f} | "
                      f"{r['copy_share']:.3f} | {r['images_per_s']:.0f} |")
-    lines += ["", f"CPU flags: {report['cpu_flags']}", ""]
+    lines += ["", f"CPU vector flags: {' '.join(report['machine']['vector_flags'])}", ""]
     (OUT / "privacy.md").write_text("\n".join(lines))
     print(f"wrote {OUT / 'privacy.json'} and privacy.md")
 
