@@ -346,7 +346,8 @@ def test_make_services_starts_and_stops_the_three(tmp_path: Path, monkeypatch: p
         uri = next(line.split("=", 1)[1] for line in res.stdout.splitlines() if "MLFLOW_TRACKING_URI=" in line)
         assert oct((home / "mlflow.env").stat().st_mode & 0o777) == oct(0o600)
         assert oct((home / "auth.json").stat().st_mode & 0o777) == oct(0o600)
-        creds = dict(line.removeprefix("export ").split("=", 1) for line in (home / "mlflow.env").read_text().split())
+        creds = dict(line.removeprefix("export ").split("=", 1)
+                     for line in (home / "mlflow.env").read_text().splitlines())
         assert creds["MLFLOW_TRACKING_USERNAME"] == "aigc"
         monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
         monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
