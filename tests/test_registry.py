@@ -494,12 +494,9 @@ def test_mlflow_serves_the_champion_over_http(store, tmp_path: Path):
         assert burst["requests"] > 4 and burst["server_errors_5xx"] == 0, burst
         assert burst["malformed_not_4xx_with_message"] == burst["valid_failed"] == 0, burst["problems"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        from benchmarks.serving_load import stop_server
+
+        stop_server(server)
         log.close()
 
 
