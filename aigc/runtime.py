@@ -155,8 +155,8 @@ def probe(workload: str, measure: Callable[[bool, int], float], cores: int | Non
     ``measure(channels_last, threads)`` returns images/s of the real step. Each layout in
     ``layouts`` is timed at the cores free now; on an idle multi-core machine the best layout is
     then timed at one thread as well (two vCPUs may share one physical core). The answer is cached
-    per machine fingerprint and workload only when the machine stayed idle throughout: a probe
-    beside a busy neighbour measures the neighbour, not the machine. Delete the file to measure again.
+    per machine fingerprint and workload whatever the load, so a seed gives the same run on this
+    machine from then on; measured beside a busy neighbour it says so. Delete the file to measure again.
     """
     from aigc.io import write_json
     from aigc.machine import fingerprint
@@ -167,25 +167,28 @@ def probe(workload: str, measure: Callable[[bool, int], float], cores: int | Non
     cache = _read_cache(path)
     hit = cache.get("entries", {}).get(key)
     if hit:
-        return ProbeResult(bool(hit["channels_last"]), int(hit["threads"]), dict(hit["speeds"]), cached=True)
+        return ProbeResult(bool(hit["channels_last"]), int(hit["threads"]), dict(hit["speeds"]), cached=True,
+                           note=hit.get("note", ""))
     t0 = time.perf_counter()
     free = choose_threads("auto")
-    if free < cores:
-        return unmeasured("other processes hold cores now", layouts, cores)
     watch = CoreWatch()
+    # The layouts are compared at the cores free now (a neighbour holding a core does not slow a
+    # step that does not use it); one thread against all cores only on an idle machine.
     speeds = {(cl, free): measure(cl, free) for cl in layouts}
     layout = max(speeds, key=speeds.get)[0]
-    if cores > 1:
+    idle = free == cores
+    if idle and cores > 1:
         speeds[(layout, 1)] = measure(layout, 1)
-    idle = watch.others_busy() < 0.5
-    best = max(speeds, key=speeds.get)
-    result = ProbeResult(best[0], best[1] if idle else cores,
+        idle = watch.others_busy() < 0.5
+    fastest = max(speeds, key=speeds.get)
+    # Cached in every case, so "auto" gives one answer per machine (same seed, same run) until the
+    # file is deleted; the thread count is a finding only when measured idle, else "all cores".
+    result = ProbeResult(layout, fastest[1] if idle else cores,
                          {f"{'nhwc' if cl else 'nchw'}/{th}": round(v, 1) for (cl, th), v in speeds.items()},
-                         seconds=round(time.perf_counter() - t0, 2))
-    if not idle:
-        result.note = "not cached: other processes took cores during the probe"
-        return result
-    entry = {k: v for k, v in asdict(result).items() if k in ("channels_last", "threads", "speeds")}
+                         seconds=round(time.perf_counter() - t0, 2),
+                         note="" if idle else f"measured beside a busy neighbour at {free} thread(s); delete "
+                                              f"{path} to measure again on an idle machine")
+    entry = {k: v for k, v in asdict(result).items() if k in ("channels_last", "threads", "speeds", "note")}
     cache = {"format": PROBE_FORMAT, "entries": cache.get("entries", {}) | {key: entry}}
     try:
         write_json(path, cache)

@@ -192,7 +192,8 @@ def test_kill_9_three_times_then_resume_gives_the_uninterrupted_run(tmp_path: Pa
 
 
 def _mlflow(tmp_path: Path, port: int) -> Service:
-    return start_mlflow(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-art", tmp_path, port=port)
+    # a plain server: this test is about outages (the auth app has its own test in test_team.py)
+    return start_mlflow(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-art", tmp_path, port=port, auth=False)
 
 
 def test_tracking_server_killed_mid_run(tmp_path: Path, prefect: str, processed: Path,

@@ -61,12 +61,15 @@ def test_probe_picks_the_faster_setting_and_caches_it_per_machine(monkeypatch, t
     assert not other.cached and (other.channels_last, other.threads) == (True, 2)
 
 
-def test_probe_on_a_busy_machine_measures_nothing_and_caches_nothing(monkeypatch, tmp_path):
+def test_probe_beside_a_busy_neighbour_compares_layouts_on_the_free_core_and_keeps_the_answer(monkeypatch, tmp_path):
     monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(runtime, "choose_threads", lambda setting: 1)  # a neighbour holds one of two cores
-    got = runtime.probe("w", lambda cl, th: pytest.fail("nothing is timed beside a busy neighbour"), cores=2)
-    assert not got.speeds and "other processes hold cores" in got.describe()
-    assert not (tmp_path / "probe.json").exists()
+    calls = []
+    got = runtime.probe("w", lambda cl, th: calls.append((cl, th)) or (200.0 if cl else 100.0), cores=2)
+    assert calls == [(True, 1), (False, 1)]  # both layouts at the free core; threads not judged
+    assert got.channels_last and got.threads == 2 and "busy neighbour" in got.describe()
+    again = runtime.probe("w", lambda cl, th: pytest.fail("cached: the same answer, the same run"), cores=2)
+    assert again.cached and again.channels_last and "busy neighbour" in again.note
 
 
 def test_a_broken_cache_is_measured_again(monkeypatch, tmp_path):

@@ -324,7 +324,7 @@ def test_a_worker_runs_the_deployment_and_refuses_an_overlapping_run(services, c
     # one run did the work; the other was refused by the deployment's concurrency limit (CANCEL_NEW),
     # or -- had it slipped past -- would have met the file lock and ended "skipped"
     assert len(done) + len(refused) == 2 and done, states
-    assert "retrain: ran 2 stage(s): evaluate, register" in text  # training stayed cached
+    assert "retrain: ran 3 stage(s): evaluate, register, report" in text  # training stayed cached
     record = json.loads((project / "reports/registry.json").read_text())
     # the register stage decided again; the generator is the same file, so its version is reused
     assert f"retrain: new registry decision: {MODEL} v{record['version']} {record['outcome']}" in text

@@ -18,7 +18,8 @@ def tiny(n: int = 48) -> torch.Tensor:
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
-CFG = TrainConfig(epochs=2, batch_size=16, log_every=2, sample_every=1, grid_size=4)
+# explicit layout and threads: these tests are about the loop, not the per-machine probe (test_runtime.py)
+CFG = TrainConfig(epochs=2, batch_size=16, log_every=2, sample_every=1, grid_size=4, channels_last=False, threads=1)
 
 
 @pytest.mark.parametrize("family", ["dcgan", "mlp"])
