@@ -535,7 +535,10 @@ def probe_machine(cfg: TrainConfig, net: NetConfig, images: torch.Tensor, labels
     workload = (f"gan {net.family}{' conditional' if net.conditional else ''} {'x'.join(map(str, net.image_shape))} "
                 f"G{list(net.g_widths)} D{list(net.d_widths)} k{net.kernel} sn={net.spectral_norm} "
                 f"batch {cfg.batch_size} {cfg.loss} augment={list(cfg.augment)} ema={cfg.ema_kimg > 0}")
-    return probe(workload, measure, layouts=layouts)
+    try:
+        return probe(workload, measure, layouts=layouts)
+    except TrainingDiverged:  # the data itself breaks the step: the run will say so, after its first checkpoint
+        return unmeasured("the probe's trial steps diverged", layouts, usable_cores())
 
 
 def checkpoint_payload(result: TrainResult) -> dict[str, Any]:
