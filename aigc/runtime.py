@@ -145,7 +145,7 @@ def unmeasured(why: str, layouts: tuple[bool, ...], cores: int) -> ProbeResult:
 
     nhwc = True in layouts and cpu()["isa"].startswith("avx512")
     return ProbeResult(nhwc, cores, note=f"not measured: {why}; {'channels_last' if nhwc else 'NCHW'} "
-                                         f"by the CPU's ISA ({cpu()['isa']}) until an idle run measures")
+                                         f"by the CPU's ISA ({cpu()['isa']}) (not cached: the next run measures)")
 
 
 def probe(workload: str, measure: Callable[[bool, int], float], cores: int | None = None,
