@@ -255,8 +255,11 @@ def train_gan(
     lazy_r1 = cfg.r1_gamma > 0
     if lazy_r1:  # interval + 1 D steps per interval: stylegan2-ada's correction keeps the schedule
         lr_d, betas_d = lazy_regularisation_scaling(cfg.lr_d, betas, cfg.r1_interval)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=betas_d)
+    # Adam's fused kernel (one call for all parameters, CPU and CUDA): the same update as the
+    # per-parameter loop, at a fraction of its dispatch cost on these small networks. Opacus wraps
+    # D's optimiser and steps it itself, so a private D keeps the plain one.
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas, fused=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=betas_d, fused=not private)
     ema = GeneratorEMA(G, cfg.ema_kimg, cfg.ema_rampup) if cfg.ema_kimg > 0 else None
     pd = None  # DP: D, its optimiser and the real batches, wrapped by Opacus
     d_loss_fn, g_loss_fn = D_LOSSES[cfg.loss], G_LOSSES[cfg.loss]
@@ -403,13 +406,12 @@ def train_gan(
             # (1) Update D: tell real from fake (the loss of train.loss), plus WGAN-GP's penalty.
             with amp:
                 fake = G_step(z, *cond(y_fake))
-                if pd is not None:  # DP: one pass over reals and fakes, so each row is clipped once
-                    logits = D_sees(torch.cat([real, fake.detach()]),
-                                    torch.cat([y_real, y_fake]) if net.conditional else None)
-                    real_logits, fake_logits = logits[:len(real)], logits[len(real):]
-                else:
-                    real_logits = D_sees(real, y_real)
-                    fake_logits = D_sees(fake.detach(), y_fake)
+                # One pass of D over reals and fakes together: D has no BatchNorm, so this is the same
+                # function as two passes, at one call's overhead (one spectral-norm power iteration,
+                # one dropout draw); under DP each row is also clipped once.
+                logits = D_sees(torch.cat([real, fake.detach()]),
+                                torch.cat([y_real, y_fake]) if net.conditional else None)
+                real_logits, fake_logits = logits[:len(real)], logits[len(real):]
                 d_loss = d_loss_fn(real_logits, fake_logits)
                 d_total = d_loss
                 if cfg.gp_weight > 0:  # on real/fake mixtures, judged with the reals' labels

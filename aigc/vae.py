@@ -100,11 +100,13 @@ def train_vae(
     labels: torch.Tensor | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
+    abort: Callable[[], bool] | None = None,
 ) -> VAEResult:
     """Train the encoder and decoder on ``images`` ([-1, 1], (N, C, H, W)) by maximising the ELBO.
 
     ``labels``: class indices (N,), needed when ``net.conditional``. ``on_checkpoint`` and
-    ``resume`` work as in :func:`aigc.training.train_gan`.
+    ``resume`` work as in :func:`aigc.training.train_gan`; so does ``abort`` (asked after every
+    window: True ends training there, e.g. a benchmark's time budget).
     """
     if net.family != "vae":
         raise UserError(f"train_vae trains the vae family, not {net.family!r}")
@@ -197,7 +199,7 @@ def train_vae(
 
     encoder.train()
     decoder.train()
-    epoch = start_epoch
+    epoch, stopped = start_epoch, False
     if on_checkpoint is not None and resume is None:
         checkpoint(0)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -227,7 +229,12 @@ def train_vae(
             bar.update(1)
             if len(stats) >= cfg.log_every:
                 flush(epoch)
+                if abort is not None and abort():
+                    stopped = True
+                    break
         flush(epoch)
+        if stopped or (abort is not None and abort()):
+            break
         if watch is not None:
             wanted = free_threads(watch.others_busy())
             if wanted != threads:

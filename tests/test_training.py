@@ -147,7 +147,8 @@ def test_ema_generator_is_the_result_and_reports_its_decay():
 
 def test_diffaugment_is_on_everything_d_sees_in_both_steps(monkeypatch: pytest.MonkeyPatch):
     """With cutout, every batch D sees -- reals and fakes in D's step, fakes in G's -- carries a
-    blanked square of exactly -1; without it, none does. D runs 3 times per step either way."""
+    blanked square of exactly -1; without it, none does. D runs twice per step either way: once on
+    the reals and fakes together (D's step), once on the fakes (G's step)."""
     import aigc.training as training
 
     seen: list[torch.Tensor] = []
@@ -164,7 +165,8 @@ def test_diffaugment_is_on_everything_d_sees_in_both_steps(monkeypatch: pytest.M
         seen.clear()
         train_gan(CFG.model_copy(update={"augment": policy, "epochs": 1}), NetConfig("dcgan", 8, 1, 8, 8), ones,
                   seed=0, progress=False)
-        assert len(seen) == 3 * 3  # 3 steps x (real, fake in D's step, fake in G's step)
+        assert len(seen) == 3 * 2  # 3 steps x (reals + fakes in D's step, fakes in G's step)
+        assert [len(x) for x in seen] == [32, 16] * 3  # batch 16: 16 reals and 16 fakes, then 16 fakes
         blanked = torch.stack([(x == -1).flatten(1).sum(1).min() for x in seen])
         if policy:
             assert (blanked >= 4).all()  # every image of every batch had its square cut out
