@@ -43,12 +43,19 @@ TODAY_MODEL = {"g_widths": [256, 128, 64], "d_widths": [64, 128, 256], "kernel":
                "spectral_norm": False}
 TODAY_TRAIN = {"loss": "bce", "batch_size": 64, "lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999,
                "r1_gamma": 0.0, "gp_weight": 0.0, "ema_kimg": 0.0, "augment": []}
+DEFAULT_M, DEFAULT_T = LIGHT | {"spectral_norm": True}, EMA | {"loss": "hinge"}
 CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "today (dcgan 5x5, BCE)": ({}, {}),
-    "light (4x4, G 128-64, D 64-128), BCE": (LIGHT, {}),
-    "light + EMA": (LIGHT, EMA),
-    "light + hinge + SN + EMA": (LIGHT | {"spectral_norm": True}, EMA | {"loss": "hinge"}),
-    "light + EMA + DiffAugment": (LIGHT, EMA | {"augment": ["translation", "cutout"]}),
+    "light (4x4, G 128-64, D 64-128) + EMA": (LIGHT, EMA),
+    "light + R1 (gamma 0.1) + EMA": (LIGHT, EMA | {"r1_gamma": 0.1}),
+    "light + WGAN-GP + EMA": (LIGHT | {"d_dropout": 0.0}, EMA | {"loss": "wgan", "gp_weight": 10.0}),
+    "light + hinge + SN + EMA": (DEFAULT_M, DEFAULT_T),
+    "light + hinge + SN + EMA, no dropout": (DEFAULT_M | {"d_dropout": 0.0}, DEFAULT_T),
+    "light + hinge + SN + EMA + DiffAugment": (DEFAULT_M, DEFAULT_T | {"augment": ["translation", "cutout"]}),
+    "conditional: light + hinge + SN + EMA": (DEFAULT_M | {"conditional": True}, DEFAULT_T),
+    "conditional: light + hinge + SN + EMA, no dropout": (DEFAULT_M | {"conditional": True, "d_dropout": 0.0},
+                                                          DEFAULT_T),
+    "vae (bernoulli)": ({"family": "vae"}, {}),
 }
 
 
@@ -70,13 +77,18 @@ def child(args: argparse.Namespace) -> None:
     from aigc.data.preprocess import load_info, load_split
     from aigc.models import net_config
     from aigc.training import StepWindow, train_gan
+    from aigc.vae import train_vae
 
     params = load_params(ROOT / "params.yaml")
     model, train = recipe(params, args.child)
     net = net_config(model, load_info(args.processed))
-    images = torch.from_numpy(load_split(args.processed, "train")["images"])
+    split = load_split(args.processed, "train")
+    images = torch.from_numpy(split["images"])
+    labels = net.class_indices(split["labels"]) if net.conditional else None
+    # One layout for every candidate (NCHW): the stage's per-machine probe would otherwise run inside
+    # each candidate's clock, and the layout's own speed-up is the speed benchmark's business.
     cfg = train.model_copy(update={"epochs": 10_000, "threads": 1, "log_every": 5, "guard_steps": 0,
-                                   "device": "cpu"})
+                                   "device": "cpu", "channels_last": False})
     marks = [args.budget * (i + 1) / args.marks for i in range(args.marks)]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     snaps: list[dict[str, Any]] = []
@@ -96,10 +108,18 @@ def child(args: argparse.Namespace) -> None:
     # Stop at the last mark, or when the wall-clock cap runs out on a busy machine (the marks
     # reached so far are kept; every candidate gets the same share of the CPU, so they reach the
     # same marks).
-    result = train_gan(cfg, net, images, params.seed, on_steps=on_steps, progress=False,
-                       abort=lambda: len(snaps) >= len(marks) or time.perf_counter() - wall0 > args.max_wall)
+    def abort() -> bool:
+        return len(snaps) >= len(marks) or time.perf_counter() - wall0 > args.max_wall
+
+    if net.family == "vae":  # the VAE family: its own loop and losses (params' vae section), same clock
+        result = train_vae(cfg, params.vae, net, images, params.seed, on_steps=on_steps, progress=False,
+                           labels=labels, abort=abort)
+    else:
+        result = train_gan(cfg, net, images, params.seed, on_steps=on_steps, progress=False, labels=labels,
+                           abort=abort)
     cpu = time.process_time() - cpu0
-    torch.save({"name": args.child, "net": net.to_dict(), "ema": cfg.ema_kimg > 0, "snapshots": snaps,
+    torch.save({"name": args.child, "net": net.to_dict(), "ema": net.family != "vae" and cfg.ema_kimg > 0,
+                "snapshots": snaps,
                 "steps": result.steps, "cpu_seconds": cpu, "wall_seconds": time.perf_counter() - wall0,
                 "images_per_cpu_s": result.steps * cfg.batch_size / cpu, "last": result.last,
                 "d_separated_longest_run": sep["longest"], "d_separated_share": sep["steps"] / max(result.steps, 1)},
@@ -112,13 +132,16 @@ def score(runs: list[dict[str, Any]], args: argparse.Namespace, seed: int) -> No
     from aigc.data.preprocess import load_split
     from aigc.ema import recompute_batchnorm
     from aigc.metrics import calc_metrics, embed, reference
-    from aigc.metrics.evaluator import load_evaluator
-    from aigc.models import NetConfig, build_generator, sample
+    from aigc.metrics.evaluator import label_indices, load_evaluator
+    from aigc.metrics.labels import label_accuracy
+    from aigc.models import NetConfig, build_generator, draw
 
     ev = load_evaluator(args.evaluator)
     train, test = load_split(args.processed, "train"), load_split(args.processed, "test")
     cfg = EvaluateConfig()
-    ref = reference(ev, embed(ev, train["images"]), embed(ev, test["images"]), train["labels"], args.samples, cfg.seed)
+    test_emb = embed(ev, test["images"])
+    ref = reference(ev, embed(ev, train["images"]), test_emb, train["labels"], args.samples, cfg.seed)
+    test_labels = label_indices(test["labels"], ev.cfg)
     for run in runs:
         net = NetConfig(**run["net"])
         G = build_generator(net)
@@ -126,12 +149,21 @@ def score(runs: list[dict[str, Any]], args: argparse.Namespace, seed: int) -> No
             G.load_state_dict(snap.pop("state"))
             if run["ema"]:
                 recompute_batchnorm(G, net.z_dim, "cpu", seed=seed)
-            s = calc_metrics(embed(ev, sample(G, net.z_dim, args.samples, cfg.seed)), ref, cfg, names=["fid", "modes"])
+            fake, requested = draw(G, net.z_dim, args.samples, cfg.seed)
+            emb = embed(ev, fake)
+            s = calc_metrics(emb, ref, cfg, names=["fid", "modes"])
             snap |= {"fid": round(s["fid"], 3), "fid_floor": round(s["fid_floor"], 3),
                      "fid_gap": round(s["fid"] - s["fid_floor"], 3), "modes": s["modes"],
                      "classes": len(ref.class_share)}
+            if requested is not None:  # a conditional G: does it draw the class it is asked for?
+                asked = label_indices(torch.tensor(net.classes)[requested].numpy(), ev.cfg)
+                la = label_accuracy(emb, asked, test_emb, test_labels, list(ev.cfg.classes))
+                snap |= {"label_accuracy_ratio": round(la["label_accuracy_ratio"], 3),
+                         "label_accuracy_worst_ratio": round(la["label_accuracy_worst_ratio"], 3)}
             print(f"{run['name']:40s} {snap['cpu_seconds']:6.0f} s  FID gap {snap['fid_gap']:7.2f}  "
-                  f"modes {snap['modes']}")
+                  f"modes {snap['modes']}" + (f"  label accuracy {snap['label_accuracy_ratio']:.2f}x floor "
+                                              f"(worst class {snap['label_accuracy_worst_ratio']:.2f}x)"
+                                              if "label_accuracy_ratio" in snap else ""))
 
 
 def sample_grids(runs: list[dict[str, Any]], seed: int, path: Path, n: int = 64) -> None:
@@ -149,7 +181,8 @@ def sample_grids(runs: list[dict[str, Any]], seed: int, path: Path, n: int = 64)
         G.load_state_dict(run["last_state"])
         if run["ema"]:
             recompute_batchnorm(G, net.z_dim, "cpu", seed=seed)
-        grids.append(make_grid(sample(G, net.z_dim, n, seed=0)))
+        grids.append(make_grid(sample(G, net.z_dim, n, seed=0,
+                                      labels=None if not net.conditional else torch.arange(n) * net.num_classes // n)))
     gap = np.full((grids[0].shape[0], 8, grids[0].shape[2]), 255, np.uint8)
     save_png(np.concatenate([x for g in grids for x in (g, gap)][:-1], axis=1), path)
 
@@ -176,24 +209,26 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def markdown(report: dict[str, Any]) -> str:
     marks = [s["cpu_seconds"] for s in report["candidates"][0]["snapshots"]]
     head = " | ".join(f"gap @ ~{m:.0f} s" for m in marks)
-    lines = [f"# Time to quality (`python -m benchmarks.time_to_quality`)", "",
+    lines = [f"# Time to quality (`{report.get('command', 'python -m benchmarks.time_to_quality')}`)", "",
              f"CPU: {report['machine']['cpu_model']} ({report['machine']['isa']}), {report['cores']} cores; candidates side by side at 1 thread each; "
              f"load average {report['load_average']['min']:.1f}-{report['load_average']['max']:.1f} "
              f"(mean {report['load_average']['mean']:.1f}) while training; {report['wall_seconds']:.0f} s wall in all. "
              f"FID on the evaluator `{report['evaluator']}` ({report['samples']} samples vs the test split); "
              "gap = FID - floor; modes = classes covered of 10.", "",
-             f"| candidate | img/s (1 thread) | {head} | modes at the end |",
-             "| --- | --- | " + " | ".join("---" for _ in marks) + " | --- |"]
+             f"| candidate | img/s (1 thread) | {head} | modes at the end | label accuracy / floor (worst class) |",
+             "| --- | --- | " + " | ".join("---" for _ in marks) + " | --- | --- |"]
     for run in report["candidates"]:
         gaps = " | ".join(f"{s['fid_gap']:.2f}" for s in run["snapshots"])
-        modes = run["snapshots"][-1]["modes"] if run["snapshots"] else "-"
-        lines.append(f"| {run['name']} | {run['images_per_cpu_s']:.0f} | {gaps} | {modes} |")
+        last = run["snapshots"][-1] if run["snapshots"] else {}
+        label = (f"{last['label_accuracy_ratio']:.2f} ({last['label_accuracy_worst_ratio']:.2f})"
+                 if "label_accuracy_ratio" in last else "-")
+        lines.append(f"| {run['name']} | {run['images_per_cpu_s']:.0f} | {gaps} | {last.get('modes', '-')} | {label} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.time_to_quality", description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", type=float, default=240, help="CPU seconds of training per candidate (default: %(default)s)")
+    ap.add_argument("--budget", type=float, default=300, help="CPU seconds of training per candidate (default: %(default)s)")
     ap.add_argument("--marks", type=int, default=4, help="scored snapshots per candidate (default: %(default)s)")
     ap.add_argument("--samples", type=int, default=2000, help="generated images per score (default: %(default)s)")
     ap.add_argument("--max-wall", type=float, default=1500,
@@ -205,6 +240,8 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "benchmarks" / ".work" / "time_to_quality"),
                     help="where each candidate's snapshots are kept (default: %(default)s)")
     ap.add_argument("--score-only", action="store_true", help="score the snapshots already in --runs, train nothing")
+    ap.add_argument("--report", default="time_to_quality",
+                    help="file stem of the report in reports/benchmarks/ (default: %(default)s)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -252,7 +289,7 @@ def main() -> None:
         r["last_state"] = r["snapshots"][-1]["state"]
     score(runs, args, params.seed)
     OUT.mkdir(parents=True, exist_ok=True)
-    sample_grids(runs, params.seed, OUT / "time_to_quality_samples.png")
+    sample_grids(runs, params.seed, OUT / f"{args.report}_samples.png")
     report = {
         "machine": machine.describe(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
         "evaluator": str(Path(args.evaluator).resolve().relative_to(ROOT)) if Path(args.evaluator).resolve().is_relative_to(ROOT)
@@ -268,15 +305,16 @@ def main() -> None:
                         "d_separated_longest_run": r["d_separated_longest_run"],
                         "d_separated_share": round(r["d_separated_share"], 3),
                         "snapshots": r["snapshots"]} for r in runs],
-        "samples_png": "time_to_quality_samples.png: 64 samples of each candidate at its last mark, left to right "
+        "command": " ".join(["python -m benchmarks.time_to_quality", *sys.argv[1:]]),
+        "samples_png": f"{args.report}_samples.png: 64 samples of each candidate at its last mark, left to right "
                        "in the order above (seed 0)",
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "time_to_quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    (OUT / "time_to_quality.md").write_text(markdown(report))
-    plot(report, OUT / "time_to_quality.png")
+    (OUT / f"{args.report}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (OUT / f"{args.report}.md").write_text(markdown(report))
+    plot(report, OUT / f"{args.report}.png")
     print(markdown(report))
-    print(f"wrote {OUT}/time_to_quality.{{json,md,png}}")
+    print(f"wrote {OUT}/{args.report}.{{json,md,png}}")
 
 
 if __name__ == "__main__":
