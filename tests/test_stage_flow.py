@@ -1,0 +1,37 @@
+"""How a stage runs its flow under ``python -m pipeline.prefect_server`` (issue 15, item 4): it waits
+for the run's server, which starts beside the command, and runs without heartbeats there only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from aigc.errors import UserError
+from pipeline.prefect_server import SERVER_PID, await_server, flow_settings
+
+
+def test_heartbeats_are_off_on_the_runs_own_server_only():
+    from prefect.settings import get_current_settings, temporary_settings
+
+    own = {"PREFECT_API_URL": "http://127.0.0.1:9/api", SERVER_PID: "12345"}
+    with temporary_settings(flow_settings(own)):
+        assert get_current_settings().flows.heartbeat_frequency is None
+    # a server the user runs (make services, Prefect Cloud) may have a zombie-run automation
+    with temporary_settings(flow_settings({"PREFECT_API_URL": "http://127.0.0.1:4200/api"})):
+        assert get_current_settings().flows.heartbeat_frequency == 180
+
+
+def test_a_stage_does_not_wait_for_a_server_the_user_runs():
+    await_server({"PREFECT_API_URL": "http://127.0.0.1:9/api"})  # nothing listens there: no wait, no error
+    await_server({})
+
+
+def test_a_stage_fails_with_one_line_when_the_runs_server_has_exited(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    env = {"PREFECT_API_URL": "http://127.0.0.1:9/api", SERVER_PID: str(gone.pid), "PREFECT_HOME": str(tmp_path)}
+    with pytest.raises(UserError, match=r"the Prefect server for this run \(http://127\.0\.0\.1:9/api\) did not "
+                                        r"answer within .* s or exited; its log: .*server\.log"):
+        await_server(env)
