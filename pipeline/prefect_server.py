@@ -123,8 +123,8 @@ def await_server(environ: Mapping[str, str] = os.environ) -> None:
         return
     if not _wait_healthy(url, lambda: _pid_alive(int(pid)), STARTUP_TIMEOUT_S):
         log = Path(environ.get("PREFECT_HOME", ".prefect")) / "server.log"
-        raise UserError(f"the Prefect server for this run ({url}) did not answer within "
-                        f"{STARTUP_TIMEOUT_S:g} s or exited; its log: {log}")
+        what = f"did not answer within {STARTUP_TIMEOUT_S:g} s" if _pid_alive(int(pid)) else "exited"
+        raise UserError(f"the Prefect server for this run ({url}) {what}; its log: {log}")
 
 
 def flow_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -180,12 +180,16 @@ def main(argv: list[str]) -> int:
     print(f"Prefect server for this run at {url} (starting beside the command)", file=sys.stderr)
     # Health is watched in a thread, for the record: the stages wait for the server themselves
     # (await_server), and when it dies first they fail with one line each; its log tail follows.
+    # It also reaps the server if it dies later, so a stage waiting for it sees it gone.
     started: dict[str, float] = {}
+    done = threading.Event()
 
     def watch() -> None:
-        if _wait_healthy(url, lambda: proc.poll() is None, STARTUP_TIMEOUT_S):
+        if _wait_healthy(url, lambda: proc.poll() is None and not done.is_set(), STARTUP_TIMEOUT_S):
             started["s"] = time.perf_counter() - t
             print(f"Prefect server for this run up after {started['s']:.1f} s", file=sys.stderr, flush=True)
+        while proc.poll() is None and not done.wait(0.5):
+            pass
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -194,6 +198,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        done.set()
         failed = "s" not in started and proc.poll() is not None
         stop_server(proc)
     if failed:

@@ -80,7 +80,7 @@ def test_a_server_that_cannot_start_is_one_error_line(tmp_path: Path):
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in res.stderr.split("error:")[0], res.stderr
     assert errors[0].startswith("error: the Prefect server for this run (http://127.0.0.1:")
-    assert errors[0].endswith(f"or exited; its log: {tmp_path / 'server.log'}")
+    assert errors[0].endswith(f") exited; its log: {tmp_path / 'server.log'}")
     assert f"the Prefect server did not start (see {tmp_path / 'server.log'}):" in res.stderr  # and its log's tail
 
 

@@ -32,6 +32,6 @@ def test_a_stage_fails_with_one_line_when_the_runs_server_has_exited(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     env = {"PREFECT_API_URL": "http://127.0.0.1:9/api", SERVER_PID: str(gone.pid), "PREFECT_HOME": str(tmp_path)}
-    with pytest.raises(UserError, match=r"the Prefect server for this run \(http://127\.0\.0\.1:9/api\) did not "
-                                        r"answer within .* s or exited; its log: .*server\.log"):
+    with pytest.raises(UserError, match=r"the Prefect server for this run \(http://127\.0\.0\.1:9/api\) exited; "
+                                        r"its log: .*server\.log"):
         await_server(env)
