@@ -1,5 +1,6 @@
-"""What Prefect costs per stage with a running Prefect server (the team set-up, or `make run`'s
-shared server): ``python -m benchmarks.orchestration`` -> reports/benchmarks/orchestration.json.
+"""What Prefect costs per stage with a running Prefect server -- `make run`'s shared one, started and
+handed to the stages as ``pipeline/prefect_server.py`` does: ``python -m benchmarks.orchestration``
+-> reports/benchmarks/orchestration.json.
 
 Each stage of dvc.yaml runs, in a throwaway project (8x8 digits, one epoch), as DVC runs it --
 ``python -m pipeline.<stage> ...`` in a fresh process, a Prefect flow reporting to the server
