@@ -93,7 +93,8 @@ def main(fn: Callable[..., dict[str, Any]], *, sections: tuple[str, ...], paths:
         state = run_as_flow(fn, name, kwargs)
     except UserError as exc:  # the run's Prefect server never answered
         fail(str(exc))
-    gc.freeze()  # nothing allocated so far needs collecting at exit: skip the final walk of the heap
+    if argv is None:  # a stage process (not a caller in a longer-lived one): it ends right after this
+        gc.freeze()  # nothing allocated so far needs collecting at exit: skip the final walk of the heap
     if state.is_failed():
         # A UserError's message is the whole story; anything else has had its traceback logged.
         fail(state.message or f"stage {name} failed")

@@ -10,6 +10,7 @@ import pytest
 
 from aigc.errors import UserError
 from pipeline.prefect_server import SERVER_PID, await_server, flow_settings
+from tests.conftest import ROOT
 
 
 def test_heartbeats_are_off_on_the_runs_own_server_only():
@@ -35,3 +36,18 @@ def test_a_stage_fails_with_one_line_when_the_runs_server_has_exited(tmp_path):
     with pytest.raises(UserError, match=r"the Prefect server for this run \(http://127\.0\.0\.1:9/api\) exited; "
                                         r"its log: .*server\.log"):
         await_server(env)
+
+
+def test_a_stage_process_freezes_its_heap_before_it_exits(tmp_path):
+    # The stage without its flow (benchmarks.orchestration's harness, no server needed); at exit
+    # the heap must be frozen, so the interpreter's final collections skip it (~0.8 s per process).
+    from benchmarks.orchestration import PLAIN
+
+    (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
+    probe = "import atexit, gc; atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
+    res = subprocess.run([sys.executable, "-c", probe + PLAIN, "pipeline.ingest", "--params", str(tmp_path / "params.yaml"),
+                          "--out", str(tmp_path / "raw")], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "raw" / "images.npy").exists()
+    frozen = int(res.stdout.strip().splitlines()[-1].removeprefix("frozen "))
+    assert frozen > 10_000  # the modules' objects (numpy, pydantic, aigc), not a handful
