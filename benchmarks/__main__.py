@@ -58,7 +58,8 @@ def main() -> None:
          f"{o['per_stage_process_s']:.1f} s per stage"),
         ("Prefect per stage process, shared server (`make run`)",
          f"{o['median_seconds_flow_shared_server']:.1f} s vs {o['median_seconds_plain']:.1f} s plain",
-         f"{o['per_stage_shared_server_s']:.1f} s per stage + {o['shared_server_start_s']:.1f} s once"),
+         f"{o['per_stage_shared_server_s']:.1f} s per stage + {o['shared_server_start_s']:.1f} s once "
+         f"(the server starts in {o['server_start_alone_s']:.1f} s, beside the first stage)"),
     ]
     st = speed.get("stage_vs_step")
     if st:

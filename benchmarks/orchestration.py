@@ -1,11 +1,12 @@
-"""What Prefect costs per stage with a running Prefect server (the team set-up, or `make run`'s
-shared server): ``python -m benchmarks.orchestration`` -> reports/benchmarks/orchestration.json.
+"""What Prefect costs per stage with a running Prefect server -- `make run`'s shared one, started and
+handed to the stages as ``pipeline/prefect_server.py`` does: ``python -m benchmarks.orchestration``
+-> reports/benchmarks/orchestration.json.
 
 Each stage of dvc.yaml runs, in a throwaway project (8x8 digits, one epoch), as DVC runs it --
 ``python -m pipeline.<stage> ...`` in a fresh process, a Prefect flow reporting to the server
 (``PREFECT_API_URL``) -- and, interleaved, the same command with the stage function called
-directly (``pipeline._stage.as_flow`` replaced by a plain call for that process). The difference
-of the medians is the orchestration cost of that stage.
+directly (``pipeline._stage.run_as_flow`` replaced by a plain call for that process: no Prefect
+import, no server). The difference of the medians is the orchestration cost of that stage.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "benchmarks" / "orchestration.json"
 
-# The stage without Prefect: as_flow returns a plain call whose "state" is never failed.
+# The stage without Prefect: run_as_flow becomes a plain call whose "state" is never failed.
 PLAIN = """
 import runpy, sys
 import pipeline._stage as stage
@@ -39,13 +40,11 @@ class Done:
     def is_failed(self):
         return False
 
-def as_plain(fn, name):
-    def call(*args, return_state=False, **kwargs):
-        fn(*args, **kwargs)
-        return Done()
-    return call
+def run_plain(fn, name, kwargs):
+    fn(**kwargs)
+    return Done()
 
-stage.as_flow = as_plain
+stage.run_as_flow = run_plain
 sys.argv = sys.argv[1:]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
@@ -61,14 +60,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.orchestration", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=2, help="runs per stage and mode (default: %(default)s)")
     args = ap.parse_args()
-    from pipeline.services import start_prefect
+    from pipeline.prefect_server import SERVER_PID, start_server, stop_server
 
     load0, t0 = os.getloadavg(), time.time()
     with tempfile.TemporaryDirectory(prefix="aigc-orch-") as tmp:
         root = project(Path(tmp) / "project")
-        server = start_prefect(Path(tmp) / "services")
-        env = os.environ | {"PREFECT_API_URL": server.url, "PREFECT_HOME": str(Path(tmp) / "prefect-home"),
-                            "PYTHONPATH": str(root),
+        os.environ["PREFECT_HOME"] = str(Path(tmp) / "prefect-home")
+        # the server `make run` starts (pipeline/prefect_server.py), and the environment its stages get
+        server, url = start_server()
+        env = os.environ | {"PREFECT_API_URL": url, SERVER_PID: str(server.pid), "PYTHONPATH": str(root),
                             "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
         stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
         result: dict[str, dict] = {}
@@ -92,7 +92,7 @@ def main() -> None:
                                 "all_seconds": {k: [round(x, 2) for x in v] for k, v in times.items()}}
                 print(f"{name:16s} flow {flow:6.2f} s  plain {plain:6.2f} s  Prefect {flow - plain:+.2f} s", flush=True)
         finally:
-            server.stop()
+            stop_server(server)
     costs = [v["orchestration_s"] for v in result.values()]
     report = {"what": "per-stage seconds: stage process as a Prefect flow on a running server minus the same "
                       "process calling the stage function directly (medians)",
