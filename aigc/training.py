@@ -535,7 +535,7 @@ def probe_machine(cfg: TrainConfig, net: NetConfig, images: torch.Tensor, labels
         return windows[-1]
 
     workload = (f"gan {net.family}{' conditional' if net.conditional else ''} {'x'.join(map(str, net.image_shape))} "
-                f"G{list(net.g_widths)} D{list(net.d_widths)} k{net.kernel} sn={net.spectral_norm} "
+                f"G{list(net.g_widths)} D{list(net.d_widths)} k{net.kernel} sn={net.spectral_norm} dropout={net.d_dropout:g} "
                 f"batch {cfg.batch_size} {cfg.loss} augment={list(cfg.augment)} ema={cfg.ema_kimg > 0}")
     try:
         return probe(workload, measure, layouts=layouts)
