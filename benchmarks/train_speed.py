@@ -89,12 +89,18 @@ def project_step(images: torch.Tensor, net: NetConfig, cfg: TrainConfig, steps: 
 
 
 def step_flops(images: torch.Tensor, net: NetConfig, cfg: TrainConfig) -> int:
-    """FLOPs of one project step (D update + G update + EMA), counted by PyTorch."""
+    """FLOPs of one project step (D update + G update + EMA), counted by PyTorch: a 2-step run minus
+    a 1-step run, so what a run does once (the EMA generator's BatchNorm re-estimation at the end,
+    8 x 256 forward passes of G) is not counted as the step's."""
     run = cfg.model_copy(update={"epochs": 1, "threads": 1, "channels_last": False, "guard_steps": 0})
-    labels = torch.arange(run.batch_size) % 10 if net.conditional else None
-    with FlopCounterMode(display=False) as counter:
-        train_gan(run, net, images[: run.batch_size], seed=0, progress=False, labels=labels)
-    return counter.get_total_flops()
+    counts = []
+    for steps in (1, 2):
+        n = run.batch_size * steps
+        labels = torch.arange(n) % 10 if net.conditional else None
+        with FlopCounterMode(display=False) as counter:
+            train_gan(run, net, images[:n], seed=0, progress=False, labels=labels)
+        counts.append(counter.get_total_flops())
+    return counts[1] - counts[0]
 
 
 def reference_loop(images: torch.Tensor, net: NetConfig, steps: int, threads: int, batch: int) -> float:
