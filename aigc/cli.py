@@ -77,6 +77,21 @@ def _generate(args: argparse.Namespace) -> None:
           f"to {args.out}")
 
 
+def _stage_path(stage: str, flag: str, dvc_yaml: str = "dvc.yaml") -> str:
+    """The path a stage's command passes as ``flag`` in ``dvc_yaml``: paths live in dvc.yaml only."""
+    import shlex
+
+    import yaml
+
+    try:
+        cmd = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"][stage]["cmd"]
+        argv = shlex.split(cmd)
+        return argv[argv.index(flag) + 1]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UserError(f"cannot read the {stage} stage's {flag} path from {dvc_yaml} ({type(exc).__name__}); run "
+                        f"this in the project folder, or pass the file (--run-file) or a run id") from None
+
+
 def _report(args: argparse.Namespace) -> None:
     import json
 
@@ -86,7 +101,8 @@ def _report(args: argparse.Namespace) -> None:
     from aigc.tracking import fetch_run, resolve_uri
 
     run_id, uri = args.run_id, None
-    if run_id is None:  # the workspace's run: the one models/run.json names
+    if run_id is None:  # the workspace's run: the one the run file names
+        args.run_file = args.run_file or _stage_path("report", "--run")
         try:
             info = json.loads(Path(args.run_file).read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -179,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="the one-page report of a run (samples, losses, scores beside floors, the "
                                       "registry's decision, lineage), rebuilt from its MLflow artifacts")
-    p.add_argument("run_id", nargs="?", default=None, help="MLflow run id (default: the run models/run.json names)")
+    p.add_argument("run_id", nargs="?", default=None, help="MLflow run id (default: the run the run file names)")
     p.add_argument("--out", default=None, help="HTML file to write (default: run-<first 8 of the id>.html)")
-    p.add_argument("--run-file", default="models/run.json", help="run file naming the default run (default: %(default)s)")
+    p.add_argument("--run-file", default=None,
+                   help="run file naming the default run (default: the report stage's --run in ./dvc.yaml)")
     p.add_argument("--params", default="params.yaml",
                    help="params file whose tracking.uri holds the run, unless MLFLOW_TRACKING_URI is set or the run "
                         "file names its store (default: %(default)s)")

@@ -46,7 +46,7 @@ class GeneratorEMA:
         beta = ema_beta(batch, seen, self.ema_kimg, self.rampup)
         # ema += (1 - beta) * (live - ema), i.e. beta * ema + (1 - beta) * live: one fused call for all
         # parameters instead of one allocation and copy per tensor
-        torch._foreach_lerp_(self._params, [p.detach() for p in G.parameters()], 1.0 - beta)
+        torch._foreach_lerp_(self._params, list(G.parameters()), 1.0 - beta)
         # BN statistics are re-estimated by recompute_batchnorm before use
         torch._foreach_copy_(self._buffers, list(G.buffers()))
         return beta

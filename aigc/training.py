@@ -32,6 +32,7 @@ there: a non-finite value, or D separating every real from every fake image for
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -282,7 +283,7 @@ def train_gan(
     if net.conditional:
         y_data = labels.to(device, torch.int64)
         share = torch.tensor(net.class_share, dtype=torch.float32, device=device)
-        fixed_y = (torch.arange(cfg.grid_size) * net.num_classes // cfg.grid_size).to(device)
+        fixed_y = net.grid_labels(cfg.grid_size).to(device)
     n, b = len(data), cfg.batch_size  # b: the global batch
     steps_per_epoch = n // b  # drop the ragged last batch: BatchNorm and D's statistics want full ones
     if private:  # Poisson batches (expected size ~b), b fakes beside them; sigma from the budget
@@ -534,9 +535,13 @@ def probe_machine(cfg: TrainConfig, net: NetConfig, images: torch.Tensor, labels
                   labels=sub_labels)
         return windows[-1]
 
-    workload = (f"gan {net.family}{' conditional' if net.conditional else ''} {'x'.join(map(str, net.image_shape))} "
-                f"G{list(net.g_widths)} D{list(net.d_widths)} k{net.kernel} sn={net.spectral_norm} dropout={net.d_dropout:g} "
-                f"batch {cfg.batch_size} {cfg.loss} augment={list(cfg.augment)} ema={cfg.ema_kimg > 0}")
+    # The cache key: every field of the network (derived, so a new field keys the cache too; the
+    # classes' values and shares do not change the step, their count does) and the switches of the
+    # recipe that change what a step computes.
+    shape = {k: v for k, v in net.to_dict().items() if k not in ("classes", "class_share")}
+    workload = (f"gan {json.dumps(shape | {'num_classes': net.num_classes}, sort_keys=True)} batch {cfg.batch_size} "
+                f"{cfg.loss} gp={cfg.gp_weight > 0} r1={cfg.r1_gamma > 0} augment={list(cfg.augment)} "
+                f"ema={cfg.ema_kimg > 0}")
     try:
         return probe(workload, measure, layouts=layouts)
     except TrainingDiverged:  # the data itself breaks the step: the run will say so, after its first checkpoint

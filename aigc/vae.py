@@ -135,8 +135,7 @@ def train_vae(
     data = images.to(device, dtype=torch.float32)
     y_data = labels.to(device, torch.int64) if net.conditional else None
     fixed_z = torch.randn(cfg.grid_size, net.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    fixed_y = ((torch.arange(cfg.grid_size) * net.num_classes // cfg.grid_size).to(device)
-               if net.conditional else None)
+    fixed_y = net.grid_labels(cfg.grid_size).to(device) if net.conditional else None
     n, b = len(data), cfg.batch_size
     steps_per_epoch = n // b
     total = steps_per_epoch * cfg.epochs

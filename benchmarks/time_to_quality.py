@@ -133,7 +133,7 @@ def score(runs: list[dict[str, Any]], args: argparse.Namespace, seed: int) -> No
     from aigc.ema import recompute_batchnorm
     from aigc.metrics import calc_metrics, embed, reference
     from aigc.metrics.evaluator import label_indices, load_evaluator
-    from aigc.metrics.labels import label_accuracy
+    from aigc.metrics.labels import generated_label_accuracy
     from aigc.models import NetConfig, build_generator, draw
 
     ev = load_evaluator(args.evaluator)
@@ -156,8 +156,7 @@ def score(runs: list[dict[str, Any]], args: argparse.Namespace, seed: int) -> No
                      "fid_gap": round(s["fid"] - s["fid_floor"], 3), "modes": s["modes"],
                      "classes": len(ref.class_share)}
             if requested is not None:  # a conditional G: does it draw the class it is asked for?
-                asked = label_indices(torch.tensor(net.classes)[requested].numpy(), ev.cfg)
-                la = label_accuracy(emb, asked, test_emb, test_labels, list(ev.cfg.classes))
+                la = generated_label_accuracy(emb, requested, net.classes, ev.cfg, test_emb, test_labels)
                 snap |= {"label_accuracy_ratio": round(la["label_accuracy_ratio"], 3),
                          "label_accuracy_worst_ratio": round(la["label_accuracy_worst_ratio"], 3)}
             print(f"{run['name']:40s} {snap['cpu_seconds']:6.0f} s  FID gap {snap['fid_gap']:7.2f}  "
@@ -182,7 +181,7 @@ def sample_grids(runs: list[dict[str, Any]], seed: int, path: Path, n: int = 64)
         if run["ema"]:
             recompute_batchnorm(G, net.z_dim, "cpu", seed=seed)
         grids.append(make_grid(sample(G, net.z_dim, n, seed=0,
-                                      labels=None if not net.conditional else torch.arange(n) * net.num_classes // n)))
+                                      labels=net.grid_labels(n) if net.conditional else None)))
     gap = np.full((grids[0].shape[0], 8, grids[0].shape[2]), 255, np.uint8)
     save_png(np.concatenate([x for g in grids for x in (g, gap)][:-1], axis=1), path)
 

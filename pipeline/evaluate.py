@@ -32,7 +32,7 @@ from aigc.metrics import Embedding, Reference, calc_metrics, embed, protocol, re
 from aigc.metrics.evaluator import Evaluator, label_indices, load_evaluator, weights_sha256
 from aigc.metrics.inception import InceptionEvaluator, load_inception
 from aigc.metrics.figures import class_bars, nearest_grid
-from aigc.metrics.labels import label_accuracy, label_bars, per_class_floor
+from aigc.metrics.labels import generated_label_accuracy, label_bars, per_class_floor
 from aigc.metrics.memorisation import closest_pairs
 from aigc.metrics.modes import class_histogram
 from aigc.models import draw, load_generator
@@ -140,8 +140,8 @@ class Scorer:
         t = time.perf_counter()
         scores = calc_metrics(emb, self.ref, self.cfg)
         if requested is not None:  # agreement with the requested class, beside the evaluator's test accuracy
-            asked = label_indices(torch.tensor(classes)[requested].numpy(), self.evaluator.cfg)
-            scores |= label_accuracy(emb, asked, self.test_emb, self.test_labels, list(self.evaluator.cfg.classes))
+            scores |= generated_label_accuracy(emb, requested, classes, self.evaluator.cfg, self.test_emb,
+                                               self.test_labels)
         t_metrics = time.perf_counter() - t
         return scores, fake, emb, {"sampling": t_sample, "embedding": t_embed, "metrics": t_metrics}
 

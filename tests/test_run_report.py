@@ -121,3 +121,20 @@ def test_an_unknown_run_id_is_one_clear_error(tmp_path: Path, monkeypatch: pytes
     err = capsys.readouterr().err
     assert err.startswith("error: no MLflow run '0123456789abcdef' in ") and err.count("\n") == 1
     assert not (tmp_path / "x.html").exists()
+
+
+def test_without_a_run_id_the_run_file_is_the_report_stages_from_dvc_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                           capsys: pytest.CaptureFixture):
+    """The default run file is the one dvc.yaml passes to the report stage (paths live there only);
+    outside a project the one error line says where it looked and what to pass instead."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["report"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read the report stage's --run path from dvc.yaml (FileNotFoundError)")
+    assert "--run-file" in err and err.count("\n") == 1
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  report:\n    cmd: python -m pipeline.report --run elsewhere/r.json\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "r.json").write_text('{"run_id": null}')
+    assert cli.main(["report"]) == 1
+    assert capsys.readouterr().err == "error: elsewhere/r.json names no MLflow run (tracking was off); pass a run id\n"

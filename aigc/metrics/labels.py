@@ -46,6 +46,16 @@ def label_accuracy(fake: Embedding, requested: torch.Tensor, test: Embedding, te
     return out
 
 
+def generated_label_accuracy(fake: Embedding, requested: torch.Tensor, generator_classes: tuple[int, ...],
+                             evaluator_cfg, test: Embedding, test_labels: torch.Tensor) -> dict[str, float]:
+    """:func:`label_accuracy` of a conditional generator's draw: ``requested`` are the generator's
+    class indices (its ``classes`` name their label values), mapped to the evaluator's own indices."""
+    from aigc.metrics.evaluator import label_indices
+
+    asked = label_indices(torch.tensor(generator_classes)[requested].numpy(), evaluator_cfg)
+    return label_accuracy(fake, asked, test, test_labels, list(evaluator_cfg.classes))
+
+
 def per_class_floor(test: Embedding, test_labels: torch.Tensor, classes: list[int]) -> dict[str, float]:
     """The evaluator's test accuracy per class (``label_accuracy_<k>_floor``) and overall: the figure of an
     unconditional generator, which has no requested labels to score."""

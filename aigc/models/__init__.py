@@ -70,6 +70,10 @@ class NetConfig:
             raise UserError(f"unknown label {label}: the classes are {list(self.classes)}")
         return self.classes.index(label)
 
+    def grid_labels(self, n: int) -> torch.Tensor:
+        """Class indices for a sample grid of ``n``: the classes in order, in equal runs."""
+        return torch.arange(n) * self.num_classes // n
+
     def class_indices(self, labels: Any) -> torch.Tensor:
         """Dataset label values (array-like) -> class indices (N,) int64; unknown values are a UserError."""
         values = torch.as_tensor(labels, dtype=torch.int64)
