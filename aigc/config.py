@@ -77,12 +77,14 @@ class ModelConfig(_Section):
         return self
 
     # Condition on the class label: dcgan -> conditional-BatchNorm G + projection D; vae -> a
-    # conditional VAE. Needs a labelled dataset (checked when training reads dataset.json).
-    conditional: bool = False
+    # conditional VAE. True needs a labelled dataset (checked when training reads dataset.json);
+    # "auto" conditions when every training image has a label and there are 2+ classes (and the
+    # family has a conditional variant), else trains unconditionally (aigc.models.net_config).
+    conditional: bool | Literal["auto"] = False
 
     @model_validator(mode="after")
     def _family_can_be_conditional(self) -> "ModelConfig":
-        if self.conditional and self.family == "mlp":
+        if self.conditional is True and self.family == "mlp":
             raise ValueError("the mlp family has no conditional variant; use family dcgan or vae, "
                              "or set model.conditional: false")
         return self

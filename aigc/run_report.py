@@ -128,7 +128,8 @@ def context(files: RunFiles) -> dict[str, Any]:
     decision = registry.get("decision") or {}
     outcome = registry.get("outcome") or tags.get("aigc.registry_decision")
     family = params.get("model.family", "?")
-    conditional = str(params.get("model.conditional", "false")).lower() == "true"
+    # the train stage's tag holds what model.conditional (possibly "auto") resolved to
+    conditional = str(tags.get("aigc.conditional") or params.get("model.conditional", "false")).lower() == "true"
     title = extra.get("run_name") or run.get("run_name") or f"{'conditional ' if conditional else ''}{family} run"
     return {
         "title": title,

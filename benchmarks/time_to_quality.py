@@ -40,7 +40,7 @@ EMA = {"ema_kimg": 10.0, "ema_rampup": 0.05}
 # name -> (model overrides, train overrides), on top of params.yaml's model/train sections with
 # today's recipe restored (the 2015 DCGAN, non-saturating BCE, batch 64, no EMA/augmentation).
 TODAY_MODEL = {"g_widths": [256, 128, 64], "d_widths": [64, 128, 256], "kernel": 5, "d_dropout": 0.3,
-               "spectral_norm": False}
+               "spectral_norm": False, "conditional": False}
 TODAY_TRAIN = {"loss": "bce", "batch_size": 64, "lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999,
                "r1_gamma": 0.0, "gp_weight": 0.0, "ema_kimg": 0.0, "augment": []}
 DEFAULT_M, DEFAULT_T = LIGHT | {"spectral_norm": True}, EMA | {"loss": "hinge"}

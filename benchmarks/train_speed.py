@@ -104,28 +104,31 @@ def step_flops(images: torch.Tensor, net: NetConfig, cfg: TrainConfig) -> int:
 
 
 def reference_loop(images: torch.Tensor, net: NetConfig, steps: int, threads: int, batch: int) -> float:
-    """Images/s of the textbook loop (pytorch/examples dcgan/main.py shape), same networks."""
+    """Images/s of the textbook loop (pytorch/examples dcgan/main.py shape), same networks; a
+    conditional net gets the class as its extra argument (reals: labels 0..9 in turn, fakes: drawn)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     G, D = build_generator(net), build_discriminator(net)
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    if net.conditional:
-        raise SystemExit("error: the reference loop is unconditional; benchmark with model.conditional: false")
-    loader = DataLoader(TensorDataset(images[: batch * steps]), batch_size=batch, shuffle=True, drop_last=True)
+    n = batch * steps
+    labels = torch.arange(n) % net.num_classes if net.conditional else torch.zeros(n, dtype=torch.int64)
+    cond = (lambda y: (y,)) if net.conditional else (lambda y: ())
+    loader = DataLoader(TensorDataset(images[:n], labels), batch_size=batch, shuffle=True, drop_last=True)
     times = []
-    for (real,) in loader:
+    for real, y_real in loader:
         t = time.perf_counter()
         z = torch.randn(batch, net.z_dim)
-        fake = G(z)
+        y_fake = torch.randint(0, max(net.num_classes, 1), (batch,))
+        fake = G(z, *cond(y_fake))
         # (1) Update D network
         D.zero_grad()
-        d_loss = d_loss_nonsaturating(D(real), D(fake.detach()))
+        d_loss = d_loss_nonsaturating(D(real, *cond(y_real)), D(fake.detach(), *cond(y_fake)))
         d_loss.backward()
         opt_d.step()
         # (2) Update G network
         G.zero_grad()
-        g_loss = g_loss_nonsaturating(D(fake))
+        g_loss = g_loss_nonsaturating(D(fake, *cond(y_fake)))
         g_loss.backward()
         opt_g.step()
         d_loss.item(), g_loss.item()

@@ -34,7 +34,7 @@ from aigc.config import ModelConfig, PrivacyConfig, TrackingConfig, TrainConfig,
 from aigc.data.preprocess import DATASET_JSON, dataset_sha256, load_info, load_split
 from aigc.images import save_png
 from aigc.io import atomic_path, file_sha256, params_sha256, save_torch, write_json
-from aigc.models import generator_payload, net_config
+from aigc.models import conditioning, generator_payload, net_config
 from aigc.tracking import Run, TrackingUnavailable, git_commit
 from aigc.training import CHECKPOINT_FORMAT, EpochEnd, StepWindow, checkpoint_payload, train_gan
 from aigc.vae import train_vae, vae_checkpoint_payload
@@ -199,7 +199,8 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     dp = privacy.dp
     info = load_info(processed)
     split = load_split(processed, "train")
-    net = net_config(model, info)  # a conditional model on unlabelled data stops here
+    net = net_config(model, info)  # model.conditional: true on unlabelled data stops here
+    print(conditioning(model, info)[1], flush=True)  # "auto" says what it chose and why
     labels = net.class_indices(split["labels"]) if net.conditional else None
     dataset_sha = dataset_sha256(processed)  # the split arrays, not the summary in dataset.json
     commit = git_commit()

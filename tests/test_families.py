@@ -72,6 +72,33 @@ def test_conditional_without_labels_is_one_clear_error(info, says):
     assert "model.conditional" in str(exc.value) and "\n" not in str(exc.value)
 
 
+@pytest.mark.parametrize("model, info, conditional, says", [
+    (ModelConfig(conditional="auto"), INFO, True, "conditional on 3 classes"),
+    (ModelConfig(conditional="auto", family="vae"), INFO, True, "conditional on 3 classes"),
+    (ModelConfig(conditional="auto"), INFO | {"classes": [], "counts": {"train_per_class": {"-1": 100}}}, False,
+     "unconditional: dataset.json lists 0 class(es)"),
+    (ModelConfig(conditional="auto"), INFO | {"counts": {"train_per_class": {"0": 5, "1": 5, "2": 5, "-1": 3}}}, False,
+     "unconditional: 3 of 18 training images have no label"),
+    (ModelConfig(conditional="auto", family="mlp"), INFO, False, "the mlp family has no conditional variant"),
+    (ModelConfig(conditional=False), INFO, False, "model.conditional = false"),
+])
+def test_auto_conditions_only_on_fully_labelled_data_and_says_why(model, info, conditional, says):
+    from aigc.models import conditioning
+
+    chosen, why = conditioning(model, info)
+    assert chosen is conditional and says in why and "\n" not in why
+    assert net_config(model, info).conditional is conditional
+
+
+def test_auto_is_the_only_string_conditional_accepts():
+    from aigc.config import parse_params
+
+    assert parse_params({"model": {"family": "mlp", "conditional": "auto"}}).model.conditional == "auto"
+    with pytest.raises(ConfigError) as exc:
+        parse_params({"model": {"conditional": "yes"}})
+    assert "model.conditional" in str(exc.value)
+
+
 def test_mlp_cannot_be_conditional_at_load():
     from aigc.config import parse_params
 

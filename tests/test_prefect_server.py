@@ -46,8 +46,11 @@ print(json.dumps({"up_at_start": up_when_the_command_started, "stage_rc": stage.
 
 def test_stage_flows_use_the_shared_server_which_starts_beside_the_command_then_stops(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
+    # its own PREFECT_HOME: the server's database then holds this test's flow run only, not the
+    # runs of earlier commands in the checkout's .prefect/
     res = run_module(["-m", "pipeline.prefect_server", sys.executable, "-c", COMMAND,
-                      "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "raw")], cwd=ROOT)
+                      "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "raw")], cwd=ROOT,
+                     env={"PREFECT_HOME": str(tmp_path / ".prefect")})
     assert res.returncode == 0, res.stderr
     seen = json.loads(res.stdout.strip().splitlines()[-1])
     assert seen["stage_rc"] == 0, seen["stage_err"]

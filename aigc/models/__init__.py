@@ -204,29 +204,57 @@ def sample(G: nn.Module, z_dim: int, n: int, seed: int, device: str | torch.devi
     return draw(G, z_dim, n, seed, device, batch_size, labels)[0]
 
 
+def conditioning(model: Any, info: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the model is conditional on this data, and why in words (``model.conditional``:
+    true, false, or "auto": conditional when the family has a conditional variant, dataset.json
+    lists 2+ classes and every training image is labelled).
+
+    ``model.conditional: true`` on data that cannot support it is a UserError naming what is
+    missing; "auto" falls back to an unconditional model and says why.
+    """
+    setting = getattr(model, "conditional", False)
+    if setting is False:
+        return False, "model.conditional = false"
+    classes = [int(k) for k in info.get("classes", [])]
+    per_class = info.get("counts", {}).get("train_per_class", {})
+    counts = [int(per_class.get(str(k), 0)) for k in classes]
+    unlabelled = int(per_class.get("-1", 0))
+    if setting == "auto":
+        if model.family == "mlp":
+            return False, "model.conditional = auto -> unconditional: the mlp family has no conditional variant"
+        if len(classes) < 2 or sum(counts) == 0:
+            return False, (f"model.conditional = auto -> unconditional: dataset.json lists {len(classes)} "
+                           f"class(es) {classes}; conditioning needs 2 or more")
+        if unlabelled:
+            return False, (f"model.conditional = auto -> unconditional: {unlabelled} of {unlabelled + sum(counts)} "
+                           "training images have no label (-1)")
+        return True, f"model.conditional = auto -> conditional on {len(classes)} classes (every training image labelled)"
+    if len(classes) < 2 or sum(counts) == 0:
+        raise UserError(f"model.conditional = true needs labelled data with at least 2 classes, but dataset.json "
+                        f"lists {len(classes)} class(es) {classes}; use a source with labels or set "
+                        "model.conditional: false (or auto)")
+    if unlabelled:
+        raise UserError(f"model.conditional = true needs every training image labelled, but {unlabelled} of "
+                        f"{unlabelled + sum(counts)} have no label (-1); label them, drop them from the source, "
+                        "or set model.conditional: false (or auto)")
+    return True, "model.conditional = true"
+
+
 def net_config(model: Any, info: dict[str, Any]) -> NetConfig:
     """The network config from params' ``model`` section and what dataset.json says of the data.
 
-    A conditional model takes its classes and their train-split shares from dataset.json; a
-    dataset without labels cannot train one (a UserError saying so).
+    A conditional model takes its classes and their train-split shares from dataset.json; whether
+    the model is conditional is :func:`conditioning`'s answer (true on a dataset without labels
+    is a UserError saying so; "auto" decides by the data).
     """
     h, w = info["resolution"]
     base = dict(family=model.family, z_dim=model.z_dim, channels=int(info["channels"]), height=int(h), width=int(w),
                 g_widths=tuple(model.g_widths), d_widths=tuple(model.d_widths), kernel=model.kernel,
                 d_dropout=model.d_dropout, spectral_norm=model.spectral_norm)
-    if not getattr(model, "conditional", False):
+    if not conditioning(model, info)[0]:
         return NetConfig(**base)
-    classes = [int(k) for k in info.get("classes", [])]
-    per_class = info.get("counts", {}).get("train_per_class", {})
+    classes = [int(k) for k in info["classes"]]
+    per_class = info["counts"]["train_per_class"]
     counts = [int(per_class.get(str(k), 0)) for k in classes]
-    if len(classes) < 2 or sum(counts) == 0:
-        raise UserError(f"model.conditional = true needs labelled data with at least 2 classes, but dataset.json "
-                        f"lists {len(classes)} class(es) {classes}; use a source with labels or set "
-                        "model.conditional: false")
-    unlabelled = int(per_class.get("-1", 0))
-    if unlabelled:
-        raise UserError(f"model.conditional = true needs every training image labelled, but {unlabelled} of "
-                        f"{unlabelled + sum(counts)} have no label (-1); label them, drop them from the source, "
-                        "or set model.conditional: false")
     share = tuple(c / sum(counts) for c in counts)
     return NetConfig(**base, conditional=True, classes=tuple(classes), class_share=share)
