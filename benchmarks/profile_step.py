@@ -33,14 +33,16 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from aigc.runtime import usable_cores
-    from aigc.training import train_gan
+    from aigc.training import probe_machine, train_gan
     from benchmarks.train_speed import matmul_peak, mnist_like, stage_config
 
     threads = args.threads or usable_cores()
     net, cfg = stage_config()
-    cl = {"auto": cfg.channels_last if cfg.channels_last != "auto" else machine.in_force()["level"].startswith("avx512"),
-          "true": True, "false": False}[args.channels_last]
     images = mnist_like(cfg.batch_size * (args.steps + 5))
+    if args.channels_last == "auto" and cfg.channels_last == "auto":  # the layout the stage would run: the probe's
+        cl = probe_machine(cfg, net, images, None, seed=0).channels_last
+    else:
+        cl = {"auto": cfg.channels_last, "true": True, "false": False}[args.channels_last]
     run = cfg.model_copy(update={"epochs": 1, "threads": threads, "channels_last": cl, "guard_steps": 0,
                                  "log_every": args.steps + 5})
     train_gan(run.model_copy(update={"log_every": 5}), net, images[: cfg.batch_size * 5], seed=0, progress=False)  # warm-up
