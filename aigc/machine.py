@@ -101,6 +101,8 @@ def cap_of(environ: Mapping[str, str] | None = None) -> str:
     :data:`ISA_VARS`), or ``custom`` for any other mix."""
     environ = os.environ if environ is None else environ
     have = {k: environ[k] for k in ISA_VARS if environ.get(k)}
+    if environ.get("DNNL_MAX_CPU_ISA") and "ONEDNN_MAX_CPU_ISA" not in have:  # oneDNN's older name
+        have["ONEDNN_MAX_CPU_ISA"] = environ["DNNL_MAX_CPU_ISA"]
     for name, want in ISA_CAPS.items():
         if have == want:
             return name
@@ -115,7 +117,8 @@ def exec_under_cap(cap: str, module: str, argv: Sequence[str]) -> None:
     want = isa_cap_env(cap)
     if cap_of() == cap:
         return
-    env = {k: v for k, v in os.environ.items() if k not in ISA_VARS} | want
+    # DNNL_MAX_CPU_ISA: oneDNN's older name of ONEDNN_MAX_CPU_ISA, which would cap a "native" run.
+    env = {k: v for k, v in os.environ.items() if k not in (*ISA_VARS, "DNNL_MAX_CPU_ISA")} | want
     _execve([sys.executable, "-m", module, *argv], env)
 
 

@@ -35,6 +35,7 @@ def test_which_cap_the_environment_sets_and_where_its_reports_go(monkeypatch):
     assert machine.cap_of({}) == "native" and machine.cap_of({"PATH": "/bin"}) == "native"
     assert machine.cap_of(machine.ISA_CAPS["avx2"]) == "avx2"
     assert machine.cap_of({"ONEDNN_MAX_CPU_ISA": "AVX2"}) == "custom"  # one library capped, not the set
+    assert machine.cap_of({"DNNL_MAX_CPU_ISA": "AVX2"}) == "custom"  # oneDNN's older name caps it too
     for k in machine.ISA_VARS:
         monkeypatch.delenv(k, raising=False)
     assert machine.report_suffix() == ""  # native figures keep their names
