@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from aigc import machine
@@ -75,9 +76,7 @@ def processed_digits(tmp_path: Path) -> Path:
     return tmp_path / "processed"
 
 
-def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, processed_digits: Path,
-                                           monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # a user's own ISA cap: the run records the kernels in force
+def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, processed_digits: Path):
     out = {k: str(tmp_path / v) for k, v in {
         "generator": "models/generator.pt", "checkpoint": "models/checkpoint.pt", "run": "models/run.json",
         "metrics": "reports/metrics.json", "losses": "reports/losses.csv", "samples": "reports/samples.png"}.items()}
@@ -93,8 +92,9 @@ def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, pro
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "1" and run.data.params["model.family"] == "dcgan"
     assert len(run.data.tags["aigc.dataset_sha256"]) == 64
-    assert run.data.tags["aigc.machine.cpu"] == machine.cpu()["model"] and "oneDNN AVX2" in run.data.tags["aigc.machine.kernels"]
-    assert run.data.tags["aigc.machine.isa_in_force"] == machine.in_force()["level"] in ("avx2", "pre-avx2")
+    # the machine and the kernels in force (an exported ISA cap shows here: tests/test_machine.py)
+    assert {k: v for k, v in run.data.tags.items() if k.startswith("aigc.machine.")} == machine.tags()
+    assert run.data.tags["aigc.machine.kernels"].startswith(f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN")
     for key in ("d_loss", "g_loss", "d_real", "d_fake"):  # grouped: the run page's train/ chart section
         assert len(client.get_metric_history(run.info.run_id, f"train/{key}")) == summary["steps"]
     assert {k.split("/")[0] for k in run.data.metrics} == {"train", "perf"}
