@@ -7,6 +7,12 @@ benchmark file carries :func:`describe` beside its numbers, and the layout probe
 
 Read from ``/proc/cpuinfo`` (Linux) without starting ``lscpu``; elsewhere the fields that
 cannot be read are empty rather than guessed.
+
+The kernels that run need not be the CPU's best: oneDNN, ATen and MKL each read a cap from the
+environment when torch is imported (:data:`ISA_CAPS`). ``python -m benchmarks --isa avx2`` sets
+them (:func:`exec_under_cap`) to run the AVX2 code paths on an AVX-512 CPU -- an emulation of the
+instruction set only, not of an AVX2 machine's clocks, caches or cores -- and :func:`in_force`
+says which kernels a process actually runs, in every report and MLflow run beside the CPU's flags.
 """
 
 from __future__ import annotations
@@ -14,9 +20,13 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from aigc.errors import UserError
 
 # the flags that decide which PyTorch/oneDNN kernels run
 VECTOR_PREFIXES = ("avx", "fma", "amx")
@@ -53,6 +63,138 @@ def cpu() -> dict[str, Any]:
     return {"model": model, "flags": vector, "isa": isa, "logical_cpus": os.cpu_count()}
 
 
+# The CPU's ISA levels, lowest first (cpu()["isa"]).
+LEVELS = ("pre-avx2", "avx2", "avx512", "avx512+amx")
+
+# The environment variables that cap the kernels PyTorch's CPU libraries pick, read once when torch
+# (oneDNN, ATen's dispatch, MKL) is loaded: set them before torch is imported, or not at all.
+# avx512 leaves out AMX (oneDNN's AVX512_CORE: no AMX, BF16 or VNNI kernels); "native" sets none.
+ISA_VARS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+ISA_CAPS: dict[str, dict[str, str]] = {
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "native": {},
+}
+PRETTY = {"pre-avx2": "pre-AVX2", "avx2": "AVX2", "avx512": "AVX-512", "avx512+amx": "AVX-512+AMX",
+          "unknown": "unknown ISA"}
+CAP_LEVEL = {"avx2": "avx2", "avx512": "avx512"}  # the CPU level a cap needs
+
+
+def isa_cap_env(cap: str, cpu_isa: str | None = None) -> dict[str, str]:
+    """The environment variables of the cap ``cap`` (:data:`ISA_CAPS`), checked against the CPU:
+    a cap above what the CPU has (avx512 on an AVX2 machine) is a :class:`UserError`, not a silent
+    fall-back to other kernels."""
+    if cap not in ISA_CAPS:
+        raise UserError(f"--isa {cap!r} is not a known cap; use one of {', '.join(ISA_CAPS)}")
+    cpu_isa = cpu_isa or cpu()["isa"]
+    need = CAP_LEVEL.get(cap)
+    if need and (cpu_isa not in LEVELS or LEVELS.index(cpu_isa) < LEVELS.index(need)):
+        raise UserError(f"--isa {cap}: this CPU ({cpu()['model']}) has {cpu_isa}, not {need}; a cap can only "
+                        f"lower the instruction set: use --isa native"
+                        + (" or --isa avx2" if cpu_isa in LEVELS[1:] else ""))
+    return dict(ISA_CAPS[cap])
+
+
+def cap_of(environ: Mapping[str, str] | None = None) -> str:
+    """Which cap the environment sets: a name of :data:`ISA_CAPS` (``native``: none of
+    :data:`ISA_VARS`), or ``custom`` for any other mix."""
+    environ = os.environ if environ is None else environ
+    have = {k: environ[k] for k in ISA_VARS if environ.get(k)}
+    if environ.get("DNNL_MAX_CPU_ISA") and "ONEDNN_MAX_CPU_ISA" not in have:  # oneDNN's older name
+        have["ONEDNN_MAX_CPU_ISA"] = environ["DNNL_MAX_CPU_ISA"]
+    for name, want in ISA_CAPS.items():
+        if have == want:
+            return name
+    return "custom"
+
+
+def exec_under_cap(cap: str, module: str, argv: Sequence[str]) -> None:
+    """Make sure this process runs under ``cap``: return when the environment already sets it,
+    else replace the process by ``python -m module argv...`` with the cap's variables set (and the
+    other ones of :data:`ISA_VARS` removed), so torch is imported under it and every process it
+    starts inherits it. Raises :class:`UserError` for a cap the CPU does not have."""
+    want = isa_cap_env(cap)
+    if cap_of() == cap:
+        return
+    # DNNL_MAX_CPU_ISA: oneDNN's older name of ONEDNN_MAX_CPU_ISA, which would cap a "native" run.
+    env = {k: v for k, v in os.environ.items() if k not in (*ISA_VARS, "DNNL_MAX_CPU_ISA")} | want
+    _execve([sys.executable, "-m", module, *argv], env)
+
+
+def add_isa_argument(ap: Any) -> None:
+    """``--isa {avx2,avx512,native}`` on an argparse parser (the benchmarks' and this module's)."""
+    ap.add_argument("--isa", choices=tuple(ISA_CAPS), default=None,
+                    help="cap PyTorch's CPU kernels (oneDNN, ATen, MKL) at this instruction set, e.g. avx2 on an "
+                         "AVX-512 CPU: an emulation of the ISA only, not of an AVX2 machine; a benchmark's reports "
+                         "get the suffix _<isa> (default: the kernels the environment gives)")
+
+
+def under_cap(isa: str | None, module: str, argv: Sequence[str] | None = None) -> None:
+    """The command-line edge of :func:`exec_under_cap`: nothing for ``None``, a cap the CPU does
+    not have is one ``error:`` line and exit status 1. Call it before anything imports torch."""
+    if isa is None:
+        return
+    try:
+        exec_under_cap(isa, module, sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _execve(cmd: list[str], env: dict[str, str]) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)
+
+
+def _cap_level(library: str, value: str) -> int | None:
+    """The index in :data:`LEVELS` a library's cap value lowers it to; None: no lower than the CPU."""
+    v = value.upper()
+    if library == "aten":  # ATen's levels: DEFAULT < AVX2 < AVX512 (its best: no AMX kernels)
+        return {"DEFAULT": 0, "AVX2": 1}.get(v)
+    if v.startswith("AVX512_CORE_AMX") or v in ("DEFAULT", "") or v.startswith(("AVX512_E4", "AVX512_E5", "AVX10")):
+        return None
+    if v.startswith("AVX512"):
+        return 2
+    if v.startswith("AVX2"):
+        return 1
+    return 0  # SSE41, AVX, SSE4_2 ...
+
+
+def in_force() -> dict[str, Any]:
+    """The kernels this process runs: ATen's dispatch level (asked of torch), oneDNN's and MKL's
+    caps (from the environment, which they read at load; ``default``: none), the cap's name
+    (:func:`cap_of`), the effective level (the CPU's, lowered by the lowest cap) and, when that is
+    below the CPU's, the caveat every figure of the run must carry."""
+    import torch
+
+    c = cpu()["isa"]
+    aten = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "default"
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS") or "default"
+    level = c
+    if c in LEVELS:
+        caps = [x for x in (_cap_level("aten", aten), _cap_level("onednn", onednn), _cap_level("mkl", mkl))
+                if x is not None]
+        level = LEVELS[min([LEVELS.index(c), *caps])]
+    emulated = level != c
+    return {"cap": cap_of(), "aten": aten, "onednn": onednn, "mkl": mkl, "level": level, "emulated": emulated,
+            "caveat": (f"{PRETTY[level]} code paths (ISA capped on {cpu()['model']}, {PRETTY[c]}), not an "
+                       f"{PRETTY[level]} machine" if emulated else "")}
+
+
+def isa_key() -> str:
+    """The kernels in force in a few words, for cache keys: ``aten AVX2, onednn AVX2, mkl AVX2``."""
+    f = in_force()
+    return f"aten {f['aten']}, onednn {f['onednn']}, mkl {f['mkl']}"
+
+
+def report_suffix() -> str:
+    """``""`` for native kernels, else ``_<cap>``: a capped run's reports sit beside the native ones."""
+    cap = cap_of()
+    return "" if cap == "native" else f"_{cap}"
+
+
 def onednn_version() -> str | None:
     """The oneDNN (MKL-DNN) version PyTorch was built with, from its build configuration."""
     import torch
@@ -68,10 +210,12 @@ def describe() -> dict[str, Any]:
     from aigc.runtime import usable_cores
 
     c = cpu()
+    kernels = in_force()
     return {
         "cpu_model": c["model"],
         "isa": c["isa"],
         "vector_flags": c["flags"],
+        "isa_in_force": kernels,
         "cores_usable": usable_cores(),
         "torch": torch.__version__,
         "onednn": onednn_version(),
@@ -83,15 +227,58 @@ def describe() -> dict[str, Any]:
 
 
 def fingerprint() -> str:
-    """CPU model + ISA level + torch version: a measured choice holds only for the same three."""
+    """CPU model + ISA level + torch version + the kernels in force (:func:`isa_key`): a measured
+    choice holds only for the same four, so a capped run never reuses a native answer."""
     import torch
 
     c = cpu()
-    return f"{c['model']} | {c['isa']} | torch {torch.__version__}"
+    return f"{c['model']} | {c['isa']} | torch {torch.__version__} | {isa_key()}"
+
+
+def tags(d: dict[str, Any] | None = None) -> dict[str, str]:
+    """The machine as MLflow tags (``aigc.machine.*``): the CPU and its ISA level, torch and oneDNN
+    versions, and the kernels in force -- an ISA cap the user exported shows here, with its caveat."""
+    d = d or describe()
+    k = d["isa_in_force"]
+    out = {"aigc.machine.cpu": d["cpu_model"], "aigc.machine.cpu_isa": d["isa"],
+           "aigc.machine.cores_usable": str(d["cores_usable"]), "aigc.machine.torch": d["torch"],
+           "aigc.machine.onednn": str(d["onednn"]), "aigc.machine.isa_in_force": k["level"],
+           "aigc.machine.kernels": kernels_line(d).removeprefix("kernels: ").split(" -- ")[0],
+           "aigc.machine.isa_cap": k["cap"]}
+    if k["caveat"]:
+        out["aigc.machine.isa_caveat"] = k["caveat"]
+    if d.get("cuda"):
+        out["aigc.machine.cuda"] = d["cuda"]
+    return out
+
+
+def kernels_line(d: dict[str, Any] | None = None) -> str:
+    """``kernels: ATen AVX512, oneDNN default, MKL default`` (+ the caveat of a capped run)."""
+    k = (d or describe())["isa_in_force"]
+    return (f"kernels: ATen {k['aten']}, oneDNN {k['onednn']}, MKL {k['mkl']}"
+            + (f" -- {k['caveat']}" if k["caveat"] else ""))
 
 
 def one_line(d: dict[str, Any] | None = None) -> str:
-    """``Intel(R) Xeon(R) Processor (avx512+amx, 2 cores), torch 2.13.0, oneDNN 3.12.0, load 0.4``."""
+    """``Intel(R) Xeon(R) Processor (avx512+amx, 2 cores), torch 2.13.0, oneDNN 3.12.0, load 0.4; kernels: ...``."""
     d = d or describe()
     return (f"{d['cpu_model']} ({d['isa']}, {d['cores_usable']} cores), torch {d['torch']}, "
-            f"oneDNN {d['onednn']}, load {d['load_average'][0]:.1f}")
+            f"oneDNN {d['onednn']}, load {d['load_average'][0]:.1f}; {kernels_line(d)}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m aigc.machine [--isa avx2]``: the machine and the kernels that run, as JSON."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m aigc.machine", description=main.__doc__)
+    add_isa_argument(ap)
+    args = ap.parse_args(argv)
+    under_cap(args.isa, "aigc.machine", argv)
+    d = describe()
+    print(one_line(d))
+    print(json.dumps(d, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,8 @@ process on this machine holding a core, and does not count as one.
 What is best for the machine itself -- NHWC (channels_last) or NCHW, all cores or one (two
 vCPUs may be hyperthreads of one core) -- differs between CPUs: channels_last measured 1.07x
 on an AVX-512 Xeon and 0.89x on an AVX2 EPYC. :func:`probe` times the real training step in
-each setting once per machine (CPU model + ISA + torch version, :mod:`aigc.machine`) and
+each setting once per machine (CPU model + ISA + torch version + the kernels in force, i.e. ATen's
+capability and oneDNN's/MKL's ISA caps, :mod:`aigc.machine`) and
 caches the answer in ``~/.cache/aigc/probe.json`` (``$AIGC_CACHE_DIR``), outside the
 repository: it is a fact about the machine, not about the project.
 """
@@ -139,13 +140,14 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def unmeasured(why: str, layouts: tuple[bool, ...], cores: int) -> ProbeResult:
-    """The layout when the probe cannot measure: channels_last on AVX-512 (measured 1.07x there),
-    NCHW elsewhere (0.89x on an AVX2 EPYC); all cores."""
-    from aigc.machine import cpu
+    """The layout when the probe cannot measure: channels_last on AVX-512 kernels (measured 1.07x
+    there), NCHW elsewhere (0.89x on an AVX2 EPYC); all cores."""
+    from aigc.machine import in_force
 
-    nhwc = True in layouts and cpu()["isa"].startswith("avx512")
+    level = in_force()["level"]  # the kernels that run: an AVX2 cap on an AVX-512 CPU counts as AVX2
+    nhwc = True in layouts and level.startswith("avx512")
     return ProbeResult(nhwc, cores, note=f"not measured: {why}; {'channels_last' if nhwc else 'NCHW'} "
-                                         f"by the CPU's ISA ({cpu()['isa']}) (not cached: the next run measures)")
+                                         f"by the kernels' ISA ({level}) (not cached: the next run measures)")
 
 
 def probe(workload: str, measure: Callable[[bool, int], float], cores: int | None = None,

@@ -3,6 +3,11 @@
 Writes reports/benchmarks/train_speed.json, overhead.json and summary.md, and prints the
 ratios. The machine is shared: the load average is recorded before and after, variants are
 interleaved and only medians and ratios are quoted.
+
+``--isa avx2`` (or ``avx512``) runs it all under a cap of PyTorch's CPU kernels (aigc/machine.py):
+the process starts again with the cap's environment, so torch and every stage process it starts
+load the capped kernels; the reports go beside the native ones (summary_avx2.md, ...), and say
+they emulate the instruction set only, on this CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import time
 from pathlib import Path
 
 from aigc import machine
-from benchmarks import overhead, train_speed
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
 
@@ -25,9 +29,14 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (it compiles for ~1 min)")
     ap.add_argument("--stage-epochs", type=int, default=2,
                     help="epochs of the train stage timed against the in-process step (0: skip; default: %(default)s)")
+    machine.add_isa_argument(ap)
     args = ap.parse_args()
+    machine.under_cap(args.isa, "benchmarks")  # before torch is imported: the cap is read when it loads
+    from benchmarks import overhead, train_speed
+
     start, load0 = time.time(), os.getloadavg()
     env = {"machine": machine.describe(), "load_average_before": load0}
+    suffix = machine.report_suffix()
     print(f"machine: {machine.one_line(env['machine'])}")
 
     speed = train_speed.run(rounds=args.rounds, compile_check=not args.no_compile, stage_epochs=args.stage_epochs)
@@ -35,8 +44,8 @@ def main() -> None:
     env |= {"load_average_after": os.getloadavg(), "benchmark_seconds": round(time.time() - start, 1)}
 
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "train_speed.json").write_text(json.dumps(env | speed, indent=2) + "\n")
-    (OUT / "overhead.json").write_text(json.dumps(env | over, indent=2) + "\n")
+    (OUT / f"train_speed{suffix}.json").write_text(json.dumps(env | speed, indent=2) + "\n")
+    (OUT / f"overhead{suffix}.json").write_text(json.dumps(env | over, indent=2) + "\n")
     m, t, o = speed["median"], over["tracking"], over["orchestration"]
     rows = [
         ("project step (img/s)", f"{m['project']:.0f}", ""),
@@ -76,15 +85,20 @@ def main() -> None:
                          f"{d['prefect_seconds'] + d['mlflow_seconds']:.0f} s of ~{d['estimated_repro_seconds']:.0f} s",
                          f"{100 * d['overhead_share']:.1f}% (target <= 5%)"))
     mc = env["machine"]
-    lines = ["# Benchmarks", "",
-             f"`python -m benchmarks`, {args.rounds} interleaved rounds, medians; {mc['cores_usable']} usable cores, "
+    k = mc["isa_in_force"]
+    cap = ([f"**Capped kernels: {k['caveat']}.** PyTorch's CPU kernels ran capped (ATen {k['aten']}, "
+            f"oneDNN {k['onednn']}, MKL {k['mkl']}): an emulation of the instruction set only, on this CPU's "
+            f"clocks, caches and microarchitecture, not a measurement of an {machine.PRETTY[k['level']]} machine.", ""]
+           if k["emulated"] else [])
+    lines = [f"# Benchmarks{' (' + k['level'] + ' kernels, ISA capped)' if k['emulated'] else ''}", "", *cap,
+             f"`python -m benchmarks{' --isa ' + args.isa if args.isa else ''}`, {args.rounds} interleaved rounds, medians; {mc['cores_usable']} usable cores, "
              f"load average {load0[0]:.2f} before and {env['load_average_after'][0]:.2f} after; "
              f"{env['benchmark_seconds']:.0f} s in all.", "",
              f"Machine: {mc['cpu_model']}, {mc['isa']} (flags: {' '.join(mc['vector_flags'])}); torch {mc['torch']}, "
-             f"oneDNN {mc['onednn']}, PyTorch CPU capability {mc['torch_cpu_capability']}.", "",
+             f"oneDNN {mc['onednn']}, PyTorch CPU capability {mc['torch_cpu_capability']}; {machine.kernels_line(mc)}.", "",
              f"Step: {speed['architecture']}, batch {speed['batch_size']}.", "",
              "| measure | value | ratio |", "| --- | --- | --- |", *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
-    (OUT / "summary.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"summary{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,11 +1,12 @@
 """Where the train stage's step spends its time: a per-operator profile (torch.profiler) of the
 step params.yaml configures, with FLOPs, on this machine.
 
-    python -m benchmarks.profile_step [--steps 30] [--channels-last auto|true|false]
+    python -m benchmarks.profile_step [--steps 30] [--channels-last auto|true|false] [--isa avx2]
 
 Writes reports/benchmarks/profile_step.md (and .json): each operator's share of the step's CPU
 time, its achieved GFLOP/s where PyTorch counts FLOPs, beside the fp32 matmul peak measured in
-the same run -- the table that says which layers keep the step from the hardware limit.
+the same run -- the table that says which layers keep the step from the hardware limit. Under
+``--isa avx2`` (kernels capped, aigc/machine.py) it writes profile_step_avx2.md beside it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,7 @@ import json
 import os
 from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
 from aigc import machine
-from aigc.training import train_gan
-from benchmarks.train_speed import matmul_peak, mnist_like, stage_config
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
 
@@ -31,14 +27,22 @@ def main() -> None:
     ap.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: all usable cores)")
     ap.add_argument("--top", type=int, default=15)
+    machine.add_isa_argument(ap)
     args = ap.parse_args()
+    machine.under_cap(args.isa, "benchmarks.profile_step")  # before torch is imported: the cap is read when it loads
+    from torch.profiler import ProfilerActivity, profile
+
     from aigc.runtime import usable_cores
+    from aigc.training import probe_machine, train_gan
+    from benchmarks.train_speed import matmul_peak, mnist_like, stage_config
 
     threads = args.threads or usable_cores()
     net, cfg = stage_config()
-    cl = {"auto": cfg.channels_last if cfg.channels_last != "auto" else machine.cpu()["isa"].startswith("avx512"),
-          "true": True, "false": False}[args.channels_last]
     images = mnist_like(cfg.batch_size * (args.steps + 5))
+    if args.channels_last == "auto" and cfg.channels_last == "auto":  # the layout the stage would run: the probe's
+        cl = probe_machine(cfg, net, images, None, seed=0).channels_last
+    else:
+        cl = {"auto": cfg.channels_last, "true": True, "false": False}[args.channels_last]
     run = cfg.model_copy(update={"epochs": 1, "threads": threads, "channels_last": cl, "guard_steps": 0,
                                  "log_every": args.steps + 5})
     train_gan(run.model_copy(update={"log_every": 5}), net, images[: cfg.batch_size * 5], seed=0, progress=False)  # warm-up
@@ -54,15 +58,28 @@ def main() -> None:
                      "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / result.steps, 2),
                      "gflop_per_s": round(gflops, 1) if gflops else None,
                      "of_peak": round(gflops / peak, 2) if gflops else None})
+    # The ops PyTorch counts FLOPs for (forward convolutions and matmuls; not their backward passes),
+    # by inclusive time: how close the compute-bound layers come to the peak.
+    flop_rows = [{"op": e.key, "calls": e.count, "ms_per_step": round(e.cpu_time_total / 1e3 / result.steps, 2),
+                  "gflop_per_step": round(e.flops / 1e9 / result.steps, 3),
+                  "gflop_per_s": round(e.flops / (e.cpu_time_total / 1e6) / 1e9, 1),
+                  "of_peak": round(e.flops / (e.cpu_time_total / 1e6) / 1e9 / peak, 2)}
+                 for e in sorted(events, key=lambda e: e.flops or 0, reverse=True)
+                 if e.flops and e.cpu_time_total and ("conv" in e.key or "mm" in e.key)]
     report = {"machine": machine.describe(), "threads": threads, "channels_last": cl, "steps": result.steps,
               "images_per_s_profiled": round(result.images_per_s, 1), "matmul_peak_gflops": round(peak, 1),
               "architecture": f"{net.family} G {list(net.g_widths)} D {list(net.d_widths)} k{net.kernel}, "
-                              f"batch {cfg.batch_size}, {cfg.loss}, EMA {cfg.ema_kimg > 0}", "ops": rows}
+                              f"batch {cfg.batch_size}, {cfg.loss}, EMA {cfg.ema_kimg > 0}", "ops": rows,
+              "flop_ops": flop_rows}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "profile_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    suffix = machine.report_suffix()
+    (OUT / f"profile_step{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["machine"]
-    lines = ["# Where the step's time goes", "",
-             f"`python -m benchmarks.profile_step`: {result.steps} steps of {report['architecture']}, "
+    k = m["isa_in_force"]
+    lines = [f"# Where the step's time goes{' (' + k['level'] + ' kernels, ISA capped)' if k['emulated'] else ''}", "",
+             *([f"**Capped kernels: {k['caveat']}**: an emulation of the instruction set only.", ""]
+               if k["emulated"] else []),
+             f"`python -m benchmarks.profile_step{' --isa ' + args.isa if args.isa else ''}`: {result.steps} steps of {report['architecture']}, "
              f"{threads} thread(s), {'channels_last' if cl else 'NCHW'}; {report['images_per_s_profiled']} img/s under "
              f"the profiler (it adds overhead). Machine: {machine.one_line(m)}; fp32 matmul peak {peak:.0f} GFLOP/s.", "",
              "| operator | calls | share of self CPU time | ms per step | GFLOP/s | of matmul peak |",
@@ -70,7 +87,13 @@ def main() -> None:
     for r in rows:
         lines.append(f"| `{r['op']}` | {r['calls']} | {100 * r['self_share']:.1f}% | {r['self_ms_per_step']} | "
                      f"{r['gflop_per_s'] or ''} | {r['of_peak'] or ''} |")
-    (OUT / "profile_step.md").write_text("\n".join(lines) + "\n")
+    lines += ["", "The operators PyTorch counts FLOPs for (forward convolutions and matmuls; backward passes are "
+              "not counted), inclusive time:", "",
+              "| operator | calls | ms per step (inclusive) | GFLOP per step | GFLOP/s | of matmul peak |",
+              "| --- | --- | --- | --- | --- | --- |",
+              *[f"| `{r['op']}` | {r['calls']} | {r['ms_per_step']} | {r['gflop_per_step']} | {r['gflop_per_s']} | "
+                f"{r['of_peak']} |" for r in flop_rows]]
+    (OUT / f"profile_step{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"load average now {os.getloadavg()[0]:.1f}")
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aigc import distributed
+from aigc import distributed, machine
 from aigc.config import ModelConfig, PrivacyConfig, TrackingConfig, TrainConfig, VAEConfig, flatten
 from aigc.data.preprocess import DATASET_JSON, dataset_sha256, load_info, load_split
 from aigc.images import save_png
@@ -214,6 +214,10 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family,
             "aigc.conditional": str(net.conditional).lower(), "aigc.params_sha256": params_hash,
             "aigc.dp": str(dp.enabled).lower()}
+    # The CPU and the kernels in force (an ISA cap exported by the user, e.g. ATEN_CPU_CAPABILITY=avx2, shows here).
+    tags |= machine.tags()
+    if "aigc.machine.isa_caveat" in tags:
+        print(f"kernels capped by the environment: {tags['aigc.machine.isa_caveat']} ({tags['aigc.machine.kernels']})")
     if commit:
         tags["mlflow.source.git.commit"] = commit
     name = run_name(kind, model, train, vae, params_hash)
@@ -238,7 +242,7 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
             reopened = Run.reopen(old_run, tracking)
             if reopened is not None:
                 tracker = reopened
-                tracker.set_tags({"aigc.resumed_from_epoch": resume["epoch"]})
+                tracker.set_tags({"aigc.resumed_from_epoch": resume["epoch"]} | machine.tags())  # this process's kernels
         if not tracker.active:
             tracker = Run.start(tracking, run_name=name, params=params, tags=tags)
             # The interrupted run this one replaces (not a finished one whose checkpoint is merely older).

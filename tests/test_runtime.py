@@ -72,6 +72,24 @@ def test_probe_beside_a_busy_neighbour_compares_layouts_on_the_free_core_and_kee
     assert again.cached and again.channels_last and "busy neighbour" in again.note
 
 
+def test_a_capped_run_never_reuses_the_native_answer_nor_the_other_way_round(monkeypatch, tmp_path):
+    from aigc import machine
+
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "choose_threads", lambda setting: 2)
+    for k in machine.ISA_VARS:
+        monkeypatch.delenv(k, raising=False)
+    assert f"aten {torch.backends.cpu.get_cpu_capability()}, onednn default" in machine.fingerprint()
+    native = runtime.probe("w", lambda cl, th: 300.0 if cl else 200.0, cores=2)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # e.g. --isa avx2: oneDNN's AVX2 kernels
+    capped = runtime.probe("w", lambda cl, th: 100.0 if cl else 200.0, cores=2)
+    assert not capped.cached and not capped.channels_last and native.channels_last
+    assert len(json.loads((tmp_path / "probe.json").read_text())["entries"]) == 2
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    again = runtime.probe("w", lambda cl, th: pytest.fail("the native answer is cached"), cores=2)
+    assert again.cached and again.channels_last
+
+
 def test_a_broken_cache_is_measured_again(monkeypatch, tmp_path):
     monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(runtime, "choose_threads", lambda setting: 1)

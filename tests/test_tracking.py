@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
+from aigc import machine
 from aigc.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
 from aigc.data.preprocess import preprocess, save_processed
 from aigc.data.sources import load_source
@@ -90,6 +92,9 @@ def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, pro
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "1" and run.data.params["model.family"] == "dcgan"
     assert len(run.data.tags["aigc.dataset_sha256"]) == 64
+    # the machine and the kernels in force (an exported ISA cap shows here: tests/test_machine.py)
+    assert {k: v for k, v in run.data.tags.items() if k.startswith("aigc.machine.")} == machine.tags()
+    assert run.data.tags["aigc.machine.kernels"].startswith(f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN")
     for key in ("d_loss", "g_loss", "d_real", "d_fake"):  # grouped: the run page's train/ chart section
         assert len(client.get_metric_history(run.info.run_id, f"train/{key}")) == summary["steps"]
     assert {k.split("/")[0] for k in run.data.metrics} == {"train", "perf"}
