@@ -34,20 +34,22 @@ def main() -> None:
 
     from aigc.runtime import usable_cores
     from aigc.training import probe_machine, train_gan
-    from benchmarks.train_speed import matmul_peak, mnist_like, stage_config
+    from benchmarks.train_speed import matmul_peak, mnist_like, stage_config, step_labels
 
     threads = args.threads or usable_cores()
     net, cfg = stage_config()
     images = mnist_like(cfg.batch_size * (args.steps + 5))
+    labels = step_labels(len(images), net)  # a conditional default net trains with the class
     if args.channels_last == "auto" and cfg.channels_last == "auto":  # the layout the stage would run: the probe's
-        cl = probe_machine(cfg, net, images, None, seed=0).channels_last
+        cl = probe_machine(cfg, net, images, labels, seed=0).channels_last
     else:
         cl = {"auto": cfg.channels_last, "true": True, "false": False}[args.channels_last]
     run = cfg.model_copy(update={"epochs": 1, "threads": threads, "channels_last": cl, "guard_steps": 0,
                                  "log_every": args.steps + 5})
-    train_gan(run.model_copy(update={"log_every": 5}), net, images[: cfg.batch_size * 5], seed=0, progress=False)  # warm-up
+    train_gan(run.model_copy(update={"log_every": 5}), net, images[: cfg.batch_size * 5], seed=0, progress=False,
+              labels=None if labels is None else labels[: cfg.batch_size * 5])  # warm-up
     with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=False) as prof:
-        result = train_gan(run, net, images, seed=0, progress=False)
+        result = train_gan(run, net, images, seed=0, progress=False, labels=labels)
     peak = matmul_peak(threads)
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     total_self = sum(e.self_cpu_time_total for e in events)

@@ -52,6 +52,12 @@ def mnist_like(n: int) -> torch.Tensor:
     return torch.from_numpy(normalise(load_mnist5k(DataConfig()).images[:n]))
 
 
+def step_labels(n: int, net: NetConfig) -> torch.Tensor | None:
+    """Class indices for ``n`` benchmark images (0..classes-1 in turn) when ``net`` is conditional,
+    else None: speed does not depend on which labels."""
+    return torch.arange(n) % net.num_classes if net.conditional else None
+
+
 def stage_config(params: str | Path = ROOT / DEFAULT_PARAMS) -> tuple[NetConfig, TrainConfig]:
     """The network and training recipe the train stage builds from params.yaml, on the default
     data's shape (1x28x28, ten equally likely classes when the model is conditional)."""
@@ -82,7 +88,7 @@ def project_step(images: torch.Tensor, net: NetConfig, cfg: TrainConfig, steps: 
     first (warm-up)."""
     run = cfg.model_copy(update={"epochs": 1, "log_every": max(steps // 5, 2), "guard_steps": 0} | overrides)
     windows: list[float] = []
-    labels = torch.arange(len(images[: run.batch_size * steps])) % 10 if net.conditional else None
+    labels = step_labels(len(images[: run.batch_size * steps]), net)
     train_gan(run, net, images[: run.batch_size * steps], seed=0, on_steps=lambda w: windows.append(w.images_per_s),
               progress=False, labels=labels)
     return statistics.median(windows[1:])
@@ -96,7 +102,7 @@ def step_flops(images: torch.Tensor, net: NetConfig, cfg: TrainConfig) -> int:
     counts = []
     for steps in (1, 2):
         n = run.batch_size * steps
-        labels = torch.arange(n) % 10 if net.conditional else None
+        labels = step_labels(n, net)
         with FlopCounterMode(display=False) as counter:
             train_gan(run, net, images[:n], seed=0, progress=False, labels=labels)
         counts.append(counter.get_total_flops())
@@ -112,7 +118,7 @@ def reference_loop(images: torch.Tensor, net: NetConfig, steps: int, threads: in
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
     n = batch * steps
-    labels = torch.arange(n) % net.num_classes if net.conditional else torch.zeros(n, dtype=torch.int64)
+    labels = step_labels(n, net) if net.conditional else torch.zeros(n, dtype=torch.int64)
     cond = (lambda y: (y,)) if net.conditional else (lambda y: ())
     loader = DataLoader(TensorDataset(images[:n], labels), batch_size=batch, shuffle=True, drop_last=True)
     times = []
@@ -204,7 +210,7 @@ def run(rounds: int = 3, steps: int = 25, compile_check: bool = True, stage_epoc
     net, cfg = stage_config()
     images = mnist_like(cfg.batch_size * steps)
     flops = step_flops(images, net, cfg)
-    found = probe_machine(cfg, net, images, None, seed=0) if cfg.channels_last == "auto" else None
+    found = probe_machine(cfg, net, images, step_labels(len(images), net), seed=0) if cfg.channels_last == "auto" else None
 
     # "nhwc"/"nchw": the stage's step in each layout at all cores; the stage itself uses the
     # probe's choice (train.channels_last: auto) or the layout params.yaml names.
