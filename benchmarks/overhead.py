@@ -44,7 +44,7 @@ def tracking_overhead(work: Path, rounds: int, steps: int = 40) -> dict[str, Any
     from aigc.config import TrackingConfig
     from aigc.tracking import Run
     from aigc.training import train_gan
-    from benchmarks.train_speed import mnist_like, stage_config
+    from benchmarks.train_speed import mnist_like, stage_config, step_labels
     from pipeline.train import Recorder
 
     net, stage_cfg = stage_config()  # the train stage's own network and recipe
@@ -59,7 +59,7 @@ def tracking_overhead(work: Path, rounds: int, steps: int = 40) -> dict[str, Any
         for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
             run = Run.start(tracking, f"bench-{r}", {"x": 1}, {}) if mode == "on" else None
             rec = Recorder(run) if run else None
-            result = train_gan(cfg, net, images, seed=0, progress=False,
+            result = train_gan(cfg, net, images, seed=0, progress=False, labels=step_labels(len(images), net),
                                on_steps=rec.on_steps if rec else None, on_epoch=rec.on_epoch if rec else None)
             seconds[mode].append(result.seconds)
             if run:

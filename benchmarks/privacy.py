@@ -48,6 +48,7 @@ def main() -> None:
     print(f"evaluator ready; {len(train_x)} train / {len(test_x)} test images", flush=True)
 
     net = net_config(params.model, data.info)
+    labels = net.class_indices(data.train["labels"]) if net.conditional else None
     cfg = params.train.model_copy(update={"epochs": args.epochs})
     report = {"epochs": args.epochs, "batch_size": cfg.batch_size, "train_images": len(train_x),
               "samples_per_score": args.samples, "sample_size": ref.sample_size, "recipe": {
@@ -60,7 +61,7 @@ def main() -> None:
         if budget != "none":
             dp = params.privacy.dp.model_copy(update={"enabled": True, "target_epsilon": float(budget)})
         load_start, t = os.getloadavg(), time.perf_counter()
-        result = train_gan(cfg, net, train_x, params.seed, dp=dp, progress=False)
+        result = train_gan(cfg, net, train_x, params.seed, dp=dp, progress=False, labels=labels)
         wall = time.perf_counter() - t
         fake, _ = draw(result.generator, net.z_dim, args.samples, params.evaluate.seed)
         scores = calc_metrics(embed(ev, fake).with_pixels(fake), ref, params.evaluate, names=["fid", "memorisation"])
