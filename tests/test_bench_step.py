@@ -24,3 +24,13 @@ def test_step_and_reference_loop_time_a_conditional_net():
     cfg = TrainConfig(batch_size=8, channels_last=False, threads=1, ema_kimg=0.0)
     assert project_step(images, NET, cfg, steps=6, threads=1) > 0
     assert reference_loop(images, NET, steps=6, threads=1, batch=8) > 0
+
+
+def test_batch_size_benchmark_refuses_bad_sizes_in_one_line():
+    from tests.conftest import ROOT, run_module
+
+    for sizes, says in (("64,x", "give whole numbers separated by commas"),
+                        ("64,1000", "each batch must be 8..512")):
+        res = run_module(["-m", "benchmarks.batch_size", "--sizes", sizes], cwd=ROOT)
+        assert res.returncode != 0 and res.stderr.strip().startswith("error: --sizes") and says in res.stderr, res.stderr
+        assert res.stderr.strip().count("\n") == 0
