@@ -78,7 +78,6 @@ ISA_CAPS: dict[str, dict[str, str]] = {
 }
 PRETTY = {"pre-avx2": "pre-AVX2", "avx2": "AVX2", "avx512": "AVX-512", "avx512+amx": "AVX-512+AMX",
           "unknown": "unknown ISA"}
-CAP_LEVEL = {"avx2": "avx2", "avx512": "avx512"}  # the CPU level a cap needs
 
 
 def isa_cap_env(cap: str, cpu_isa: str | None = None) -> dict[str, str]:
@@ -88,7 +87,7 @@ def isa_cap_env(cap: str, cpu_isa: str | None = None) -> dict[str, str]:
     if cap not in ISA_CAPS:
         raise UserError(f"--isa {cap!r} is not a known cap; use one of {', '.join(ISA_CAPS)}")
     cpu_isa = cpu_isa or cpu()["isa"]
-    need = CAP_LEVEL.get(cap)
+    need = None if cap == "native" else cap  # the CPU level a cap needs: its own name
     if need and (cpu_isa not in LEVELS or LEVELS.index(cpu_isa) < LEVELS.index(need)):
         raise UserError(f"--isa {cap}: this CPU ({cpu()['model']}) has {cpu_isa}, not {need}; a cap can only "
                         f"lower the instruction set: use --isa native"
@@ -183,10 +182,11 @@ def in_force() -> dict[str, Any]:
                        f"{PRETTY[level]} machine" if emulated else "")}
 
 
-def isa_key() -> str:
-    """The kernels in force in a few words, for cache keys: ``aten AVX2, onednn AVX2, mkl AVX2``."""
-    f = in_force()
-    return f"aten {f['aten']}, onednn {f['onednn']}, mkl {f['mkl']}"
+def kernels(k: dict[str, Any] | None = None) -> str:
+    """The kernels in force (:func:`in_force`) in a few words: ``ATen AVX2, oneDNN AVX2, MKL AVX2``;
+    the probe's cache key, the MLflow tag and every report line."""
+    k = k or in_force()
+    return f"ATen {k['aten']}, oneDNN {k['onednn']}, MKL {k['mkl']}"
 
 
 def report_suffix() -> str:
@@ -227,12 +227,12 @@ def describe() -> dict[str, Any]:
 
 
 def fingerprint() -> str:
-    """CPU model + ISA level + torch version + the kernels in force (:func:`isa_key`): a measured
+    """CPU model + ISA level + torch version + the kernels in force (:func:`kernels`): a measured
     choice holds only for the same four, so a capped run never reuses a native answer."""
     import torch
 
     c = cpu()
-    return f"{c['model']} | {c['isa']} | torch {torch.__version__} | {isa_key()}"
+    return f"{c['model']} | {c['isa']} | torch {torch.__version__} | {kernels()}"
 
 
 def tags(d: dict[str, Any] | None = None) -> dict[str, str]:
@@ -243,7 +243,7 @@ def tags(d: dict[str, Any] | None = None) -> dict[str, str]:
     out = {"aigc.machine.cpu": d["cpu_model"], "aigc.machine.cpu_isa": d["isa"],
            "aigc.machine.cores_usable": str(d["cores_usable"]), "aigc.machine.torch": d["torch"],
            "aigc.machine.onednn": str(d["onednn"]), "aigc.machine.isa_in_force": k["level"],
-           "aigc.machine.kernels": kernels_line(d).removeprefix("kernels: ").split(" -- ")[0],
+           "aigc.machine.kernels": kernels(k),
            "aigc.machine.isa_cap": k["cap"]}
     if k["caveat"]:
         out["aigc.machine.isa_caveat"] = k["caveat"]
@@ -255,8 +255,7 @@ def tags(d: dict[str, Any] | None = None) -> dict[str, str]:
 def kernels_line(d: dict[str, Any] | None = None) -> str:
     """``kernels: ATen AVX512, oneDNN default, MKL default`` (+ the caveat of a capped run)."""
     k = (d or describe())["isa_in_force"]
-    return (f"kernels: ATen {k['aten']}, oneDNN {k['onednn']}, MKL {k['mkl']}"
-            + (f" -- {k['caveat']}" if k["caveat"] else ""))
+    return f"kernels: {kernels(k)}" + (f" -- {k['caveat']}" if k["caveat"] else "")
 
 
 def one_line(d: dict[str, Any] | None = None) -> str:

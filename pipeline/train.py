@@ -199,8 +199,9 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
     dp = privacy.dp
     info = load_info(processed)
     split = load_split(processed, "train")
-    net = net_config(model, info)  # model.conditional: true on unlabelled data stops here
-    print(conditioning(model, info)[1], flush=True)  # "auto" says what it chose and why
+    conditional, why = conditioning(model, info)  # model.conditional: true on unlabelled data stops here
+    print(why, flush=True)  # "auto" says what it chose and why
+    net = net_config(model, info, conditional)
     labels = net.class_indices(split["labels"]) if net.conditional else None
     dataset_sha = dataset_sha256(processed)  # the split arrays, not the summary in dataset.json
     commit = git_commit()
@@ -215,7 +216,8 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
             "aigc.conditional": str(net.conditional).lower(), "aigc.params_sha256": params_hash,
             "aigc.dp": str(dp.enabled).lower()}
     # The CPU and the kernels in force (an ISA cap exported by the user, e.g. ATEN_CPU_CAPABILITY=avx2, shows here).
-    tags |= machine.tags()
+    machine_tags = machine.tags()
+    tags |= machine_tags
     if "aigc.machine.isa_caveat" in tags:
         print(f"kernels capped by the environment: {tags['aigc.machine.isa_caveat']} ({tags['aigc.machine.kernels']})")
     if commit:
@@ -242,7 +244,7 @@ def train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingC
             reopened = Run.reopen(old_run, tracking)
             if reopened is not None:
                 tracker = reopened
-                tracker.set_tags({"aigc.resumed_from_epoch": resume["epoch"]} | machine.tags())  # this process's kernels
+                tracker.set_tags({"aigc.resumed_from_epoch": resume["epoch"]} | machine_tags)  # this process's kernels
         if not tracker.active:
             tracker = Run.start(tracking, run_name=name, params=params, tags=tags)
             # The interrupted run this one replaces (not a finished one whose checkpoint is merely older).

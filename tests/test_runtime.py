@@ -79,7 +79,7 @@ def test_a_capped_run_never_reuses_the_native_answer_nor_the_other_way_round(mon
     monkeypatch.setattr(runtime, "choose_threads", lambda setting: 2)
     for k in machine.ISA_VARS:
         monkeypatch.delenv(k, raising=False)
-    assert f"aten {torch.backends.cpu.get_cpu_capability()}, onednn default" in machine.fingerprint()
+    assert f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN default" in machine.fingerprint()
     native = runtime.probe("w", lambda cl, th: 300.0 if cl else 200.0, cores=2)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # e.g. --isa avx2: oneDNN's AVX2 kernels
     capped = runtime.probe("w", lambda cl, th: 100.0 if cl else 200.0, cores=2)

@@ -204,6 +204,13 @@ def sample(G: nn.Module, z_dim: int, n: int, seed: int, device: str | torch.devi
     return draw(G, z_dim, n, seed, device, batch_size, labels)[0]
 
 
+def _labelled(info: dict[str, Any]) -> tuple[list[int], list[int], int]:
+    """dataset.json's labelled classes, their train-split counts, and the unlabelled (-1) count."""
+    classes = [int(k) for k in info.get("classes", [])]
+    per_class = info.get("counts", {}).get("train_per_class", {})
+    return classes, [int(per_class.get(str(k), 0)) for k in classes], int(per_class.get("-1", 0))
+
+
 def conditioning(model: Any, info: dict[str, Any]) -> tuple[bool, str]:
     """Whether the model is conditional on this data, and why in words (``model.conditional``:
     true, false, or "auto": conditional when the family has a conditional variant, dataset.json
@@ -215,10 +222,7 @@ def conditioning(model: Any, info: dict[str, Any]) -> tuple[bool, str]:
     setting = getattr(model, "conditional", False)
     if setting is False:
         return False, "model.conditional = false"
-    classes = [int(k) for k in info.get("classes", [])]
-    per_class = info.get("counts", {}).get("train_per_class", {})
-    counts = [int(per_class.get(str(k), 0)) for k in classes]
-    unlabelled = int(per_class.get("-1", 0))
+    classes, counts, unlabelled = _labelled(info)
     if setting == "auto":
         if model.family == "mlp":
             return False, "model.conditional = auto -> unconditional: the mlp family has no conditional variant"
@@ -240,21 +244,19 @@ def conditioning(model: Any, info: dict[str, Any]) -> tuple[bool, str]:
     return True, "model.conditional = true"
 
 
-def net_config(model: Any, info: dict[str, Any]) -> NetConfig:
+def net_config(model: Any, info: dict[str, Any], conditional: bool | None = None) -> NetConfig:
     """The network config from params' ``model`` section and what dataset.json says of the data.
 
     A conditional model takes its classes and their train-split shares from dataset.json; whether
     the model is conditional is :func:`conditioning`'s answer (true on a dataset without labels
-    is a UserError saying so; "auto" decides by the data).
+    is a UserError saying so; "auto" decides by the data), unless the caller already has it.
     """
     h, w = info["resolution"]
     base = dict(family=model.family, z_dim=model.z_dim, channels=int(info["channels"]), height=int(h), width=int(w),
                 g_widths=tuple(model.g_widths), d_widths=tuple(model.d_widths), kernel=model.kernel,
                 d_dropout=model.d_dropout, spectral_norm=model.spectral_norm)
-    if not conditioning(model, info)[0]:
+    if not (conditioning(model, info)[0] if conditional is None else conditional):
         return NetConfig(**base)
-    classes = [int(k) for k in info["classes"]]
-    per_class = info["counts"]["train_per_class"]
-    counts = [int(per_class.get(str(k), 0)) for k in classes]
+    classes, counts, _ = _labelled(info)
     share = tuple(c / sum(counts) for c in counts)
     return NetConfig(**base, conditional=True, classes=tuple(classes), class_share=share)
