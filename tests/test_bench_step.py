@@ -4,6 +4,7 @@ probe, the project step and the reference loop all take the class."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from aigc.config import TrainConfig
@@ -34,3 +35,60 @@ def test_batch_size_benchmark_refuses_bad_sizes_in_one_line():
         res = run_module(["-m", "benchmarks.batch_size", "--sizes", sizes], cwd=ROOT)
         assert res.returncode != 0 and res.stderr.strip().startswith("error: --sizes") and says in res.stderr, res.stderr
         assert res.stderr.strip().count("\n") == 0
+
+
+def test_layer_levers_marked_exact_compute_the_same_function():
+    """benchmarks.layers calls a formulation *exact* only when it is: outputs and input gradients
+    match the layer's own (weights mapped), with and without a bias."""
+    from torch import nn
+
+    from benchmarks.layers import im2col_from, subpixel_from_transposed, variants
+
+    torch.manual_seed(0)
+    for bias in (False, True):
+        layers = [(nn.ConvTranspose2d(6, 5, 4, 2, 1, bias=bias), (3, 6, 7, 7)),
+                  (nn.ConvTranspose2d(6, 1, 4, 2, 1, bias=bias), (3, 6, 7, 7)),
+                  (nn.Conv2d(1, 5, 4, 2, 1, bias=bias), (3, 1, 12, 12)),
+                  (nn.Conv2d(3, 4, 3, 1, 1, bias=bias), (3, 3, 9, 9))]
+        for layer, shape in layers:
+            forms = [im2col_from(layer)]
+            if isinstance(layer, nn.ConvTranspose2d):
+                forms.append(subpixel_from_transposed(layer))
+            for form in forms:
+                x1 = torch.randn(shape, requires_grad=True)
+                x2 = x1.detach().clone().requires_grad_(True)
+                y1, y2 = layer(x1), form(x2)
+                assert y1.shape == y2.shape and torch.allclose(y1, y2, atol=1e-5), (layer, form)
+                g = torch.randn_like(y1)
+                y1.backward(g)
+                y2.backward(g)
+                assert torch.allclose(x1.grad, x2.grad, atol=1e-5), (layer, form)
+    # D's first layer under spectral norm is a ParametrizedConv2d: still offered its im2col form
+    sn = nn.utils.parametrizations.spectral_norm(nn.Conv2d(1, 8, 4, 2, 1))
+    assert any(v.startswith("im2col") for v in variants(sn))
+    assert [v for v, (_, exact) in variants(nn.ConvTranspose2d(8, 4, 4, 2, 1)).items() if not exact] == \
+        ["3x3 conv + PixelShuffle", "nearest up-sampling + 3x3 conv"]
+
+
+def test_layers_benchmark_refuses_zero_rounds_in_one_line():
+    from tests.conftest import ROOT, run_module
+
+    res = run_module(["-m", "benchmarks.layers", "--rounds", "0"], cwd=ROOT)
+    assert res.returncode != 0 and res.stderr.strip() == "error: --rounds 0 --reps 30: both must be at least 1"
+
+
+@pytest.mark.slow
+def test_layers_benchmark_reports_every_layer_of_the_stage_nets(tmp_path):
+    import json
+
+    from tests.conftest import ROOT, run_module
+
+    res = run_module(["-m", "benchmarks.layers", "--rounds", "1", "--reps", "1", "--out", str(tmp_path)], cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "layers.json").read_text())
+    as_is = [r["layer"] for r in report["layers"] if r["variant"] == "as is"]
+    # params.yaml's default: conditional dcgan, G [128, 64] (project + 2 transposed convs), D [64, 128] + head
+    assert as_is == ["G.project", "G.ups.0", "G.ups.1", "D.features.0", "D.features.2", "D.head"], as_is
+    assert all(r["gflop_fwd_bwd"] > r["gflop_fwd"] > 0 and r["ms_fwd_bwd"] > 0 for r in report["layers"])
+    text = (tmp_path / "layers.md").read_text()
+    assert "of the peak" in text and "sub-pixel 2x2 conv (exact)" in text and report["machine"]["cpu_model"] in text

@@ -1,0 +1,354 @@
+"""Per layer: how close each of the train stage's convolutions comes to the machine's fp32 matmul
+peak, and what the equivalent formulations of its up-sampling and thin layers cost instead.
+
+    python -m benchmarks.layers [--rounds 3] [--reps 30] [--isa avx2]
+
+Writes reports/benchmarks/layers[_<isa>].{json,md}. For every Conv2d, ConvTranspose2d and
+Linear of params.yaml's G and D (on the default data's shape, at the stage's batch) it times
+the layer's forward and forward+backward (weight and input gradients) in isolation and divides
+the FLOPs PyTorch counts for them (``torch.utils.flop_counter``, backward included) by the time:
+the fraction of the peak a layer reaches is the ceiling of a step made of it. Beside them, the
+levers issue 15 names for the layers that fall short, each timed the same way, interleaved with
+the layer it would replace:
+
+* a stride-2 ``ConvTranspose2d(k=4, padding=1)`` (G's up-sampling) as an **exact** sub-pixel
+  convolution (a 2x2 convolution to 4x the channels, each output phase cropped and interleaved;
+  ``subpixel_from_transposed`` maps the weights, the test checks the outputs agree), as a 3x3
+  convolution + ``PixelShuffle`` (a superset of it) and as nearest up-sampling + 3x3 convolution
+  (the "upsample+conv" of the checkerboard paper: a different function, 2.25x the FLOPs);
+* a thin layer (a Conv2d from <= 3 channels, D's first; a ConvTranspose2d to <= 3 channels, G's
+  last), whose oneDNN kernels are the least efficient, as an **exact** im2col form: ``unfold`` +
+  one matmul, or one matmul + ``fold``.
+
+Speed only, and no recipe change: the exact forms compute the same function; the others would
+need a time-to-quality run before any default could move to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aigc import machine
+
+OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
+
+
+def _torch():  # torch is imported after the ISA cap is set (machine.under_cap)
+    import torch
+
+    return torch
+
+
+def subpixel_from_transposed(convt):
+    """An exact sub-pixel equivalent of ``convt`` (a stride-2 ConvTranspose2d, kernel 4, padding 1):
+    a 2x2 convolution over the input padded by one to 4*C_out channels, whose four output phases
+    (a, b) are the windows [a:a+H, b:b+W], interleaved into the 2H x 2W output."""
+    torch = _torch()
+    from torch import nn
+
+    if not (isinstance(convt, nn.ConvTranspose2d) and convt.kernel_size == (4, 4) and convt.stride == (2, 2)
+            and convt.padding == (1, 1) and convt.output_padding == (0, 0) and convt.groups == 1
+            and convt.dilation == (1, 1)):
+        raise ValueError(f"not a stride-2, kernel-4, padding-1 ConvTranspose2d: {convt}")
+
+    class SubPixel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            ci, co = convt.in_channels, convt.out_channels
+            self.co = co
+            self.conv = nn.Conv2d(ci, 4 * co, 2, padding=1, bias=False)
+            # output row 2i+a of the transposed conv reads input rows i-1, i (a=0) or i, i+1 (a=1):
+            # tap dy of phase a is kernel row TAP[a][dy] (the same for columns)
+            tap = ((3, 1), (2, 0))
+            w = convt.weight.detach()  # (C_in, C_out, 4, 4)
+            k = torch.empty(2, 2, co, ci, 2, 2)
+            for a in range(2):
+                for b in range(2):
+                    for dy in range(2):
+                        for dx in range(2):
+                            k[a, b, :, :, dy, dx] = w[:, :, tap[a][dy], tap[b][dx]].t()
+            with torch.no_grad():
+                self.conv.weight.copy_(k.reshape(4 * co, ci, 2, 2))
+            self.bias = None if convt.bias is None else nn.Parameter(convt.bias.detach().clone())
+
+        def forward(self, x):
+            n, _, h, w = x.shape
+            y = self.conv(x).view(n, 2, 2, self.co, h + 1, w + 1)
+            rows = [torch.stack([y[:, a, b, :, a:a + h, b:b + w] for b in range(2)], -1) for a in range(2)]
+            out = torch.stack(rows, 3).reshape(n, self.co, 2 * h, 2 * w)  # (n, co, h, 2, w, 2) -> interleaved
+            return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    return SubPixel()
+
+
+def im2col_from(layer):
+    """An exact im2col form of a Conv2d (``unfold`` + one matmul) or of a ConvTranspose2d (one
+    matmul + ``fold``), with ``layer``'s weights; groups and dilation 1, square kernel."""
+    torch = _torch()
+    from torch import nn
+    from torch.nn import functional as F
+
+    if layer.groups != 1 or layer.dilation != (1, 1):
+        raise ValueError(f"grouped or dilated: {layer}")
+    k, s, p = layer.kernel_size, layer.stride, layer.padding
+    w = layer.weight.detach()
+    transposed = isinstance(layer, nn.ConvTranspose2d)
+    if transposed and layer.output_padding != (0, 0):
+        raise ValueError(f"output_padding: {layer}")
+
+    class Im2col(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # conv: (C_out, C_in*kh*kw) @ columns; transposed: (C_out*kh*kw, C_in) @ pixels
+            self.weight = nn.Parameter((w.reshape(w.shape[0], -1) if not transposed
+                                        else w.reshape(w.shape[0], -1).t()).clone())
+            self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+
+        def forward(self, x):
+            n, c, h, wd = x.shape
+            if transposed:
+                cols = torch.matmul(self.weight, x.reshape(n, c, h * wd))
+                size = ((h - 1) * s[0] - 2 * p[0] + k[0], (wd - 1) * s[1] - 2 * p[1] + k[1])
+                y = F.fold(cols, size, k, padding=p, stride=s)
+            else:
+                cols = F.unfold(x, k, padding=p, stride=s)
+                y = torch.matmul(self.weight, cols).view(
+                    n, -1, (h + 2 * p[0] - k[0]) // s[0] + 1, (wd + 2 * p[1] - k[1]) // s[1] + 1)
+            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    return Im2col()
+
+
+def nearest_upconv(convt):
+    """Nearest up-sampling by the stride + a 3x3 convolution to the same channels: the
+    "upsample+conv" alternative to a transposed convolution (not the same function)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Upsample(scale_factor=convt.stride, mode="nearest"),
+                         nn.Conv2d(convt.in_channels, convt.out_channels, 3, padding=1, bias=convt.bias is not None))
+
+
+def pixelshuffle_conv(convt):
+    """A 3x3 convolution to stride^2 x the channels + PixelShuffle (ESPCN's sub-pixel layer), a
+    superset of the transposed convolution it replaces."""
+    from torch import nn
+
+    r = convt.stride[0]
+    return nn.Sequential(nn.Conv2d(convt.in_channels, convt.out_channels * r * r, 3, padding=1,
+                                   bias=convt.bias is not None), nn.PixelShuffle(r))
+
+
+def plain_copy(m):
+    """The layer alone (same shapes and hyper-parameters, no spectral-norm parametrisation)."""
+    from torch import nn
+
+    if isinstance(m, nn.ConvTranspose2d):
+        return nn.ConvTranspose2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                                  m.output_padding, bias=m.bias is not None)
+    if isinstance(m, nn.Conv2d):
+        return nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None)
+    return nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+
+
+def layer_inputs(net, batch: int) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """(name, module, input shape) of every Conv2d, ConvTranspose2d and Linear of G and D, in
+    the order they run, at ``batch`` images (one forward pass with hooks)."""
+    torch = _torch()
+    from torch import nn
+
+    from aigc.models import build_discriminator, build_generator
+    from benchmarks.train_speed import step_labels
+
+    G, D = build_generator(net), build_discriminator(net)
+    seen: list[tuple[str, Any, tuple[int, ...]]] = []
+    hooks = []
+    for who, model in (("G", G), ("D", D)):
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                hooks.append(m.register_forward_hook(
+                    lambda mod, inp, out, key=f"{who}.{name}": seen.append((key, mod, tuple(inp[0].shape)))))
+    y = step_labels(batch, net)
+    args = () if y is None else (y,)
+    with torch.no_grad():
+        D(G(torch.randn(batch, net.z_dim), *args), *args)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # warm-up (oneDNN primitive creation)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def variants(m) -> dict[str, tuple[Any, bool]]:
+    """name -> (module, exact) for ``m`` and the alternatives that apply to it."""
+    from torch import nn
+
+    out: dict[str, tuple[Any, bool]] = {"as is": (plain_copy(m), True)}
+    if isinstance(m, nn.ConvTranspose2d) and m.stride == (2, 2):
+        if m.kernel_size == (4, 4) and m.padding == (1, 1) and m.output_padding == (0, 0):
+            out["sub-pixel 2x2 conv (exact)"] = (subpixel_from_transposed(out["as is"][0]), True)
+        out["3x3 conv + PixelShuffle"] = (pixelshuffle_conv(m), False)
+        out["nearest up-sampling + 3x3 conv"] = (nearest_upconv(m), False)
+    thin = (isinstance(m, nn.ConvTranspose2d) and m.out_channels <= 3 and m.output_padding == (0, 0)) or \
+           (isinstance(m, nn.Conv2d) and m.in_channels <= 3)  # spectral norm's ParametrizedConv2d too
+    if thin:
+        out["im2col: " + ("matmul + fold" if isinstance(m, nn.ConvTranspose2d) else "unfold + matmul") + " (exact)"] = \
+            (im2col_from(out["as is"][0]), True)
+    return out
+
+
+def measure(net, batch: int, rounds: int, reps: int, threads: int) -> list[dict[str, Any]]:
+    """Every layer's variants: FLOPs (forward; forward+backward), and median ms of both."""
+    torch = _torch()
+
+    torch.set_num_threads(threads)
+    rows = []
+    for name, m, shape in layer_inputs(net, batch):
+        x = torch.randn(shape)
+        xg = x.clone().requires_grad_(True)
+        cands = variants(m)
+        # how often the step runs the layer (forward+backward at this batch): G's once; D's twice, its
+        # D-step pass over reals and fakes (2x the batch, weight gradients) and its G-step pass (input gradients)
+        uses = 2 if name.startswith("D.") else 1
+        fwd_flops = _flops(lambda: cands["as is"][0](x))
+        both_flops = _flops(lambda: cands["as is"][0](xg).sum().backward())
+        timings: dict[str, dict[str, list[float]]] = {v: {"fwd": [], "fwd_bwd": []} for v in cands}
+        for r in range(rounds):
+            for v in list(cands) if r % 2 == 0 else list(cands)[::-1]:
+                mod = cands[v][0]
+                with torch.no_grad():
+                    timings[v]["fwd"].append(_time(lambda: mod(x), reps))
+                timings[v]["fwd_bwd"].append(_time(lambda: mod(xg).sum().backward(), reps))
+        base = statistics.median(timings["as is"]["fwd_bwd"])
+        for v, (mod, exact) in cands.items():
+            f_ms = statistics.median(timings[v]["fwd"]) * 1e3
+            fb_ms = statistics.median(timings[v]["fwd_bwd"]) * 1e3
+            v_fwd = fwd_flops if v == "as is" else _flops(lambda: mod(x))
+            v_both = both_flops if v == "as is" else _flops(lambda: mod(xg).sum().backward())
+            rows.append({"layer": name, "kind": _kind(m), "variant": v, "exact": exact, "uses_per_step": uses,
+                         "input": list(shape), "params": f"{_describe(m)}",
+                         "gflop_fwd": round(v_fwd / 1e9, 4), "gflop_fwd_bwd": round(v_both / 1e9, 4),
+                         "ms_fwd": round(f_ms, 3), "ms_fwd_bwd": round(fb_ms, 3),
+                         "gflops_fwd": round(v_fwd / f_ms / 1e6, 1), "gflops_fwd_bwd": round(v_both / fb_ms / 1e6, 1),
+                         "time_vs_as_is": round(fb_ms / (base * 1e3), 3)})
+    return rows
+
+
+def _kind(m) -> str:
+    from torch import nn
+
+    kind = next(k for k in (nn.ConvTranspose2d, nn.Conv2d, nn.Linear) if isinstance(m, k)).__name__
+    return kind + (", spectral norm" if hasattr(m, "parametrizations") else "")
+
+
+def _describe(m) -> str:
+    from torch import nn
+
+    if isinstance(m, nn.Linear):
+        return f"{m.in_features}->{m.out_features}"
+    return f"{m.in_channels}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]} p{m.padding[0]}"
+
+
+def render(report: dict[str, Any], argv_line: str) -> str:
+    peak = report["peak_gflops"]
+    rows = report["layers"]
+    base = [r for r in rows if r["variant"] == "as is"]
+    levers = [r for r in rows if r["variant"] != "as is"]
+    fb_total = sum(r["ms_fwd_bwd"] * r["uses_per_step"] for r in base)
+    flop_total = sum(r["gflop_fwd_bwd"] * r["uses_per_step"] for r in base)
+    suffix = report["suffix"]
+    lines = [f"# Per layer: the step's convolutions against the matmul peak{' (' + suffix[1:] + ' kernels, ISA capped)' if suffix else ''}",
+             "", f"`{argv_line}`: every Conv2d, ConvTranspose2d and Linear of params.yaml's G and D "
+             f"({report['architecture']}) alone, at batch {report['batch']} on the default data's shape, {report['threads']} "
+             f"threads, NCHW, {report['reps']} calls per timing, {report['rounds']} interleaved rounds, medians. FLOPs are "
+             "PyTorch's count (`torch.utils.flop_counter`; forward+backward = weight and input gradients). "
+             "Spectral norm's power iteration is left out (the layer alone). "
+             f"fp32 matmul peak {peak:.0f} GFLOP/s in the same run; load average {report['load_average_before'][0]:.2f} "
+             f"before, {report['load_average_after'][0]:.2f} after.", "",
+             f"Machine: {report['machine_line']}.", "",
+             "| layer | shape | input | GFLOP fwd+bwd | ms fwd | ms fwd+bwd | GFLOP/s fwd+bwd | of peak |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['layer']} ({r['kind']}) | {r['params']} | {'x'.join(map(str, r['input']))} | {r['gflop_fwd_bwd']:.3f} "
+              f"| {r['ms_fwd']:.2f} | {r['ms_fwd_bwd']:.2f} | {r['gflops_fwd_bwd']:.0f} | {r['gflops_fwd_bwd'] / peak:.2f} |"
+              for r in base]
+    lines += ["", f"The layers as a step uses them (G's once, D's twice: its D-step pass over reals and fakes, "
+              f"its G-step pass), forward+backward: {flop_total:.2f} GFLOP in {fb_total:.1f} ms = "
+              f"**{flop_total / fb_total * 1e3:.0f} GFLOP/s, {flop_total / fb_total * 1e3 / peak:.2f} of the peak**: "
+              "a step made only of these layers, with no other work at all, would reach about that and no more. The "
+              f"train stage's step in the same run: {report['step_images_per_s']:.0f} img/s, "
+              f"{report['step_fraction_of_peak']:.2f} of the peak (benchmarks.train_speed's measure).", "",
+              "## Levers: the same layer written another way", "",
+              "Interleaved with the layer as is, same input and batch. *exact*: the same function (weights mapped, "
+              "outputs checked by tests/test_bench_step.py); otherwise a different layer with the same input and "
+              "output shapes.", "",
+              "| layer | formulation | exact | GFLOP fwd+bwd | ms fwd+bwd | time vs as is |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for r in levers:
+        lines.append(f"| {r['layer']} ({r['params']}) | {r['variant']} | {'yes' if r['exact'] else 'no'} | "
+                     f"{r['gflop_fwd_bwd']:.3f} | {r['ms_fwd_bwd']:.2f} | {r['time_vs_as_is']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.layers", description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
+    ap.add_argument("--reps", type=int, default=30, help="calls per timing (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=OUT, help="report folder (default: reports/benchmarks)")
+    machine.add_isa_argument(ap)
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.reps < 1:
+        sys.exit(f"error: --rounds {args.rounds} --reps {args.reps}: both must be at least 1")
+    machine.under_cap(args.isa, "benchmarks.layers")  # before torch is imported: the cap is read when it loads
+
+    from aigc.runtime import usable_cores
+    from benchmarks.train_speed import matmul_peak, mnist_like, project_step, stage_config, step_flops
+
+    load0 = os.getloadavg()
+    threads = usable_cores()
+    net, cfg = stage_config()
+    rows = measure(net, cfg.batch_size, args.rounds, args.reps, threads)
+    peak = matmul_peak(threads)
+    steps = 12
+    images = mnist_like(cfg.batch_size * steps)
+    layout = cfg.channels_last if cfg.channels_last != "auto" else False
+    step_img_s = project_step(images, net, cfg, steps, threads=threads, channels_last=layout)
+    step_gflops = step_flops(images, net, cfg) / cfg.batch_size * step_img_s / 1e9
+    _torch().set_num_threads(threads)
+    report = {"machine": machine.describe(), "machine_line": machine.one_line(), "suffix": machine.report_suffix(),
+              "threads": threads, "batch": cfg.batch_size, "rounds": args.rounds, "reps": args.reps,
+              "architecture": f"{net.family}{' conditional' if net.conditional else ''} G {list(net.g_widths)} "
+                              f"D {list(net.d_widths)} k{net.kernel}",
+              "peak_gflops": round(peak, 1), "step_images_per_s": round(step_img_s, 1),
+              "step_fraction_of_peak": round(step_gflops / peak, 3),
+              "load_average_before": load0, "load_average_after": os.getloadavg(), "layers": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"layers{report['suffix']}"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = render(report, "python -m benchmarks.layers" + (f" --isa {args.isa}" if args.isa else "")
+                  + f" --rounds {args.rounds} --reps {args.reps}")
+    (args.out / f"{name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
