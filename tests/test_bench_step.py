@@ -74,7 +74,7 @@ def test_layers_benchmark_refuses_zero_rounds_in_one_line():
     from tests.conftest import ROOT, run_module
 
     res = run_module(["-m", "benchmarks.layers", "--rounds", "0"], cwd=ROOT)
-    assert res.returncode != 0 and res.stderr.strip() == "error: --rounds 0 --reps 30: both must be at least 1"
+    assert res.returncode != 0 and res.stderr.strip() == "error: --rounds 0 --reps 30 --steps 30: rounds and reps must be at least 1, steps at least 3"
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_layers_benchmark_reports_every_layer_of_the_stage_nets(tmp_path):
 
     from tests.conftest import ROOT, run_module
 
-    res = run_module(["-m", "benchmarks.layers", "--rounds", "1", "--reps", "1", "--out", str(tmp_path)], cwd=ROOT)
+    res = run_module(["-m", "benchmarks.layers", "--rounds", "1", "--reps", "1", "--steps", "4", "--out", str(tmp_path)], cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "layers.json").read_text())
     as_is = [r["layer"] for r in report["layers"] if r["variant"] == "as is"]
@@ -92,3 +92,25 @@ def test_layers_benchmark_reports_every_layer_of_the_stage_nets(tmp_path):
     assert all(r["gflop_fwd_bwd"] > r["gflop_fwd"] > 0 and r["ms_fwd_bwd"] > 0 for r in report["layers"])
     text = (tmp_path / "layers.md").read_text()
     assert "of the peak" in text and "sub-pixel 2x2 conv (exact)" in text and report["machine"]["cpu_model"] in text
+
+
+def test_thin_layers_as_im2col_keeps_the_function_and_restores_the_layers():
+    from torch import nn
+
+    from benchmarks.layers import thin_layers_as_im2col
+
+    torch.manual_seed(0)
+    G_last = nn.ConvTranspose2d(8, 1, 4, 2, 1)
+    D_first = nn.utils.parametrizations.spectral_norm(nn.Conv2d(1, 8, 4, 2, 1))
+    wide = nn.Conv2d(8, 8, 3, 1, 1)
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        D_first.eval()  # no power iteration: the same weight both times
+        before = (G_last(x), D_first(G_last(x)), wide(x))
+        forward = nn.Conv2d.forward
+        with thin_layers_as_im2col():
+            assert nn.Conv2d.forward is not forward
+            during = (G_last(x), D_first(G_last(x)), wide(x))
+    assert nn.Conv2d.forward is forward
+    for a, b in zip(before, during):
+        assert torch.allclose(a, b, atol=1e-5)
