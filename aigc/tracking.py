@@ -255,7 +255,8 @@ def describe_pending(pending: list[str]) -> str:
 
 
 class TrackingUnavailable(UserError):
-    """The tracking server stayed away longer than tracking.retry_seconds; the outputs are written."""
+    """The tracking server stayed away (longer than tracking.retry_seconds, or past MLflow's own
+    retries in a stage that calls it directly); the stage's outputs are written."""
 
 
 class Run:
@@ -364,6 +365,23 @@ class Run:
         except MlflowException:
             return False  # deleted, or the store is elsewhere now: nothing to mend
         return True
+
+    @contextmanager
+    def failing_as(self, doing: str, after: str) -> Iterator[None]:
+        """Inside: an MLflow call that fails past MLflow's own retries (the server gone, a 5xx,
+        a refusal) ends the stage with one line -- the server, what the stage was ``doing``, the
+        error, and ``after`` (what is already safe and what to run) -- instead of a traceback. For
+        the short stages that call MLflow directly (evaluate, register); training's calls go
+        through the outbox (``buffer``) instead."""
+        import requests
+
+        try:
+            yield
+        except (MlflowException, requests.RequestException) as exc:
+            text = exc.message if isinstance(exc, MlflowException) else str(exc)
+            cause = re.search(r"Caused by (\w+)", text)  # urllib3's retries exhausted: the connection's error
+            why = f"no answer: {cause.group(1)}" if cause else f"{type(exc).__name__}: {text[:300]}"
+            raise TrackingUnavailable(f"the MLflow server {self.uri} failed while {doing} ({why}); {after}") from None
 
     def buffer(self, retry_seconds: float) -> None:
         """From now on every call goes through an :class:`Outbox` (see the module docstring)."""

@@ -211,26 +211,29 @@ def evaluate(evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
     # default criterion, fid's gap to its floor; spreads, floors and ceilings are not charts but tags
     # (score.<key> = "value ± se · floor f ± se · ceiling c", side by side in the Compare view) and
     # one table artifact (evaluation/scores_table.json).
-    logged = {f"eval/{k}": float(scores[k]) for k in HEADLINE if k in scores}
-    logged["eval/fid_gap"] = scores["fid"] - scores["fid_floor"]
-    if scores["fid_floor"] > 0:
-        logged["eval/fid_ratio"] = scores["fid"] / scores["fid_floor"]
-    tracker.log_metrics(logged)
-    shown = [k for k in HEADLINE if k in scores]
-    tracker.log_table({"score": shown, **{col: [scores.get(f"{k}{suffix}") for k in shown] for col, suffix in
-                                         (("value", ""), ("se", "_se"), ("floor", "_floor"),
-                                          ("floor_se", "_floor_se"), ("ceiling", "_ceiling"))}},
-                      "evaluation/scores_table.json")
-    # The protocol as tags (tags may change when a run is evaluated again; params may not): the
-    # Compare view shows at a glance whether two runs' scores are comparable.
-    tracker.set_tags({f"score.{k}": describe(scores, k) for k in shown}
-                     | {"aigc.evaluator_weights_sha256": lineage["evaluator_weights_sha256"]}
-                     | {f"eval.{k}": v for k, v in sizes.items()}
-                     | {"eval.features": cfg.features, "eval.evaluator_sha256": lineage["evaluator_weights_sha256"],
-                        "eval.data_sha256": lineage["data_sha256"], "eval.settings_sha256": lineage["settings_sha256"],
-                        "eval.seed": cfg.seed})
-    for path in (metrics, summary, samples, nearest, classes, labels, *([scores_path] if scores_path else [])):
-        tracker.log_artifact(path, "evaluation")
+    with tracker.failing_as(f"the evaluate stage logged its scores to run {tracker.run_id}",
+                            "every output is written, but the stage is not done: when the server answers again, "
+                            "run `dvc repro` (it evaluates again and logs the scores)"):
+        logged = {f"eval/{k}": float(scores[k]) for k in HEADLINE if k in scores}
+        logged["eval/fid_gap"] = scores["fid"] - scores["fid_floor"]
+        if scores["fid_floor"] > 0:
+            logged["eval/fid_ratio"] = scores["fid"] / scores["fid_floor"]
+        tracker.log_metrics(logged)
+        shown = [k for k in HEADLINE if k in scores]
+        tracker.log_table({"score": shown, **{col: [scores.get(f"{k}{suffix}") for k in shown] for col, suffix in
+                                             (("value", ""), ("se", "_se"), ("floor", "_floor"),
+                                              ("floor_se", "_floor_se"), ("ceiling", "_ceiling"))}},
+                          "evaluation/scores_table.json")
+        # The protocol as tags (tags may change when a run is evaluated again; params may not): the
+        # Compare view shows at a glance whether two runs' scores are comparable.
+        tracker.set_tags({f"score.{k}": describe(scores, k) for k in shown}
+                         | {"aigc.evaluator_weights_sha256": lineage["evaluator_weights_sha256"]}
+                         | {f"eval.{k}": v for k, v in sizes.items()}
+                         | {"eval.features": cfg.features, "eval.evaluator_sha256": lineage["evaluator_weights_sha256"],
+                            "eval.data_sha256": lineage["data_sha256"], "eval.settings_sha256": lineage["settings_sha256"],
+                            "eval.seed": cfg.seed})
+        for path in (metrics, summary, samples, nearest, classes, labels, *([scores_path] if scores_path else [])):
+            tracker.log_artifact(path, "evaluation")
     if tracker.active:
         print(f"logged to MLflow run {tracker.run_id} in {tracker.uri}")
     print("  ".join(f"{k} {scores[k]:.4g}±{scores.get(f'{k}_se', float('nan')):.2g} (floor {scores[f'{k}_floor']:.4g})"

@@ -133,54 +133,60 @@ def register(register: RegisterConfig, evaluate: EvaluateConfig, tracking: Track
         print(record["reason"])
         return record
 
-    # (3) The champion now, re-scored in this feature space; whether this very generator was
-    # registered before (a rerun).
-    reg = Registry(tracker.uri)
+    # Every MLflow call from here on: a server that fails past MLflow's own retries ends the stage
+    # with one line. A rerun is safe: a version registered already is found by its generator hash
+    # and reused, and a promotion already made leaves the candidate the champion ("kept").
+    with tracker.failing_as(f"the register stage judged and registered {generator} (run {tracker.run_id})",
+                            f"{registry} is not written and the stage is not done: when the server answers "
+                            "again, run `dvc repro` (a version registered already is reused, not registered twice)"):
+        # (3) The champion now, re-scored in this feature space; whether this very generator was
+        # registered before (a rerun).
+        reg = Registry(tracker.uri)
 
-    def judge(champion: ModelVersion | None) -> tuple[Any, dict[str, float] | None, str | None, float]:
-        is_champion = champion is not None and champion.tags.get(GENERATOR_TAG) == generator_sha
-        rescored, champion_problem, seconds = None, None, 0.0
-        if champion is not None and not is_champion:
-            t = time.perf_counter()
-            rescored, champion_problem = rescore_champion(reg, champion, scorer)
-            seconds = time.perf_counter() - t
-        decision = decide(numbers, rescored, cfg, gate.get("passed"), problem,
-                          champion_version=champion.version if champion else None, is_champion=is_champion,
-                          champion_problem=champion_problem, privacy=privacy)
-        return decision, rescored, champion_problem, seconds
+        def judge(champion: ModelVersion | None) -> tuple[Any, dict[str, float] | None, str | None, float]:
+            is_champion = champion is not None and champion.tags.get(GENERATOR_TAG) == generator_sha
+            rescored, champion_problem, seconds = None, None, 0.0
+            if champion is not None and not is_champion:
+                t = time.perf_counter()
+                rescored, champion_problem = rescore_champion(reg, champion, scorer)
+                seconds = time.perf_counter() - t
+            decision = decide(numbers, rescored, cfg, gate.get("passed"), problem,
+                              champion_version=champion.version if champion else None, is_champion=is_champion,
+                              champion_problem=champion_problem, privacy=privacy)
+            return decision, rescored, champion_problem, seconds
 
-    champion = reg.by_alias(cfg.model_name, cfg.alias)
-    decision, rescored, champion_problem, t_rescore = judge(champion)
+        champion = reg.by_alias(cfg.model_name, cfg.alias)
+        decision, rescored, champion_problem, t_rescore = judge(champion)
 
-    # (4) The version: logged into the training's run, tagged with everything it was judged on.
-    version = reg.find(cfg.model_name, GENERATOR_TAG, generator_sha)
-    reused = version is not None
-    if version is None:
-        version = _log_and_register(tracker, reg, cfg, generator, evaluator, net, candidate, gate.get("passed"),
-                                    scorer.lineage)
+        # (4) The version: logged into the training's run, tagged with everything it was judged on.
+        version = reg.find(cfg.model_name, GENERATOR_TAG, generator_sha)
+        reused = version is not None
+        if version is None:
+            version = _log_and_register(tracker, reg, cfg, generator, evaluator, net, candidate, gate.get("passed"),
+                                        scorer.lineage)
 
-    # (5) Promotion is a compare-and-set: the alias moves only if it still points at the champion
-    # this decision was made against. Another register stage (a parallel experiment, a teammate)
-    # may have moved it meanwhile; then the candidate is judged again against the new champion.
-    superseded = []  # the champions the alias moved past while this stage was deciding
-    while decision.promote:
-        moved, now = reg.compare_and_set_alias(version, cfg.alias, champion.version if champion else None)
-        if moved:
-            break
-        superseded.append(champion.version if champion else None)
-        print(f"@{cfg.alias} moved to v{now.version if now else '?'} while this stage decided against "
-              f"{f'v{champion.version}' if champion else 'no champion'}: deciding again")
-        if len(superseded) > MAX_REDECISIONS:
-            raise UserError(f"@{cfg.alias} of {cfg.model_name} kept moving while this stage decided "
-                            f"({len(superseded)} times); rerun the register stage when the other runs are done")
-        champion = now
-        decision, rescored, champion_problem, more = judge(champion)
-        t_rescore += more
-    reg.set_tags(version, {"aigc.decision": decision.outcome, "aigc.reason": decision.reason[:4000]})
-    tracker.set_tags({"aigc.registered_model": cfg.model_name, "aigc.registered_version": version.version,
-                      "aigc.registry_decision": decision.outcome})
+        # (5) Promotion is a compare-and-set: the alias moves only if it still points at the champion
+        # this decision was made against. Another register stage (a parallel experiment, a teammate)
+        # may have moved it meanwhile; then the candidate is judged again against the new champion.
+        superseded = []  # the champions the alias moved past while this stage was deciding
+        while decision.promote:
+            moved, now = reg.compare_and_set_alias(version, cfg.alias, champion.version if champion else None)
+            if moved:
+                break
+            superseded.append(champion.version if champion else None)
+            print(f"@{cfg.alias} moved to v{now.version if now else '?'} while this stage decided against "
+                  f"{f'v{champion.version}' if champion else 'no champion'}: deciding again")
+            if len(superseded) > MAX_REDECISIONS:
+                raise UserError(f"@{cfg.alias} of {cfg.model_name} kept moving while this stage decided "
+                                f"({len(superseded)} times); rerun the register stage when the other runs are done")
+            champion = now
+            decision, rescored, champion_problem, more = judge(champion)
+            t_rescore += more
+        reg.set_tags(version, {"aigc.decision": decision.outcome, "aigc.reason": decision.reason[:4000]})
+        tracker.set_tags({"aigc.registered_model": cfg.model_name, "aigc.registered_version": version.version,
+                          "aigc.registry_decision": decision.outcome})
 
-    now = reg.by_alias(cfg.model_name, cfg.alias)
+        now = reg.by_alias(cfg.model_name, cfg.alias)
     record |= {
         "outcome": decision.outcome,
         "promoted": decision.promote,

@@ -232,3 +232,33 @@ def test_a_queued_experiments_copy_uses_the_projects_local_store(tmp_path: Path,
     again = Run.attach(run.info(), cfg)
     assert again.run_id == run.run_id and again.uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert not (copy / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_under_evaluate_or_register_ends_the_stage_in_one_line(tmp_path: Path):
+    """evaluate and register call MLflow directly (no outbox): a real `mlflow server` that goes
+    away after the stage attached to its run turns the next call into one TrackingUnavailable
+    line -- the server, what the stage was doing, what is safe and what to run -- and a server
+    that is up lets the same block through."""
+    from aigc.tracking import TrackingUnavailable
+    from pipeline.services import start_mlflow
+
+    server = start_mlflow(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art", tmp_path, auth=False)
+    try:
+        cfg = TrackingConfig(uri=server.url)
+        run = Run.start(cfg, "dies", {"a": 1}, {})
+        with run.failing_as("logging", "never shown"):
+            run.log_metrics({"eval/fid": 1.0})
+        attached = Run.attach(run.info(), cfg)
+    finally:
+        server.stop()
+    t = time.monotonic()
+    with pytest.raises(TrackingUnavailable) as err:
+        with attached.failing_as(f"the evaluate stage logged its scores to run {attached.run_id}",
+                                 "every output is written: run `dvc repro` when it is back"):
+            attached.log_metrics({"eval/fid": 2.0})
+    message = str(err.value)
+    assert message.startswith(f"the MLflow server {server.url} failed while the evaluate stage logged its scores "
+                              f"to run {attached.run_id} (no answer: NewConnectionError); ")
+    assert message.endswith("every output is written: run `dvc repro` when it is back") and "\n" not in message
+    assert time.monotonic() - t < 60  # MLflow's own retries (aigc/environment.py), not a hang
