@@ -32,8 +32,8 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 from aigc import machine
@@ -41,17 +41,11 @@ from aigc import machine
 OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
 
 
-def _torch():  # torch is imported after the ISA cap is set (machine.under_cap)
-    import torch
-
-    return torch
-
-
 def subpixel_from_transposed(convt):
     """An exact sub-pixel equivalent of ``convt`` (a stride-2 ConvTranspose2d, kernel 4, padding 1):
     a 2x2 convolution over the input padded by one to 4*C_out channels, whose four output phases
     (a, b) are the windows [a:a+H, b:b+W], interleaved into the 2H x 2W output."""
-    torch = _torch()
+    import torch
     from torch import nn
 
     if not (isinstance(convt, nn.ConvTranspose2d) and convt.kernel_size == (4, 4) and convt.stride == (2, 2)
@@ -134,6 +128,18 @@ def pixelshuffle_conv(convt):
                                    bias=convt.bias is not None), nn.PixelShuffle(r))
 
 
+def is_thin(layer) -> bool:
+    """A ConvTranspose2d to <= 3 channels or a Conv2d from <= 3 (spectral norm's ParametrizedConv2d
+    too), ungrouped and undilated: the layers oneDNN runs least efficiently, with an im2col form."""
+    from torch import nn
+
+    if not isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) or layer.groups != 1 or layer.dilation != (1, 1):
+        return False
+    if isinstance(layer, nn.ConvTranspose2d):
+        return layer.out_channels <= 3 and layer.output_padding == (0, 0)
+    return layer.in_channels <= 3
+
+
 @contextmanager
 def thin_layers_as_im2col():
     """Inside: every thin ConvTranspose2d (to <= 3 channels) and Conv2d (from <= 3 channels), in
@@ -144,16 +150,11 @@ def thin_layers_as_im2col():
 
     conv_t, conv = nn.ConvTranspose2d.forward, nn.Conv2d.forward
 
-    def thin(layer) -> bool:
-        return layer.groups == 1 and layer.dilation == (1, 1) and (
-            layer.out_channels <= 3 and layer.output_padding == (0, 0) if isinstance(layer, nn.ConvTranspose2d)
-            else layer.in_channels <= 3)
-
     def conv_t_forward(self, x, output_size=None):
-        return _im2col_forward(self, x, True) if thin(self) and output_size is None else conv_t(self, x, output_size)
+        return _im2col_forward(self, x, True) if is_thin(self) and output_size is None else conv_t(self, x, output_size)
 
     def conv_forward(self, x):
-        return _im2col_forward(self, x, False) if thin(self) else conv(self, x)
+        return _im2col_forward(self, x, False) if is_thin(self) else conv(self, x)
 
     nn.ConvTranspose2d.forward, nn.Conv2d.forward = conv_t_forward, conv_forward
     try:
@@ -164,7 +165,7 @@ def thin_layers_as_im2col():
 
 def _im2col_forward(layer, x, transposed: bool):
     """``layer(x)`` as unfold + matmul (Conv2d) or matmul + fold (ConvTranspose2d)."""
-    torch = _torch()
+    import torch
     from torch.nn import functional as F
 
     k, s, p = layer.kernel_size, layer.stride, layer.padding
@@ -194,7 +195,7 @@ def plain_copy(m):
 def layer_inputs(net, batch: int) -> list[tuple[str, Any, tuple[int, ...]]]:
     """(name, module, input shape) of every Conv2d, ConvTranspose2d and Linear of G and D, in
     the order they run, at ``batch`` images (one forward pass with hooks)."""
-    torch = _torch()
+    import torch
     from torch import nn
 
     from aigc.models import build_discriminator, build_generator
@@ -243,9 +244,7 @@ def variants(m) -> dict[str, tuple[Any, bool]]:
             out["sub-pixel 2x2 conv (exact)"] = (subpixel_from_transposed(out["as is"][0]), True)
         out["3x3 conv + PixelShuffle"] = (pixelshuffle_conv(m), False)
         out["nearest up-sampling + 3x3 conv"] = (nearest_upconv(m), False)
-    thin = (isinstance(m, nn.ConvTranspose2d) and m.out_channels <= 3 and m.output_padding == (0, 0)) or \
-           (isinstance(m, nn.Conv2d) and m.in_channels <= 3)  # spectral norm's ParametrizedConv2d too
-    if thin:
+    if is_thin(m):
         out["im2col: " + ("matmul + fold" if isinstance(m, nn.ConvTranspose2d) else "unfold + matmul") + " (exact)"] = \
             (im2col_from(out["as is"][0]), True)
     return out
@@ -253,7 +252,7 @@ def variants(m) -> dict[str, tuple[Any, bool]]:
 
 def measure(net, batch: int, rounds: int, reps: int, threads: int) -> list[dict[str, Any]]:
     """Every layer's variants: FLOPs (forward; forward+backward), and median ms of both."""
-    torch = _torch()
+    import torch
 
     torch.set_num_threads(threads)
     rows = []
@@ -362,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
                  "at least 1, steps at least 3")
     machine.under_cap(args.isa, "benchmarks.layers")  # before torch is imported: the cap is read when it loads
 
+    import torch
+
     from aigc.runtime import usable_cores
     from benchmarks.train_speed import matmul_peak, mnist_like, project_step, stage_config, step_flops
 
@@ -385,8 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     peak = statistics.median(peaks)
     step_img_s = statistics.median(step["as is"])
     step_gflops = step_flops(images, net, cfg) / cfg.batch_size * step_img_s / 1e9
-    _torch().set_num_threads(threads)
-    report = {"machine": machine.describe(), "machine_line": machine.one_line(), "suffix": machine.report_suffix(),
+    torch.set_num_threads(threads)
+    env = machine.describe()
+    report = {"machine": env, "machine_line": machine.one_line(env), "suffix": machine.report_suffix(),
               "threads": threads, "batch": cfg.batch_size, "rounds": args.rounds, "reps": args.reps,
               "architecture": f"{net.family}{' conditional' if net.conditional else ''} G {list(net.g_widths)} "
                               f"D {list(net.d_widths)} k{net.kernel}",
