@@ -25,32 +25,42 @@ DEFAULT_PARAMS = "params.yaml"
 class _Section(BaseModel):
     # extra="forbid": an unknown key is a typo until proven otherwise.
     # strict: "3" is not an int and 1 is not a bool; YAML already gives real types.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
 
 
 class DataConfig(_Section):
     """Where the raw images come from (ingest) and how they are cleaned and split (preprocess)."""
 
     source: Literal["mnist5k", "digits", "idx", "npz", "csv", "folder"] = "mnist5k"
+    """Mnist5k | digits | idx | npz | csv | folder."""
     # File or folder for the local sources (idx, npz, csv, folder); ignored by the built-ins.
     path: str = "data/source"
+    """File or folder for idx, npz, csv, folder (ignored by mnist5k, digits)."""
     # IDX only: the labels file; by default found beside the images file
     # (train-images-idx3-ubyte -> train-labels-idx1-ubyte).
     labels_path: str | None = None
+    """Idx only; default: the *labels*idx1* file beside the images."""
     # CSV only: the column that holds the class label.
     label_column: str = "label"
+    """Csv only."""
     # Square side to resize/pad to; null keeps the source resolution.
     image_size: int | None = Field(default=None, ge=4, le=1024)
+    """Square side to resize/pad to; null keeps the source resolution."""
     resize_mode: Literal["pad", "resize"] = "pad"
+    """Pad (centre on black, never shrinks) | resize (Lanczos)."""
     test_size: float = Field(default=0.1, gt=0.0, lt=1.0)
+    """Held-out share, stratified by label."""
     # Images whose pixel standard deviation (0..255 scale) is below this are blank/constant.
     blank_std: float = Field(default=1.0, ge=0.0)
+    """Images with pixel std below this (0..255 scale) are dropped as blank."""
     # 16-bit images (PNG/TIFF "I;16", uint16 arrays): "scale" maps 0..65535 onto 0..255 (x / 257,
     # rounded); "refuse" stops ingest naming the files. Never clipped.
     high_bit_depth: Literal["scale", "refuse"] = "scale"
+    """16-bit images: scale (0..65535 -> 0..255, never clipped) | refuse."""
     # Float pixels: "auto" accepts an unambiguous range ([0, 1], [-1, 1], or whole numbers in
     # 0..255) and refuses anything else with the range found; or declare the range.
     float_range: Literal["auto", "0..1", "-1..1", "0..255"] = "auto"
+    """Float pixels: auto ([0,1], [-1,1] or whole 0..255; else refused) | 0..1 | -1..1 | 0..255."""
 
 
 class ModelConfig(_Section):
@@ -58,16 +68,23 @@ class ModelConfig(_Section):
     dataset.json."""
 
     family: Literal["dcgan", "mlp", "vae"] = "dcgan"
+    """Dcgan | mlp (GANs) | vae (variational autoencoder, trained with the vae section)."""
     z_dim: int = Field(default=100, ge=1, le=4096)
+    """Length of G's latent vector z."""
     # dcgan only. G's channels from the projection on (the last two layers double H and W; any
     # before them keep the size), D's stride-2 convolutions, and the kernel of both.
-    g_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [256, 128, 64],
+    g_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [128, 64],
                                                                  min_length=2, max_length=8)
-    d_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [64, 128, 256],
+    """Dcgan G: channels from the projection on; the last two layers double H and W."""
+    d_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [64, 128],
                                                                  min_length=1, max_length=8)
-    kernel: int = Field(default=5, ge=2, le=9)
-    d_dropout: float = Field(default=0.3, ge=0.0, lt=1.0)  # after each D convolution (0: none)
-    spectral_norm: bool = False  # D's weights divided by their largest singular value (any family)
+    """Dcgan D: one stride-2 convolution per width."""
+    kernel: int = Field(default=4, ge=2, le=9)
+    """Dcgan kernel side (even only with two g_widths)."""
+    d_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # after each D convolution (0: none)
+    """Dropout after each D convolution (0: none; off by default: measured 1.2x the img/s and a lower FID gap)."""
+    spectral_norm: bool = True  # D's weights divided by their largest singular value (any family)
+    """Spectral normalisation of D's weights."""
 
     @model_validator(mode="after")
     def _kernel_fits(self) -> "ModelConfig":
@@ -80,7 +97,9 @@ class ModelConfig(_Section):
     # conditional VAE. True needs a labelled dataset (checked when training reads dataset.json);
     # "auto" conditions when every training image has a label and there are 2+ classes (and the
     # family has a conditional variant), else trains unconditionally (aigc.models.net_config).
-    conditional: bool | Literal["auto"] = False
+    conditional: bool | Literal["auto"] = "auto"
+    """Condition on the class (dcgan: cBN G + projection D; vae: cVAE): auto = when every training image
+    has a label (2+ classes) | true | false."""
 
     @model_validator(mode="after")
     def _family_can_be_conditional(self) -> "ModelConfig":
@@ -97,56 +116,63 @@ class VAEConfig(_Section):
     # p(x|z): bernoulli (pixel intensity (x+1)/2 as a Bernoulli probability; the usual MNIST
     # choice) or gaussian (mean tanh(o/2), fixed standard deviation `sigma` on the [-1, 1] scale).
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    """P(x|z): bernoulli (pixel intensity as a probability) | gaussian (fixed sigma)."""
     sigma: float = Field(default=0.1, gt=0.0, le=10.0)
+    """Gaussian only: the standard deviation on the [-1, 1] pixel scale."""
     # The weight of the KL term (1 = the ELBO; beta-VAE otherwise) ...
     beta: float = Field(default=1.0, gt=0.0, le=1000.0)
+    """Weight of the KL term (1 = the ELBO)."""
     # ... ramped linearly from 0 over this many epochs (KL warm-up, Bowman et al. 2016; 0 = off).
     kl_warmup_epochs: int = Field(default=0, ge=0, le=10_000)
+    """Ramp the KL weight from 0 to beta over this many epochs (0 = off)."""
     lr: float = Field(default=1e-3, gt=0.0, le=1.0)  # Adam (betas 0.9, 0.999)
+    """Adam learning rate (betas 0.9, 0.999)."""
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(default=15, ge=1, le=10_000)
+    epochs: int = Field(default=20, ge=1, le=10_000)
+    """Set so that make run stays within 15 min on a 2-core AVX2 EPYC (README, 'Models and training')."""
     batch_size: int = Field(default=64, ge=2, le=65_536)
+    """Images per step (the global batch under torchrun)."""
     # The DCGAN paper's recipe (Radford et al. 2015): lr 2e-4, beta1 0.5.
     lr_g: float = Field(default=2e-4, gt=0.0, le=1.0)
+    """G's Adam learning rate; the DCGAN paper's recipe: lr 2e-4, beta1 0.5."""
     lr_d: float = Field(default=2e-4, gt=0.0, le=1.0)
+    """D's Adam learning rate (lr_d > lr_g is TTUR)."""
     beta1: float = Field(default=0.5, ge=0.0, lt=1.0)
+    """Adam beta1 of G and D (0.5 in the DCGAN recipe)."""
     beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # CPU threads: "auto" uses the cores other processes leave free (re-checked every epoch).
-    threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
-    # Measured here (python -m benchmarks): torch.compile made the CPU step 0.80x as fast, so it
-    # is off. channels_last (NHWC, dcgan only) measured 1.07x on an AVX-512 Xeon and 0.89x on an
-    # AVX2 EPYC, so "auto" times both on the real step once per machine (aigc/runtime.py, probe).
-    compile: bool = False
-    channels_last: Literal["auto"] | bool = "auto"
-    # Per-step scalars are gathered on the device and handed over every this many steps,
-    # so the hot loop never waits on a host copy.
-    log_every: int = Field(default=25, ge=1)
+    """Adam beta2 of G and D."""
     # A sample grid (from a fixed z) every this many epochs, and always after the last.
     sample_every: int = Field(default=1, ge=1)
-    # A resumable checkpoint (models/checkpoint.pt) every this many epochs, besides the one before
-    # the first epoch and the final one (0: only those). A killed run goes on from the last one.
-    checkpoint_every: int = Field(default=1, ge=0, le=10_000)
+    """Epochs between sample grids."""
     grid_size: int = Field(default=64, ge=1, le=1024)
+    """Images in each sample grid."""
     # The adversarial loss (aigc/losses.py): bce (non-saturating) | hinge | wgan (needs gp_weight).
-    loss: Literal["bce", "hinge", "wgan"] = "bce"
+    loss: Literal["bce", "hinge", "wgan"] = "hinge"
+    """Bce (non-saturating) | hinge | wgan (needs gp_weight)."""
     # R1 penalty on real images (gamma/2 * ||dD(x)/dx||^2; 0 = off), applied lazily as its own D
     # step every r1_interval steps, with stylegan2-ada's lr/beta correction for the extra steps.
     r1_gamma: float = Field(default=0.0, ge=0.0, le=1e4)
+    """R1 penalty on real images, gamma/2 * |dD/dx|^2 (0: off)."""
     r1_interval: int = Field(default=16, ge=1, le=10_000)
+    """... applied lazily as its own D step every this many steps."""
     # WGAN-GP's gradient penalty weight (10 in the paper; 0 = off).
     gp_weight: float = Field(default=0.0, ge=0.0, le=1e4)
+    """WGAN-GP gradient penalty weight (10 in the paper; 0: off)."""
     # EMA of G (aigc/ema.py): half-life in thousands of images (0 = off), ramped up over the
     # first images seen (ema_nimg = min(ema_kimg*1000, seen*ema_rampup); null = no ramp-up).
-    ema_kimg: float = Field(default=0.0, ge=0.0, le=1e6)
+    ema_kimg: float = Field(default=10.0, ge=0.0, le=1e6)
+    """EMA of G: half-life in thousands of images (0: off); then the EMA G is saved."""
     ema_rampup: float | None = Field(default=0.05, gt=0.0, le=1.0)
+    """... half-life ramps up as images seen x this (null: no ramp-up)."""
     # DiffAugment for everything D sees (aigc/augment.py): translation, cutout (fill -1), color (RGB only).
     augment: list[Literal["translation", "cutout", "color"]] = Field(default_factory=list)
+    """DiffAugment on all D sees: translation, cutout (fill -1), color (RGB only)."""
     # The divergence guard: stop when D separates every real from every fake image for this many
     # consecutive steps (0 = off). Non-finite losses always stop the run.
     guard_steps: int = Field(default=500, ge=0)
+    """Stop when D separates all reals from all fakes this many steps running (0: off)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -157,19 +183,53 @@ class TrainConfig(_Section):
         return self
 
 
+class RuntimeConfig(_Section):
+    """How the stages run, never what they compute: changing these knobs leaves every result as it
+    was (the same weights and scores at the same seed on the same machine), so no stage lists them
+    as a DVC param and a change of them retrains nothing."""
+
+    # cuda when there is a GPU, else cpu; mixed precision (bf16) on CUDA only.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Auto (CUDA if present, else CPU) | cpu | cuda."""
+    # CPU threads: "auto" uses the cores other processes leave free (re-checked every epoch).
+    threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
+    """CPU threads: auto = the cores other processes leave free (and 1 if the probe measured it faster) | a number."""
+    # Measured (python -m aigc_bench): torch.compile made the CPU step 0.80x as fast, so it is off.
+    # channels_last (NHWC, dcgan only) measured 1.07x on an AVX-512 Xeon and 0.89x on an AVX2 EPYC,
+    # so "auto" times both on the real step once per machine (aigc/runtime.py, probe).
+    compile: bool = False
+    """Torch.compile the step (measured slower on this CPU; see aigc_bench/)."""
+    channels_last: Literal["auto"] | bool = "auto"
+    """NHWC for the dcgan convolutions: auto = timed once per machine on the real step (~/.cache/aigc/probe.json) | true | false."""
+    # Per-step scalars are gathered on the device and handed over every this many steps, so the
+    # hot loop never waits on a host copy; every step is still logged.
+    log_every: int = Field(default=100, ge=1)
+    """Steps per batch of metrics sent to MLflow (every step is logged; one host sync and one MLflow
+    call per batch)."""
+    # A resumable checkpoint (models/checkpoint.pt) every this many epochs, besides the one before
+    # the first epoch and the final one (0: only those). A killed run goes on from the last one.
+    checkpoint_every: int = Field(default=1, ge=0, le=10_000)
+    """Epochs between resumable checkpoints (0: only before the first epoch and at the end)."""
+
+
 class TrackingConfig(_Section):
     """MLflow. ``MLFLOW_TRACKING_URI`` in the environment overrides ``uri``."""
 
     enabled: bool = True
+    """Record runs in MLflow (false: the stages still write their outputs)."""
     uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI (SQLite file by default); MLFLOW_TRACKING_URI overrides it."""
     experiment: str = Field(default="aigc", min_length=1)
+    """MLflow experiment the runs go to."""
     # Where a new experiment stores its artifacts (local folder or a URI such as s3://...); a
     # tracking server (http) without a URI here keeps them itself (proxied artifacts).
     artifact_root: str = "mlartifacts"
+    """A new experiment's artifacts: folder or URI (s3://...); an http server keeps its own."""
     # A server that stops answering mid-run: metrics and images wait in memory and are retried with
     # backoff; once training is done the stage waits at most this long for an outage to end, then
     # fails saying so (the outputs written; `dvc repro` uploads the rest without retraining).
     retry_seconds: float = Field(default=300.0, ge=0.0, le=86_400.0)
+    """A server that stops answering: metrics wait and are retried; after training, fail once an outage lasts this long."""
 
 
 class EvaluatorConfig(_Section):
@@ -178,39 +238,58 @@ class EvaluatorConfig(_Section):
 
     # 5 epochs, one-cycle schedule peaking at lr: ~96% test accuracy on the default MNIST subset.
     epochs: int = Field(default=5, ge=1, le=1000)
+    """~96% test accuracy on the default data."""
     batch_size: int = Field(default=64, ge=2, le=65_536)
+    """Images per training step of the evaluator."""
     lr: float = Field(default=0.01, gt=0.0, le=1.0)
+    """Adam, peak of a one-cycle schedule."""
     # Convolution widths b, 2b, F, F; their global average pool (F values) is the feature
     # vector of FID, KID, precision/recall and memorisation.
     base_channels: int = Field(default=16, ge=1, le=512)
+    """Conv widths 16, 32, features, features (8x8 and 28x28 both work)."""
     features: int = Field(default=64, ge=2, le=4096)
+    """Pooled width: the feature vector of FID, KID, PRDC and memorisation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Auto (CUDA if present, else CPU) | cpu | cuda."""
 
 
 class EvaluateConfig(_Section):
     """Scoring a trained generator against the real data (see README, "Evaluation")."""
 
     num_samples: int = Field(default=10_000, ge=2, le=1_000_000)
+    """Generated images; scored in sets of n = the test split's size, each against n train images."""
     seed: int = Field(default=0, ge=0, le=2**32 - 1)  # z, the KID subsets, the floor's subset
+    """Z, the reference subsets, KID's random subsets, the floor's bootstrap."""
     batch_size: int = Field(default=500, ge=1, le=65_536)  # images per generator/evaluator call
+    """Images per generator/evaluator call."""
     kid_subsets: int = Field(default=100, ge=1, le=10_000)
+    """KID = mean over this many random subsets ..."""
     # Capped at the compared sample size (torchmetrics refuses a larger subset).
     kid_subset_size: int = Field(default=100, ge=2, le=100_000)
+    """... of this many images each (capped at the compared sample size)."""
     prdc_k: int = Field(default=5, ge=1, le=100)  # k of the k-nearest-neighbour balls (Naeem et al. 2020)
+    """K of the nearest-neighbour balls of precision/recall/density/coverage."""
     # A class counts as a covered mode when its share of the samples is at least this fraction
     # of its share of the data (0.2 with 10 balanced classes: 2% of the samples).
     mode_min_share: float = Field(default=0.2, gt=0.0, le=1.0)
+    """A class is a covered mode when it gets >= this fraction of its data share."""
     # The near-duplicate threshold: this quantile of the test images' pixel distances to their
     # nearest training image; an honest generator has about this share of samples closer.
     copy_quantile: float = Field(default=0.01, gt=0.0, lt=0.5)
+    """Near-duplicate: closer to a training image than this quantile of test-to-train pixel distances."""
     grid_size: int = Field(default=64, ge=1, le=1024)  # samples in reports/eval/samples.png
+    """Samples in reports/eval/samples.png."""
     nearest_pairs: int = Field(default=16, ge=1, le=256)  # pairs in the nearest-neighbour grid
+    """Generated/nearest-training pairs in reports/eval/nearest.png."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Auto (CUDA if present, else CPU) | cpu | cuda."""
     # The feature space of FID, KID, precision/recall/density/coverage and DCR: the trained
     # classifier's (default), or the FID InceptionV3's pool3 read from ``inception_weights``, a
     # local copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (nothing downloads).
     features: Literal["classifier", "inception"] = "classifier"
+    """Feature space of FID/KID/PRDC/DCR: classifier (models/evaluator.pt) | inception (needs inception_weights)."""
     inception_weights: str | None = Field(default=None, min_length=1)
+    """Local pytorch-fid pt_inception-2015-12-05-6726825d.pth for features: inception (nothing downloads)."""
 
     @model_validator(mode="after")
     def _inception_needs_weights(self) -> "EvaluateConfig":
@@ -236,29 +315,42 @@ class RegisterConfig(_Section):
     """The model registry: which version becomes the champion (aigc/registry.py, README "Model registry")."""
 
     model_name: str = Field(default="aigc-generator", min_length=1, max_length=200)
+    """MLflow registered model name."""
     # The alias that marks the best version so far (MLflow aliases, not the deprecated stages).
     alias: str = Field(default="champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
+    """The alias that marks the best version so far."""
     # Compared between versions; its direction (lower/higher is better) is fixed per metric.
     metric: Literal[REGISTRY_METRICS] = "fid"  # type: ignore[valid-type]
+    """Fid | kid | is | precision | recall | density | coverage | modes | class_kl | dcr_score | copy_share."""
     # Compare metric - metric_floor (the gap to real held-out images) rather than the raw score
     # (is and density are always compared by their distance to the floor).
     relative_to_floor: bool = True
+    """Compare fid - fid_floor (direction per metric: lower fid, higher precision, is/density closest to floor)."""
     # The champion is re-scored with the candidate's evaluator, data and evaluate settings; the
     # candidate must beat it by more than this many standard errors of the difference ...
     margin_se: float = Field(default=2.0, ge=0.0, le=100.0)
+    """Beat the champion (re-scored with this evaluator and data) by > this many standard errors of the difference."""
     # ... and by more than this (in the metric's units); a tie never wins.
     min_improvement: float = Field(default=0.0, ge=0.0)
+    """... and by more than this, in the metric's units; a tie never wins."""
     # Gates, checked before any comparison (the first version too):
     min_modes_covered: float = Field(default=0.8, ge=0.0, le=1.0)  # covered modes / classes (0: off)
+    """Gate: covered modes >= 0.8 x classes (0 turns it off); measured 9.25 of 10 at 20 epochs."""
     min_dcr_score: float = Field(default=0.8, ge=0.0, le=10.0)  # memorisation: 1 = as far as fresh images (0: off)
+    """Gate: DCR ratio, 1 = as far from the training set as fresh real images (0 turns it off)."""
     max_copy_share: float = Field(default=0.05, ge=0.0, le=1.0)  # near-duplicates of training images (1: off)
+    """Gate: share of samples that are near-duplicates of training images; floor ~0.01 (1 turns it off)."""
     require_data_gate: bool = True  # reports/data_quality/summary.json must say passed
+    """Gate: reports/data_quality/summary.json passed."""
     # Privacy gate: a version must have been trained with differential privacy at an epsilon no
     # larger than this (null: no DP required). A non-private model is refused when it is set.
     max_epsilon: float | None = Field(default=None, gt=0.0, le=1000.0)
+    """Gate: trained with DP (privacy.dp) at epsilon <= this; null: no DP required."""
     # The broken-generator check: this many samples must be finite and not constant.
     check_samples: int = Field(default=64, ge=2, le=4096)
+    """Gate: this many samples must be finite and not constant ..."""
     min_output_std: float = Field(default=0.01, ge=0.0)  # in the [-1, 1] pixel scale
+    """... pixel std at least this (on the [-1, 1] scale)."""
 
     @model_validator(mode="after")
     def _alias_not_reserved(self) -> "RegisterConfig":
@@ -281,26 +373,40 @@ class ValidateConfig(_Section):
     """
 
     min_records: int = Field(default=100, ge=1)
+    """Record count bounds."""
     max_records: int = Field(default=10_000_000, ge=1)
+    """Upper bound of the record count."""
     # Allowed channel counts (1 grey, 3 RGB); every image must also have the same shape.
     channels: list[int] = Field(default_factory=lambda: [1, 3], min_length=1)
+    """Allowed channel counts; every image must also have one shape."""
     # The declared pixel range (0..255 scale): every record's min and max must fall inside.
     pixel_min: int = Field(default=0, ge=0, le=255)
+    """The declared pixel range (0..255 scale)."""
     pixel_max: int = Field(default=255, ge=0, le=255)
+    """The declared pixel maximum (0..255 scale)."""
     # The declared class set: a list of labels, or null for any label 0..max_label.
     classes: list[int] | None = None
+    """The declared class set, e.g. [0, 1, 2]; null: any label 0..max_label."""
     max_label: int = Field(default=9, ge=0)
+    """The largest label allowed when validate.classes is null."""
     # -1 marks an unlabelled record (a source without labels); class checks ignore those.
     allow_unlabelled: bool = True
+    """Label -1 (a source without labels) passes; class checks skip it."""
     min_classes: int = Field(default=2, ge=1)
+    """Distinct labelled classes."""
     # Every class holds at least this share of the labelled records (10 balanced classes: 0.10).
     min_class_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Every class holds at least this share of the labelled records."""
     max_duplicate_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Exact duplicates (by content hash)."""
     max_blank_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Blank images (pixel std below data.blank_std)."""
     # Expectations that only warn: reported, but the run goes on.
     warn: list[Literal[EXPECTATIONS]] = Field(default_factory=list)  # type: ignore[valid-type]
+    """Expectations that only warn, e.g. [class_share, duplicates]."""
     # Example images per failing expectation in the HTML report.
     examples: int = Field(default=8, ge=0, le=64)
+    """Example images per failing expectation in the HTML report."""
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> "ValidateConfig":
@@ -319,14 +425,19 @@ class DPConfig(_Section):
     (target_epsilon, delta) and the planned D steps (train.epochs x Poisson batches per epoch)."""
 
     enabled: bool = False
+    """Train D privately (no R1/GP penalties; D built without spectral norm); README, 'Privacy'."""
     # The (epsilon, delta)-DP budget the whole training may spend; the run stops before exceeding it.
     target_epsilon: float = Field(default=10.0, gt=0.0, le=1000.0)
+    """The whole training's budget epsilon; the noise multiplier follows from it and the planned D steps."""
     # Must be below 1/N (N training images); checked at training, where N is known.
     delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    """The budget's delta; must be below 1/N (N training images)."""
     # Per-sample gradient clipping bound C (flat, over all of D's parameters).
     max_grad_norm: float = Field(default=1.0, gt=0.0, le=1e4)
+    """Per-sample gradient clipping bound C over all of D's parameters."""
     # Opacus' accountant: rdp (Renyi DP, Mironov 2017) | prv (privacy random variables, tighter, slower).
     accountant: Literal["rdp", "prv"] = "rdp"
+    """Rdp (Renyi DP) | prv (privacy random variables: tighter, slower)."""
 
 
 class PrivacyConfig(_Section):
@@ -335,15 +446,20 @@ class PrivacyConfig(_Section):
 
     # drop: remove the column | hash: salted SHA-256 (salt from $AIGC_PII_SALT) | keep: opt-in
     action: PrivacyAction = "drop"
+    """Drop | hash (salted SHA-256; salt from $AIGC_PII_SALT) | keep (opt-in)."""
     # Per-column override, e.g. {author: hash, notes: keep}; drop/hash also apply unflagged.
     columns: dict[str, PrivacyAction] = Field(default_factory=dict)
+    """Per-column override, e.g. {author: hash, notes: keep}."""
     # A column whose name contains one of these words holds person names.
     name_columns: list[str] = Field(default_factory=lambda: ["name", "author", "writer", "patient", "owner"])
+    """A column named with one of these holds person names."""
     # DP-SGD on the discriminator (train stage).
     dp: DPConfig = DPConfig()
+    """Differential privacy (DP-SGD, Opacus) for D, the only network that sees real images."""
     # ingest and validate write data/raw and data/validated AES-GCM encrypted with the key in
     # $AIGC_DATA_KEY (or the file $AIGC_DATA_KEY_FILE names); readers decrypt in memory (aigc/encryption.py).
     encrypt_at_rest: bool = False
+    """Ingest/validate write data/raw, data/validated AES-GCM encrypted; key in $AIGC_DATA_KEY or $AIGC_DATA_KEY_FILE."""
 
 
 # The section is called "validate", like its stage; pydantic warns that the name hides the
@@ -357,16 +473,28 @@ class Params(_Section):
     """The whole of params.yaml."""
 
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    """Every random thing (split, weights, z, batch order) follows from it."""
     data: DataConfig = DataConfig()
+    """Ingest + preprocess."""
     model: ModelConfig = ModelConfig()
+    """Resolution and channels come from data/processed/dataset.json."""
     train: TrainConfig = TrainConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    """How the stages run, never what they compute: no stage depends on these, so changing them retrains nothing."""
     vae: VAEConfig = VAEConfig()
+    """Model.family: vae only; epochs and batch size come from train, device and logging from runtime."""
     tracking: TrackingConfig = TrackingConfig()
+    """MLFLOW_TRACKING_URI in the environment overrides uri."""
     evaluator: EvaluatorConfig = EvaluatorConfig()
+    """The metrics' feature network: a small CNN classifier on the train split."""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """Scores of models/generator.pt, each beside its spread, floor and ceiling (README, 'Evaluation')."""
     validate: ValidateConfig = ValidateConfig()
+    """The data-quality gate (great-expectations) between ingest and preprocess."""
     privacy: PrivacyConfig = PrivacyConfig()
+    """Personal data in the metadata (validate), DP training (train), encryption at rest."""
     register: RegisterConfig = RegisterConfig()
+    """The MLflow model registry: a new version becomes `champion` only if it is better."""
 
 
 def cross_section_problems(params: Params) -> list[str]:
@@ -382,9 +510,9 @@ def cross_section_problems(params: Params) -> list[str]:
                 problems.append(f"train.{key} = {value} with privacy.dp.enabled = true: {what} needs a double "
                                 f"backward through D, which Opacus' per-sample gradients do not support; set "
                                 f"train.{key}: 0 (and train.loss: bce or hinge) or privacy.dp.enabled: false")
-        if t.compile:
-            problems.append("train.compile = true with privacy.dp.enabled = true: Opacus' per-sample gradient hooks "
-                            "do not run under torch.compile; set train.compile: false")
+        if params.runtime.compile:
+            problems.append("runtime.compile = true with privacy.dp.enabled = true: Opacus' per-sample gradient hooks "
+                            "do not run under torch.compile; set runtime.compile: false")
         if params.model.family == "vae":
             problems.append("model.family = 'vae' with privacy.dp.enabled = true: DP is implemented for the GAN "
                             "discriminator only; use family dcgan or mlp, or privacy.dp.enabled: false")

@@ -76,8 +76,9 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
 
 
 def main(fn: Callable[..., dict[str, Any]], *, sections: tuple[str, ...], paths: tuple[str, ...],
-         argv: list[str] | None = None) -> None:
-    name = fn.__name__
+         argv: list[str] | None = None, name: str | None = None) -> None:
+    """The stage's command line around ``fn``; ``name`` (default: fn's own) names the module and the flow."""
+    name = name or fn.__name__
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=(fn.__doc__ or "").strip())
     parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
     for p in paths:

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aigc.config import Params, flatten, load_params, parse_params
+from pydantic import BaseModel
+
+from aigc.config import Params, RuntimeConfig, TrainConfig, flatten, load_params, parse_params
 from aigc.errors import ConfigError
 from tests.conftest import ROOT, run_module
 
@@ -19,6 +21,38 @@ def test_repository_params_are_valid_and_match_the_defaults():
     # params.yaml spells out every key, so no section silently relies on a code default
     on_disk = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert set(flatten(Params())) == {k for k in flatten(params) if k.split(".")[0] in on_disk}
+
+
+def test_code_defaults_are_the_values_of_params_yaml():
+    """One source of defaults: the config models' defaults are params.yaml's values, key by key
+    (values compared, not keys), so `TrainConfig()` builds the recipe `make run` trains."""
+    in_code, on_disk = flatten(Params()), flatten(load_params(ROOT / "params.yaml"))
+    differ = {k: (in_code[k], on_disk.get(k)) for k in in_code if in_code[k] != on_disk.get(k)}
+    assert not differ, f"code default != params.yaml value: {differ}"
+    assert Params() == load_params(ROOT / "params.yaml")
+
+
+def test_every_key_has_a_description():
+    """The params reference (docs) is generated from these descriptions: none may be missing."""
+    def leaves(model: type, prefix: str = ""):
+        for name, field in model.model_fields.items():
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                yield from leaves(sub, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", field.description
+    missing = [key for key, text in leaves(Params) if not text]
+    assert not missing
+
+
+def test_runtime_knobs_have_their_own_section():
+    """Knobs that never change a result live in `runtime`, which no stage depends on (dvc.yaml)."""
+    assert set(RuntimeConfig.model_fields) == {"device", "threads", "compile", "channels_last", "log_every",
+                                               "checkpoint_every"}
+    assert not set(RuntimeConfig.model_fields) & set(TrainConfig.model_fields)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    depends = [p for stage in stages.values() for p in stage.get("params", [])]
+    assert not [p for p in depends if str(p).split(".")[0] == "runtime"]
 
 
 @pytest.mark.parametrize(
@@ -84,6 +118,6 @@ def test_check_params_command(tmp_path: Path):
                       str(ROOT / "params.yaml")], cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert "train.lr_g = 0.0002" in res.stdout
-    (tmp_path / "p.yaml").write_text("train:\n  device: tpu\n")
+    (tmp_path / "p.yaml").write_text("runtime:\n  device: tpu\n")
     res = run_module([str(Path(__import__("sys").executable).parent / "aigc"), "check-params", str(tmp_path / "p.yaml")], cwd=ROOT)
-    assert res.returncode == 1 and "train.device = 'tpu'" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 1 and "runtime.device = 'tpu'" in res.stderr and "Traceback" not in res.stderr

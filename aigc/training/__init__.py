@@ -1,0 +1,18 @@
+"""Training: one loop (:func:`train`) and a recipe per model family.
+
+    from aigc.training import GANRecipe, TrainData, Hooks, train
+    result = train(cfg, GANRecipe(cfg, net), TrainData(images, labels), Hooks(on_steps=...), seed=42)
+
+``train_gan`` and ``train_vae`` are that call with the family's recipe built for you.
+"""
+
+from aigc.training.checkpoint import CHECKPOINT_FORMAT, check_resume, fingerprint, resumable, rng_state, \
+    set_rng_state, why_not
+from aigc.training.gan import GANRecipe, train_gan
+from aigc.training.loop import Batch, EpochEnd, Hooks, Recipe, Setup, Stateful, StepWindow, TrainData, \
+    TrainingDiverged, TrainResult, probe_machine, train
+from aigc.training.vae import VAERecipe, neg_elbo, train_vae
+
+__all__ = ["CHECKPOINT_FORMAT", "Batch", "EpochEnd", "GANRecipe", "Hooks", "Recipe", "Setup", "Stateful", "StepWindow",
+           "TrainData", "TrainResult", "TrainingDiverged", "VAERecipe", "check_resume", "fingerprint", "neg_elbo",
+           "probe_machine", "resumable", "rng_state", "set_rng_state", "train", "train_gan", "train_vae", "why_not"]
