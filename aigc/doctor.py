@@ -124,10 +124,10 @@ def check_cuda(train_device: str | None) -> list[Check]:
 
     if torch.cuda.is_available():
         return [Check("cuda", "ok", f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}; "
-                                    f"train.device auto uses it (bf16 autocast)")]
+                                    f"runtime.device auto uses it (bf16 autocast)")]
     if train_device == "cuda":
-        return [Check("cuda", "FAIL", "no CUDA device, but params.yaml asks for train.device: cuda",
-                      "set train.device: auto (or cpu)")]
+        return [Check("cuda", "FAIL", "no CUDA device, but params.yaml asks for runtime.device: cuda",
+                      "set runtime.device: auto (or cpu)")]
     return [Check("cuda", "info", f"no CUDA device (PyTorch {torch.__version__}): training runs on the CPU")]
 
 
@@ -195,7 +195,7 @@ def run_checks(root: Path, params: Path, environ: Mapping[str, str] | None = Non
     checks += check_cpu()
     param_checks, loaded = check_params(params)
     checks += param_checks
-    checks += check_cuda(loaded.train.device if loaded is not None else None)
+    checks += check_cuda(loaded.runtime.device if loaded is not None else None)
     if loaded is not None:
         checks += check_tracking(loaded.tracking, env)
     checks += check_dvc(root, env.get("PATH"))

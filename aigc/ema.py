@@ -47,8 +47,9 @@ class GeneratorEMA:
         # ema += (1 - beta) * (live - ema), i.e. beta * ema + (1 - beta) * live: one fused call for all
         # parameters instead of one allocation and copy per tensor
         torch._foreach_lerp_(self._params, list(G.parameters()), 1.0 - beta)
-        # BN statistics are re-estimated by recompute_batchnorm before use
-        torch._foreach_copy_(self._buffers, list(G.buffers()))
+        # BN statistics are re-estimated by recompute_batchnorm before use (an MLP G has no buffers)
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, list(G.buffers()))
         return beta
 
     def recompute_batchnorm(self, z_dim: int, device: torch.device | str, seed: int = 0) -> None:

@@ -32,7 +32,7 @@ import torch
 from aigc.errors import UserError
 
 
-def resolve_device(name: str, key: str = "train.device") -> torch.device:
+def resolve_device(name: str, key: str = "runtime.device") -> torch.device:
     """``auto`` -> CUDA when present, else CPU. Asking for CUDA without one is an error naming ``key``."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{key} = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
@@ -79,7 +79,7 @@ def free_threads(others_busy: float, cores: int | None = None) -> int:
 
 
 def choose_threads(setting: str | int, probe_s: float = 0.5) -> int:
-    """``train.threads``: an int is used as is; ``auto`` watches the machine for ``probe_s``."""
+    """``runtime.threads``: an int is used as is; ``auto`` watches the machine for ``probe_s``."""
     if isinstance(setting, int):
         return setting
     watch = CoreWatch()

@@ -26,7 +26,8 @@ from aigc.io import params_sha256, save_torch, write_json
 from aigc.models import conditioning, generator_payload, net_config
 from aigc.tracking import Run, TrackingUnavailable, git_commit
 from aigc.tracking_train import Recorder, log_training, open_train_run, run_name
-from aigc.training import GANRecipe, Hooks, TrainData, VAERecipe, fingerprint, resumable, train
+from aigc.training import GANRecipe, Hooks, TrainData, VAERecipe, fingerprint, resumable
+from aigc.training import train as train_loop  # the stage's own `train` is its params section
 from aigc.training.checkpoint import run_params
 from pipeline._stage import main
 
@@ -35,9 +36,10 @@ from pipeline._stage import main
 FINAL_LOSSES = ("d_loss", "g_loss", "loss", "neg_elbo")
 
 
-def run_train(seed: int, model: ModelConfig, train: TrainConfig, runtime: RuntimeConfig, vae: VAEConfig,
-              privacy: PrivacyConfig, tracking: TrackingConfig, processed: str, generator: str, checkpoint: str,
-              run: str, metrics: str, losses: str, samples: str) -> dict[str, Any]:
+def run_train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingConfig, processed: str,
+              generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str,
+              vae: VAEConfig = VAEConfig(), privacy: PrivacyConfig = PrivacyConfig(),
+              runtime: RuntimeConfig = RuntimeConfig()) -> dict[str, Any]:
     """Train the model (GAN: G and D; vae: encoder and decoder) on PROCESSED's train split and
     record the run in MLflow; a killed run goes on from its checkpoint. With privacy.dp.enabled D is
     trained with DP-SGD (Opacus)."""
@@ -76,7 +78,7 @@ def run_train(seed: int, model: ModelConfig, train: TrainConfig, runtime: Runtim
 
     ok = False
     try:
-        result = train(train, recipe, data, Hooks(rec.on_steps, rec.on_epoch, save_checkpoint), seed=seed,
+        result = train_loop(train, recipe, data, Hooks(rec.on_steps, rec.on_epoch, save_checkpoint), seed=seed,
                        runtime=runtime, resume=resume)
         if not is_main:
             ok = True

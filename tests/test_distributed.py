@@ -39,7 +39,7 @@ import os
 rank = int(os.environ.get("RANK", "0"))
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump({"rows": rows, "steps": result.steps,
-               "g0": float(next(result.G.parameters()).detach().flatten()[0])}, f)
+               "g0": float(next(result.recipe.G.parameters()).detach().flatten()[0])}, f)
 """
 
 

@@ -50,7 +50,7 @@ def private_run():
 
 def test_epsilon_matches_an_independent_rdp_computation(private_run):
     result, rows, eps_at_epoch, dp = private_run
-    pd = result.dp
+    pd = result.recipe.pd
     assert pd.sample_rate == pytest.approx(1 / 10)  # 320 images, batches of 32: q = 1/10, 10 steps per epoch
     assert result.steps == pd.planned_steps == 20
     spent = pd.epsilon()
@@ -66,7 +66,7 @@ def test_epsilon_matches_an_independent_rdp_computation(private_run):
 
 def test_accountant_steps_equal_d_optimiser_steps_and_the_checkpoint_keeps_them(private_run):
     result, _, _, _ = private_run
-    pd = result.dp
+    pd = result.recipe.pd
     assert pd.optimizer_steps == pd.steps == result.steps == 20
     state = checkpoint_payload(result)["extra"]["dp"]
     assert dp_lib.steps_of(state["accountant_state"]) == 20
@@ -74,12 +74,12 @@ def test_accountant_steps_equal_d_optimiser_steps_and_the_checkpoint_keeps_them(
     # the plain D is saved (no Opacus prefix), built without spectral norm
     assert not any(k.startswith("_module.") for k in checkpoint_payload(result)["D"])
     assert result.net.spectral_norm is False
-    assert not any("parametrizations" in k for k in result.D.state_dict())
+    assert not any("parametrizations" in k for k in result.recipe.D.state_dict())
 
 
 def test_no_grad_sample_is_left_on_d_after_training(private_run):
     result, _, _, _ = private_run
-    assert all(getattr(p, "grad_sample", None) is None for p in result.D.parameters())
+    assert all(getattr(p, "grad_sample", None) is None for p in result.recipe.D.parameters())
 
 
 def test_the_g_step_does_not_reach_d_per_sample_gradients():
@@ -125,15 +125,15 @@ def test_conditional_projection_d_trains_privately():
     labels = torch.arange(320) % 4
     result = train_gan(CFG.model_copy(update={"epochs": 1}), net, images(), seed=0, progress=False, labels=labels,
                        dp=DPConfig(enabled=True, target_epsilon=5.0, delta=1e-4))
-    assert result.dp.steps == result.dp.optimizer_steps == result.steps == 10
-    assert 0 < result.dp.epsilon() <= 5.0 * 1.001
+    assert result.recipe.pd.steps == result.recipe.pd.optimizer_steps == result.steps == 10
+    assert 0 < result.recipe.pd.epsilon() <= 5.0 * 1.001
 
 
 def test_a_tiny_budget_is_never_exceeded_or_refused_before_training():
     result = train_gan(CFG.model_copy(update={"epochs": 1}), NET, images(), seed=0, progress=False,
                        dp=DPConfig(enabled=True, target_epsilon=0.1, delta=1e-4))
-    assert result.steps == 10 and 0 < result.dp.epsilon() <= 0.1 * 1.001
-    assert result.dp.noise_multiplier >= 9  # that budget buys D almost nothing but noise
+    assert result.steps == 10 and 0 < result.recipe.pd.epsilon() <= 0.1 * 1.001
+    assert result.recipe.pd.noise_multiplier >= 9  # that budget buys D almost nothing but noise
     # below what any noise level Opacus searches can meet: refused, nothing trained
     with pytest.raises(UserError, match=r"privacy.dp.target_epsilon = 0.05 cannot be met for 1 epoch\(s\) of 10 D "
                                         r"steps at delta 0.0001 \(The privacy budget is too low.\); raise the budget"):
@@ -143,7 +143,7 @@ def test_a_tiny_budget_is_never_exceeded_or_refused_before_training():
 
 def test_a_resumed_run_keeps_the_budget_it_spent_and_refuses_to_exceed_it(private_run):
     result, _, _, dp = private_run
-    state = result.dp.state_dict()
+    state = result.recipe.pd.state_dict()
     D = build_discriminator(dp_lib.private_net(NET))
     # two more epochs at the same sigma would take the spent epsilon (~8) past the 8.0 budget
     with pytest.raises(UserError, match=r"privacy budget: 20 D steps already spent epsilon [78][.\d]*, and 20 more "
@@ -153,7 +153,7 @@ def test_a_resumed_run_keeps_the_budget_it_spent_and_refuses_to_exceed_it(privat
     # with a larger budget the resumed accountant continues from 20 steps, not from zero
     pd = dp_lib.make_private(dp.model_copy(update={"target_epsilon": 50.0}), D, torch.optim.Adam(D.parameters()),
                              images(), None, 32, 1, 32, resume=state)
-    assert pd.steps == 20 and pd.epsilon() == pytest.approx(result.dp.epsilon())
+    assert pd.steps == 20 and pd.epsilon() == pytest.approx(result.recipe.pd.epsilon())
 
 
 def test_batchnorm_in_d_is_refused_naming_the_layer():
@@ -193,6 +193,6 @@ def test_a_killed_private_run_resumes_with_its_accountant(private_run):
     after_epoch_1 = next(s for s in states if s["epoch"] == 1)
     assert dp_lib.steps_of(after_epoch_1["extra"]["dp"]["accountant_state"]) == 10
     resumed = train_gan(cfg, NET, images(), seed=0, progress=False, dp=dp, resume=after_epoch_1)
-    assert resumed.dp.steps == resumed.dp.optimizer_steps + 10 == result.dp.steps == 20
-    assert resumed.dp.noise_multiplier == result.dp.noise_multiplier
-    assert resumed.dp.epsilon() == pytest.approx(result.dp.epsilon(), rel=1e-9)
+    assert resumed.recipe.pd.steps == resumed.recipe.pd.optimizer_steps + 10 == result.recipe.pd.steps == 20
+    assert resumed.recipe.pd.noise_multiplier == result.recipe.pd.noise_multiplier
+    assert resumed.recipe.pd.epsilon() == pytest.approx(result.recipe.pd.epsilon(), rel=1e-9)

@@ -160,7 +160,7 @@ def test_conditional_gan_makes_the_requested_class_after_a_short_training(digits
                        on_epoch=grids.append, progress=False)
     assert grids[-1].grid.ndim == 3
     ev = load_evaluator(digits / "evaluator.pt")
-    fake, y = draw(result.G, net.z_dim, 1000, seed=0)
+    fake, y = draw(result.generator, net.z_dim, 1000, seed=0)
     hit = (embed(ev, fake).predicted == label_indices(np.array(net.classes)[y.numpy()], ev.cfg)).float().mean()
     assert hit > 0.5, f"label accuracy {hit:.3f} (chance 0.1)"  # 5x chance after 150 steps (measured 0.98)
 
@@ -182,8 +182,8 @@ def test_vae_elbo_falls_and_its_samples_rebuild_from_the_file_alone(digits: Path
                           torch.from_numpy(tr["images"]), seed=0, progress=False)
     assert neg_elbo(result, torch.from_numpy(te["images"]), vae) < neg_elbo(untrained, torch.from_numpy(te["images"]), vae)
 
-    torch.save(generator_payload(result.G, net), tmp_path / "g.pt")
-    expected = sample(result.G, net.z_dim, 6, seed=3)
+    torch.save(generator_payload(result.generator, net), tmp_path / "g.pt")
+    expected = sample(result.generator, net.z_dim, 6, seed=3)
     code = ("import sys, torch; from aigc.models import load_generator, sample; "
             "G, cfg = load_generator(sys.argv[1]); assert cfg.family == 'vae'; "
             "torch.save(sample(G, cfg.z_dim, 6, seed=3), sys.argv[2])")

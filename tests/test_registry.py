@@ -162,7 +162,7 @@ def train_generator(path: Path, images: np.ndarray, seed: int) -> Path:
     result = train_gan(TrainConfig(epochs=2, batch_size=64), NET, torch.from_numpy(images),
                        seed=seed, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(generator_payload(result.G, NET), path)
+    torch.save(generator_payload(result.generator, NET), path)
     return path
 
 

@@ -16,14 +16,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from aigc.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig, VAEConfig
+from aigc.config import DataConfig, ModelConfig, RuntimeConfig, TrackingConfig, TrainConfig, VAEConfig
 from aigc.data.preprocess import preprocess, save_processed
 from aigc.data.sources import load_source
 from aigc.errors import UserError
 from aigc.models import NetConfig
 from aigc.tracking import Outbox, Run
-from aigc.training import train_gan
-from aigc.vae import train_vae
+from aigc.training import train_gan, train_vae
 
 
 def tiny(n: int = 48) -> torch.Tensor:
@@ -55,8 +54,9 @@ def assert_same_tensors(a, b, where: str = "") -> None:
 
 
 # Every source of randomness in a step: dropout, DiffAugment, lazy R1, EMA, conditional labels.
-GAN = TrainConfig(epochs=3, batch_size=16, log_every=2, grid_size=4, threads=1, channels_last=False, ema_kimg=0.05,
-                  augment=["translation", "cutout"], r1_gamma=0.1, r1_interval=2, checkpoint_every=1)
+GAN = TrainConfig(epochs=3, batch_size=16, grid_size=4, ema_kimg=0.05, augment=["translation", "cutout"], r1_gamma=0.1,
+                  r1_interval=2)
+RT = RuntimeConfig(log_every=2, threads=1, channels_last=False, checkpoint_every=1)
 
 
 def test_gan_resumed_from_each_checkpoint_ends_bitwise_equal():
@@ -66,14 +66,14 @@ def test_gan_resumed_from_each_checkpoint_ends_bitwise_equal():
     saved: list[dict] = []
     rows: list[dict] = []
     full = train_gan(GAN, net, tiny(), seed=5, labels=labels, progress=False, on_steps=lambda w: rows.extend(w.rows),
-                     on_checkpoint=lambda s: saved.append(roundtrip(s)))
+                     on_checkpoint=lambda s: saved.append(roundtrip(s)), runtime=RT)
     assert [s["epoch"] for s in saved] == [0, 1, 2] and [s["step"] for s in saved] == [0, 3, 6]
     final = roundtrip(full.state)
     assert final["complete"] and final["epoch"] == 3 and final["step"] == 9
     for state in saved:
         got: list[dict] = []
         resumed = train_gan(GAN, net, tiny(), seed=5, labels=labels, progress=False, resume=state,
-                            on_steps=lambda w: got.extend(w.rows))
+                            on_steps=lambda w: got.extend(w.rows), runtime=RT)
         again = roundtrip(resumed.state)
         for key in ("G", "G_ema", "D", "opt_g", "opt_d", "rng", "step", "epoch"):
             assert_same_tensors(final[key], again[key], f"epoch {state['epoch']}: {key}")
@@ -83,32 +83,32 @@ def test_gan_resumed_from_each_checkpoint_ends_bitwise_equal():
 def test_resume_from_a_finished_checkpoint_trains_nothing():
     net = NetConfig("mlp", 8, 1, 8, 8)
     cfg = GAN.model_copy(update={"ema_kimg": 0.0, "augment": [], "r1_gamma": 0.0})
-    full = train_gan(cfg, net, tiny(), seed=1, progress=False)
+    full = train_gan(cfg, net, tiny(), seed=1, progress=False, runtime=RT)
     windows: list = []
-    again = train_gan(cfg, net, tiny(), seed=1, progress=False, resume=roundtrip(full.state), on_steps=windows.append)
+    again = train_gan(cfg, net, tiny(), seed=1, progress=False, resume=roundtrip(full.state), on_steps=windows.append, runtime=RT)
     assert windows == [] and again.steps == full.steps == 9
     assert_same_tensors(roundtrip(full.state)["G"], roundtrip(again.state)["G"])
 
 
 def test_vae_resumed_ends_bitwise_equal():
     net = NetConfig("vae", 8, 1, 8, 8)
-    cfg = TrainConfig(epochs=3, batch_size=16, log_every=2, grid_size=4, threads=1, channels_last=False)
+    cfg = TrainConfig(epochs=3, batch_size=16, grid_size=4)
     vae = VAEConfig(kl_warmup_epochs=2)
     saved: list[dict] = []
-    full = train_vae(cfg, vae, net, tiny(), seed=2, progress=False, on_checkpoint=lambda s: saved.append(roundtrip(s)))
+    full = train_vae(cfg, vae, net, tiny(), seed=2, progress=False, on_checkpoint=lambda s: saved.append(roundtrip(s)), runtime=RT)
     final = roundtrip(full.state)
-    resumed = train_vae(cfg, vae, net, tiny(), seed=2, progress=False, resume=saved[1])
+    resumed = train_vae(cfg, vae, net, tiny(), seed=2, progress=False, resume=saved[1], runtime=RT)
     for key in ("decoder", "encoder", "opt", "rng"):
         assert_same_tensors(final[key], roundtrip(resumed.state)[key], key)
 
 
 def test_a_checkpoint_of_another_seed_is_refused():
     net = NetConfig("mlp", 8, 1, 8, 8)
-    cfg = TrainConfig(epochs=1, batch_size=16, threads=1, channels_last=False)
+    cfg = TrainConfig(epochs=1, batch_size=16)
     saved: list[dict] = []
-    train_gan(cfg, net, tiny(), seed=1, progress=False, on_checkpoint=lambda s: saved.append(roundtrip(s)))
-    with pytest.raises(UserError, match="another network or seed"):
-        train_gan(cfg, net, tiny(), seed=2, progress=False, resume=saved[0])
+    train_gan(cfg, net, tiny(), seed=1, progress=False, on_checkpoint=lambda s: saved.append(roundtrip(s)), runtime=RT)
+    with pytest.raises(UserError, match="another model family, network or seed"):
+        train_gan(cfg, net, tiny(), seed=2, progress=False, resume=saved[0], runtime=RT)
 
 
 class _Counter:
@@ -126,14 +126,14 @@ class _Counter:
 
 def test_extra_state_travels_with_the_checkpoint():
     net = NetConfig("mlp", 8, 1, 8, 8)
-    cfg = TrainConfig(epochs=2, batch_size=16, threads=1, channels_last=False)
+    cfg = TrainConfig(epochs=2, batch_size=16)
     counter, saved = _Counter(), []
     counter.steps = 7
     train_gan(cfg, net, tiny(), seed=0, progress=False, extra={"dp": counter},
-              on_checkpoint=lambda s: saved.append(roundtrip(s)))
+              on_checkpoint=lambda s: saved.append(roundtrip(s)), runtime=RT)
     assert saved[-1]["extra"] == {"dp": {"steps": 7}}
     fresh = _Counter()
-    train_gan(cfg, net, tiny(), seed=0, progress=False, extra={"dp": fresh}, resume=saved[-1])
+    train_gan(cfg, net, tiny(), seed=0, progress=False, extra={"dp": fresh}, resume=saved[-1], runtime=RT)
     assert fresh.steps == 7
 
 
@@ -147,17 +147,18 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _stage(tmp_path: Path, processed: Path, tracking: TrackingConfig, train_cfg: TrainConfig) -> dict:
-    from pipeline.train import train
+def _stage(tmp_path: Path, processed: Path, tracking: TrackingConfig, train_cfg: TrainConfig,
+           runtime: RuntimeConfig = RuntimeConfig(threads=1, channels_last=False, log_every=5)) -> dict:
+    from pipeline.train import run_train
 
     out = {k: str(tmp_path / "out" / k) for k in ("generator", "checkpoint", "run", "metrics", "losses", "samples")}
-    return train(0, ModelConfig(family="mlp"), train_cfg, tracking, str(processed), **out)
+    return run_train(0, ModelConfig(family="mlp"), train_cfg, tracking, str(processed), **out, runtime=runtime)
 
 
 def test_stage_starts_fresh_from_another_runs_checkpoint_and_marks_the_dead_run_killed(
         tmp_path: Path, sqlite_uri: str, processed: Path, capsys: pytest.CaptureFixture):
     tracking = TrackingConfig(uri=sqlite_uri, experiment="fresh", artifact_root=str(tmp_path / "art"))
-    cfg = TrainConfig(epochs=1, threads=1, channels_last=False, log_every=5, grid_size=4)
+    cfg = TrainConfig(epochs=1, grid_size=4)
     _stage(tmp_path, processed, tracking, cfg)
     client = MlflowClient(sqlite_uri)
     (first,) = client.search_runs([client.get_experiment_by_name("fresh").experiment_id])
@@ -178,12 +179,13 @@ def test_stage_starts_fresh_from_another_runs_checkpoint_and_marks_the_dead_run_
 def test_stage_rerun_on_a_finished_checkpoint_trains_nothing_and_keeps_the_run(
         tmp_path: Path, sqlite_uri: str, processed: Path, capsys: pytest.CaptureFixture):
     tracking = TrackingConfig(uri=sqlite_uri, experiment="again", artifact_root=str(tmp_path / "art"))
-    cfg = TrainConfig(epochs=1, threads=1, channels_last=False, log_every=5, grid_size=4, checkpoint_every=0)
-    first = _stage(tmp_path, processed, tracking, cfg)
+    cfg = TrainConfig(epochs=1, grid_size=4)
+    first = _stage(tmp_path, processed, tracking, cfg, RuntimeConfig(threads=1, channels_last=False, log_every=5,
+                                                                     checkpoint_every=0))
     generator = (tmp_path / "out" / "generator").read_bytes()
     losses = (tmp_path / "out" / "losses").read_text()
     capsys.readouterr()
-    second = _stage(tmp_path, processed, tracking, cfg.model_copy(update={"threads": 2, "log_every": 3}))
+    second = _stage(tmp_path, processed, tracking, cfg, RuntimeConfig(threads=2, channels_last=False, log_every=3))
     assert "nothing left to train" in capsys.readouterr().out
     assert second["steps"] == first["steps"]
     assert (tmp_path / "out" / "generator").read_bytes() == generator

@@ -3,7 +3,7 @@ conv decoder p(x|z[,y]), sized from the data (H and W divisible by 4, like dcgan
 
 The decoder is this family's *generator*: ``G(z)`` (or ``G(z, y)`` when conditional) returns
 images in [-1, 1], so sampling, evaluation, registration and serving treat it like a GAN's G.
-Its raw output ``o`` is the likelihood's parameter (aigc/vae.py): Bernoulli logits of the pixel
+Its raw output ``o`` is the likelihood's parameter (aigc/training/vae.py): Bernoulli logits of the pixel
 intensity (x + 1) / 2, or a Gaussian mean; either way the image is ``tanh(o / 2)``
 (= 2 sigmoid(o) - 1, the Bernoulli mean mapped back to [-1, 1]), so one decoder serves both
 likelihoods and the file does not need to say which was trained.
