@@ -23,7 +23,7 @@ TOLERANCE = 5e-3
 WORKER = """
 import json, sys
 import numpy as np, torch
-from aigc.config import TrainConfig
+from aigc.config import RuntimeConfig, TrainConfig
 from aigc.models import NetConfig
 from aigc.training import train_gan
 from tests.conftest import digit_images
@@ -32,9 +32,10 @@ family, out = sys.argv[1], sys.argv[2]
 images, _ = digit_images(n=192, size=8)
 x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
 net = NetConfig(family=family, z_dim=8, channels=1, height=8, width=8)
-cfg = TrainConfig(epochs=3, batch_size=16, threads=1, log_every=4, channels_last=False, grid_size=4, device="cpu")
+cfg = TrainConfig(epochs=3, batch_size=16, grid_size=4)
+rt = RuntimeConfig(threads=1, log_every=4, channels_last=False, device="cpu")
 rows = []
-result = train_gan(cfg, net, x, seed=3, on_steps=lambda w: rows.extend(w.rows), progress=False)
+result = train_gan(cfg, net, x, seed=3, on_steps=lambda w: rows.extend(w.rows), progress=False, runtime=rt)
 import os
 rank = int(os.environ.get("RANK", "0"))
 with open(f"{out}.rank{rank}.json", "w") as f:

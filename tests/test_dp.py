@@ -13,14 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from aigc.config import DPConfig, TrainConfig, parse_params
+from aigc.config import DPConfig, RuntimeConfig, TrainConfig, parse_params
 from aigc.errors import ConfigError, UserError
 from aigc.models import NetConfig, build_discriminator
 from aigc.privacy import dp as dp_lib
-from aigc.training import checkpoint_payload, train_gan
+from aigc.training import train_gan
 
 NET = NetConfig("dcgan", 8, 1, 8, 8, g_widths=(16, 8), d_widths=(8, 16), kernel=4, spectral_norm=True)
-CFG = TrainConfig(epochs=2, batch_size=32, log_every=4, grid_size=4, loss="hinge", ema_kimg=0.0)
+CFG = TrainConfig(epochs=2, batch_size=32, grid_size=4, loss="hinge", ema_kimg=0.0)
+RT = RuntimeConfig(log_every=4)
 
 
 def images(n: int = 320, seed: int = 0) -> torch.Tensor:
@@ -44,7 +45,7 @@ def private_run():
     eps_at_epoch: list[float | None] = []
     dp = DPConfig(enabled=True, target_epsilon=8.0, delta=1e-4, max_grad_norm=1.0)
     result = train_gan(CFG, NET, images(), seed=0, progress=False, dp=dp,
-                       on_steps=lambda w: rows.extend(w.rows), on_epoch=lambda e: eps_at_epoch.append(e.epsilon))
+                       on_steps=lambda w: rows.extend(w.rows), on_epoch=lambda e: eps_at_epoch.append(e.epsilon), runtime=RT)
     return result, rows, eps_at_epoch, dp
 
 
@@ -68,11 +69,11 @@ def test_accountant_steps_equal_d_optimiser_steps_and_the_checkpoint_keeps_them(
     result, _, _, _ = private_run
     pd = result.recipe.pd
     assert pd.optimizer_steps == pd.steps == result.steps == 20
-    state = checkpoint_payload(result)["extra"]["dp"]
+    state = result.state["extra"]["dp"]
     assert dp_lib.steps_of(state["accountant_state"]) == 20
     assert state["noise_multiplier"] == pd.noise_multiplier and state["epsilon"] == pytest.approx(pd.epsilon())
     # the plain D is saved (no Opacus prefix), built without spectral norm
-    assert not any(k.startswith("_module.") for k in checkpoint_payload(result)["D"])
+    assert not any(k.startswith("_module.") for k in result.state["D"])
     assert result.net.spectral_norm is False
     assert not any("parametrizations" in k for k in result.recipe.D.state_dict())
 
@@ -112,7 +113,7 @@ def test_a_private_d_learns_the_same_way_round_as_a_plain_one(loss: str):
     cfg = CFG.model_copy(update={"loss": loss, "epochs": 3, "lr_d": 2e-3, "lr_g": 1e-5})
     for dp in (None, DPConfig(enabled=True, target_epsilon=500.0, delta=1e-4, max_grad_norm=1.0)):
         rows: list[dict] = []
-        train_gan(cfg, NET, real, seed=0, progress=False, dp=dp, on_steps=lambda w: rows.extend(w.rows))
+        train_gan(cfg, NET, real, seed=0, progress=False, dp=dp, on_steps=lambda w: rows.extend(w.rows), runtime=RT)
         first, last = rows[:4], rows[-4:]
         mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         assert mean(last, "d_real") > mean(last, "d_fake"), (dp, last)
@@ -124,21 +125,21 @@ def test_conditional_projection_d_trains_privately():
                     classes=(0, 1, 2, 3), class_share=(0.25,) * 4)
     labels = torch.arange(320) % 4
     result = train_gan(CFG.model_copy(update={"epochs": 1}), net, images(), seed=0, progress=False, labels=labels,
-                       dp=DPConfig(enabled=True, target_epsilon=5.0, delta=1e-4))
+                       dp=DPConfig(enabled=True, target_epsilon=5.0, delta=1e-4), runtime=RT)
     assert result.recipe.pd.steps == result.recipe.pd.optimizer_steps == result.steps == 10
     assert 0 < result.recipe.pd.epsilon() <= 5.0 * 1.001
 
 
 def test_a_tiny_budget_is_never_exceeded_or_refused_before_training():
     result = train_gan(CFG.model_copy(update={"epochs": 1}), NET, images(), seed=0, progress=False,
-                       dp=DPConfig(enabled=True, target_epsilon=0.1, delta=1e-4))
+                       dp=DPConfig(enabled=True, target_epsilon=0.1, delta=1e-4), runtime=RT)
     assert result.steps == 10 and 0 < result.recipe.pd.epsilon() <= 0.1 * 1.001
     assert result.recipe.pd.noise_multiplier >= 9  # that budget buys D almost nothing but noise
     # below what any noise level Opacus searches can meet: refused, nothing trained
     with pytest.raises(UserError, match=r"privacy.dp.target_epsilon = 0.05 cannot be met for 1 epoch\(s\) of 10 D "
                                         r"steps at delta 0.0001 \(The privacy budget is too low.\); raise the budget"):
         train_gan(CFG.model_copy(update={"epochs": 1}), NET, images(), seed=0, progress=False,
-                  dp=DPConfig(enabled=True, target_epsilon=0.05, delta=1e-4))
+                  dp=DPConfig(enabled=True, target_epsilon=0.05, delta=1e-4), runtime=RT)
 
 
 def test_a_resumed_run_keeps_the_budget_it_spent_and_refuses_to_exceed_it(private_run):
@@ -164,17 +165,18 @@ def test_batchnorm_in_d_is_refused_naming_the_layer():
 
 def test_delta_must_be_below_one_over_n():
     with pytest.raises(UserError, match=r"privacy.dp.delta = 0.01 is not below 1/N = 1/320"):
-        train_gan(CFG, NET, images(), seed=0, progress=False, dp=DPConfig(enabled=True, delta=0.01))
+        train_gan(CFG, NET, images(), seed=0, progress=False, dp=DPConfig(enabled=True, delta=0.01), runtime=RT)
 
 
 @pytest.mark.parametrize("train, key", [({"r1_gamma": 1.0}, "train.r1_gamma = 1.0"),
                                         ({"loss": "wgan", "gp_weight": 10.0}, "train.gp_weight = 10.0"),
-                                        ({"compile": True}, "train.compile = true")])
+                                        ({"runtime": {"compile": True}}, "runtime.compile = true")])
 def test_penalties_that_need_double_backward_are_refused_at_load(train: dict, key: str):
+    section = train if "runtime" in train else {"train": train}
     with pytest.raises(ConfigError) as err:
-        parse_params({"train": train, "privacy": {"dp": {"enabled": True}}})
+        parse_params(section | {"privacy": {"dp": {"enabled": True}}})
     assert str(err.value).startswith(f"params.yaml: {key} with privacy.dp.enabled = true") and "\n" not in str(err.value)
-    parse_params({"train": train if "compile" not in train else {}, "privacy": {"dp": {"enabled": False}}})
+    parse_params(section | {"privacy": {"dp": {"enabled": False}}})
 
 
 def test_window_scalars_stay_finite_with_dp(private_run):
@@ -188,11 +190,11 @@ def test_a_killed_private_run_resumes_with_its_accountant(private_run):
     spends the same epsilon over the same number of D steps as the uninterrupted one."""
     result, _, _, dp = private_run
     states: list[dict] = []
-    cfg = CFG.model_copy(update={"threads": 1, "channels_last": False})
-    train_gan(cfg, NET, images(), seed=0, progress=False, dp=dp, on_checkpoint=states.append)
+    cfg, rt = CFG, RuntimeConfig(threads=1, channels_last=False, log_every=4)
+    train_gan(cfg, NET, images(), seed=0, progress=False, dp=dp, on_checkpoint=states.append, runtime=rt)
     after_epoch_1 = next(s for s in states if s["epoch"] == 1)
     assert dp_lib.steps_of(after_epoch_1["extra"]["dp"]["accountant_state"]) == 10
-    resumed = train_gan(cfg, NET, images(), seed=0, progress=False, dp=dp, resume=after_epoch_1)
+    resumed = train_gan(cfg, NET, images(), seed=0, progress=False, dp=dp, resume=after_epoch_1, runtime=rt)
     assert resumed.recipe.pd.steps == resumed.recipe.pd.optimizer_steps + 10 == result.recipe.pd.steps == 20
     assert resumed.recipe.pd.noise_multiplier == result.recipe.pd.noise_multiplier
     assert resumed.recipe.pd.epsilon() == pytest.approx(result.recipe.pd.epsilon(), rel=1e-9)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from aigc.config import DataConfig, EvaluateConfig, EvaluatorConfig, ModelConfig, TrackingConfig, TrainConfig, VAEConfig
+from aigc.config import DataConfig, EvaluateConfig, EvaluatorConfig, ModelConfig, RuntimeConfig, TrackingConfig, TrainConfig, \
+    VAEConfig
 from aigc.data.preprocess import preprocess, save_processed
 from aigc.data.sources import load_source
 from aigc.errors import ConfigError, UserError
@@ -23,8 +24,7 @@ from aigc.metrics.labels import label_accuracy
 from aigc.models import (NetConfig, build_discriminator, build_encoder, build_generator, draw, generator_payload,
                          load_generator, net_config, sample)
 from aigc.sampling import generate
-from aigc.training import train_gan
-from aigc.vae import neg_elbo, train_vae
+from aigc.training import neg_elbo, train_gan, train_vae
 
 INFO = {"resolution": [8, 8], "channels": 1, "classes": [0, 1, 2],
         "counts": {"train_per_class": {"0": 50, "1": 30, "2": 20}}}
@@ -59,7 +59,7 @@ def split(root: Path, name: str = "train") -> dict[str, np.ndarray]:
 def test_net_config_takes_classes_and_shares_from_dataset_json():
     net = net_config(ModelConfig(conditional=True), INFO)
     assert net.conditional and net.classes == (0, 1, 2) and net.class_share == pytest.approx((0.5, 0.3, 0.2))
-    assert net_config(ModelConfig(), INFO).classes == ()  # unconditional: no classes in the file
+    assert net_config(ModelConfig(conditional=False), INFO).classes == ()  # unconditional: no classes in the file
 
 
 @pytest.mark.parametrize("info, says", [
@@ -154,7 +154,7 @@ def test_conditional_gan_makes_the_requested_class_after_a_short_training(digits
 
     tr = split(digits)
     net = net_config(ModelConfig(z_dim=16, conditional=True), json.loads((digits / "processed/dataset.json").read_text()))
-    cfg = TrainConfig(epochs=6, batch_size=64, lr_g=1e-3, lr_d=1e-3, log_every=10, grid_size=10)
+    cfg = TrainConfig(epochs=6, batch_size=64, lr_g=1e-3, lr_d=1e-3, grid_size=10)
     grids = []
     result = train_gan(cfg, net, torch.from_numpy(tr["images"]), seed=0, labels=net.class_indices(tr["labels"]),
                        on_epoch=grids.append, progress=False)
@@ -170,8 +170,8 @@ def test_vae_elbo_falls_and_its_samples_rebuild_from_the_file_alone(digits: Path
     net = NetConfig("vae", 8, 1, 8, 8)
     windows = []
     vae = VAEConfig(kl_warmup_epochs=1)
-    result = train_vae(TrainConfig(epochs=4, batch_size=64, log_every=5, grid_size=4), vae, net,
-                       torch.from_numpy(tr["images"]), seed=0, on_steps=windows.append, progress=False)
+    result = train_vae(TrainConfig(epochs=4, batch_size=64, grid_size=4), vae, net, torch.from_numpy(tr["images"]),
+                       seed=0, on_steps=windows.append, progress=False, runtime=RuntimeConfig(log_every=5))
     rows = [r for w in windows for r in w.rows]
     assert [r["beta"] for r in rows[:3]] == pytest.approx([1 / 25, 2 / 25, 3 / 25]) and rows[-1]["beta"] == 1.0
     first, last = np.mean([r["neg_elbo"] for r in rows[:5]]), np.mean([r["neg_elbo"] for r in rows[-5:]])
@@ -180,7 +180,7 @@ def test_vae_elbo_falls_and_its_samples_rebuild_from_the_file_alone(digits: Path
     # Held-out digits score better under the trained model than under an untrained one.
     untrained = train_vae(TrainConfig(epochs=1, batch_size=1617), vae.model_copy(update={"lr": 1e-12}), net,
                           torch.from_numpy(tr["images"]), seed=0, progress=False)
-    assert neg_elbo(result, torch.from_numpy(te["images"]), vae) < neg_elbo(untrained, torch.from_numpy(te["images"]), vae)
+    assert neg_elbo(result.recipe, torch.from_numpy(te["images"])) < neg_elbo(untrained.recipe, torch.from_numpy(te["images"]))
 
     torch.save(generator_payload(result.generator, net), tmp_path / "g.pt")
     expected = sample(result.generator, net.z_dim, 6, seed=3)

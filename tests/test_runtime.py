@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aigc import runtime
-from aigc.config import TrainConfig
+from aigc.config import RuntimeConfig, TrainConfig
 from aigc.models import NetConfig
 from aigc.runtime import CoreWatch, choose_threads, free_threads
 from aigc.training import train_gan
@@ -101,12 +101,11 @@ def test_a_broken_cache_is_measured_again(monkeypatch, tmp_path):
 def test_training_with_auto_layout_reports_what_it_chose(tmp_path, monkeypatch):
     monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
     images = torch.rand(96, 1, 8, 8) * 2 - 1
-    cfg = TrainConfig(epochs=1, batch_size=16, log_every=3, grid_size=4)
-    assert cfg.channels_last == "auto"
+    cfg, rt = TrainConfig(epochs=1, batch_size=16, grid_size=4), RuntimeConfig(log_every=3)
+    assert rt.channels_last == "auto"
     result = train_gan(cfg, NetConfig("dcgan", 8, 1, 8, 8, g_widths=(16, 8), d_widths=(8, 16), kernel=4), images,
-                       seed=0, progress=False)
+                       seed=0, progress=False, runtime=rt)
     assert result.probe is not None and result.channels_last == result.probe.channels_last
-    explicit = train_gan(cfg.model_copy(update={"channels_last": False, "threads": 1}),
-                         NetConfig("dcgan", 8, 1, 8, 8, g_widths=(16, 8), d_widths=(8, 16), kernel=4), images,
-                         seed=0, progress=False)
+    explicit = train_gan(cfg, NetConfig("dcgan", 8, 1, 8, 8, g_widths=(16, 8), d_widths=(8, 16), kernel=4), images,
+                         seed=0, progress=False, runtime=rt.model_copy(update={"channels_last": False, "threads": 1}))
     assert explicit.probe is None and not explicit.channels_last and explicit.threads == 1
