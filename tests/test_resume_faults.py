@@ -57,8 +57,8 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_params(path: Path, tracking: dict, **train: object) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["seed"] = 0
-    params["train"] |= {"epochs": 2, "threads": 1, "channels_last": False, "log_every": 5, "grid_size": 16, "checkpoint_every": 1,
-                        "augment": ["translation", "cutout"]} | train
+    params["train"] |= {"epochs": 2, "grid_size": 16, "augment": ["translation", "cutout"]} | train
+    params["runtime"] |= {"threads": 1, "channels_last": False, "log_every": 5, "checkpoint_every": 1}
     params["tracking"] |= tracking
     path.write_text(yaml.safe_dump(params))
     return path
@@ -141,12 +141,12 @@ def test_kill_9_three_times_then_resume_gives_the_uninterrupted_run(tmp_path: Pa
     client = MlflowClient(db)
     art = str(tmp_path / "art")
     # The uninterrupted run, in this process (the same code, one thread: the same floating-point sums).
-    from pipeline.train import train
+    from pipeline.train import run_train as train
 
     base_params = write_params(tmp_path / "base.yaml", {"uri": db, "experiment": "uninterrupted", "artifact_root": art})
     p = load_params(base_params)
     base = tmp_path / "base"
-    train(p.seed, p.model, p.train, p.tracking, str(processed), vae=p.vae, **{k: str(base / k) for k in OUTS})
+    train(p.seed, p.model, p.train, p.tracking, str(processed), vae=p.vae, runtime=p.runtime, **{k: str(base / k) for k in OUTS})
 
     params = write_params(tmp_path / "params.yaml", {"uri": db, "experiment": "killed", "artifact_root": art})
     out = tmp_path / "out"
@@ -205,7 +205,7 @@ def test_tracking_server_killed_mid_run(tmp_path: Path, prefect: str, processed:
     try:
         # A. The server dies mid-run and is back within tracking.retry_seconds: nothing is lost. The stage
         # runs in a thread of this process (no interpreter start-up to pay), the server is a real process.
-        from pipeline.train import train
+        from pipeline.train import run_train as train
 
         out_a = tmp_path / "a"
         p = load_params(write_params(tmp_path / "a.yaml", {"uri": url, "experiment": "outage", "retry_seconds": 120}))
@@ -213,7 +213,7 @@ def test_tracking_server_killed_mid_run(tmp_path: Path, prefect: str, processed:
 
         def stage_a() -> None:
             try:
-                done["summary"] = train(p.seed, p.model, p.train, p.tracking, str(processed), vae=p.vae,
+                done["summary"] = train(p.seed, p.model, p.train, p.tracking, str(processed), vae=p.vae, runtime=p.runtime,
                                         **{k: str(out_a / k) for k in OUTS})
             except BaseException as exc:  # noqa: BLE001 -- reported by the assertion below
                 done["error"] = exc
@@ -266,7 +266,7 @@ def test_tracking_server_killed_mid_run(tmp_path: Path, prefect: str, processed:
         # The rerun (what `dvc repro` runs again, here in this process), with the server back: no
         # training, the missing values uploaded, the run FINISHED.
         p = load_params(params_b)
-        summary = train(p.seed, p.model, p.train, p.tracking.model_copy(update={"uri": url}), str(processed),
+        summary = train(p.seed, p.model, p.train, p.tracking.model_copy(update={"uri": url}), str(processed), runtime=p.runtime,
                         vae=p.vae, **{k: str(out_b / k) for k in OUTS})
         assert "nothing left to train" in capsys.readouterr().out
         assert summary["steps"] == total

@@ -14,14 +14,14 @@ import torch
 from mlflow import MlflowClient
 
 from aigc import machine
-from aigc.config import DataConfig, ModelConfig, TrackingConfig, TrainConfig
+from aigc.config import DataConfig, ModelConfig, RuntimeConfig, TrackingConfig, TrainConfig
 from aigc.data.preprocess import preprocess, save_processed
 from aigc.data.sources import load_source
 from aigc.errors import UserError
 from aigc.io import params_sha256
 from aigc.models import load_generator
 from aigc.tracking import LOCK_SUFFIX, Registry, Run
-from pipeline.train import train
+from pipeline.train import run_train as train
 
 
 def free_port() -> int:
@@ -81,7 +81,8 @@ def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, pro
         "generator": "models/generator.pt", "checkpoint": "models/checkpoint.pt", "run": "models/run.json",
         "metrics": "reports/metrics.json", "losses": "reports/losses.csv", "samples": "reports/samples.png"}.items()}
     tracking = TrackingConfig(uri=sqlite_uri, experiment="e2e", artifact_root=str(tmp_path / "art"))
-    summary = train(0, ModelConfig(), TrainConfig(epochs=1, log_every=10), tracking, str(processed_digits), **out)
+    summary = train(0, ModelConfig(), TrainConfig(epochs=1), tracking, str(processed_digits), **out,
+                    runtime=RuntimeConfig(log_every=10))
 
     assert summary["steps"] == 1617 // 64 and summary["images_per_s"] > 0
     G, cfg = load_generator(out["generator"])
@@ -99,7 +100,7 @@ def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, pro
         assert len(client.get_metric_history(run.info.run_id, f"train/{key}")) == summary["steps"]
     assert {k.split("/")[0] for k in run.data.metrics} == {"train", "perf"}
     # the name says what differs: family, loss, augmentation, the params hash's first characters
-    assert run.info.run_name == f"dcgan-bce-noaug-{run_info['params_sha256'][:7]}"
+    assert run.info.run_name == f"cdcgan-hinge-noaug-{run_info['params_sha256'][:7]}"
     assert run.data.tags["aigc.params_sha256"] == run_info["params_sha256"] == params_sha256(run_info["params"])
     # the experiment opens in the MLflow UI's model-training view
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
@@ -111,7 +112,7 @@ def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, pro
     assert {"model", "checkpoint", "reports", "images"} <= artifacts
     losses = Path(out["losses"]).read_text().splitlines()
     # Whatever the loop reported, in the order it first reported it (aigc/stats.py).
-    assert losses[0] == "step,epoch,d_loss,d_real,d_fake,d_separated,g_loss" and len(losses) == summary["steps"] + 1
+    assert losses[0] == "step,epoch,d_loss,d_real,d_fake,d_separated,g_loss,ema_beta" and len(losses) == summary["steps"] + 1
     assert Path(out["samples"]).stat().st_size > 0
 
 
@@ -171,7 +172,8 @@ def test_a_private_training_reports_epsilon_beside_its_scores(tmp_path: Path, sq
     tracking = TrackingConfig(uri=sqlite_uri, experiment="dp", artifact_root=str(tmp_path / "art"))
     privacy = PrivacyConfig(dp=DPConfig(enabled=True, target_epsilon=10.0))
     summary = train(0, ModelConfig(d_widths=[8], g_widths=[16, 8], kernel=4, spectral_norm=True),
-                    TrainConfig(epochs=2, log_every=10), tracking, str(processed_digits), **out, privacy=privacy)
+                    TrainConfig(epochs=2), tracking, str(processed_digits), **out, privacy=privacy,
+                    runtime=RuntimeConfig(log_every=10))
     metrics = json.loads(Path(out["metrics"]).read_text())
     assert metrics["delta"] == 1e-5 and 9.5 < metrics["epsilon"] <= 10.0 * 1.001 and metrics["epsilon"] == summary["epsilon"]
     run_info = json.loads(Path(out["run"]).read_text())

@@ -27,7 +27,7 @@ def test_forced_nan_fails_the_stage_and_writes_nothing(tmp_path: Path, sqlite_ur
     np.savez(processed / "train.npz", **arrays)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
-        "seed": 0, "train": {"epochs": 2, "log_every": 5, "threads": 1},
+        "seed": 0, "train": {"epochs": 2}, "runtime": {"log_every": 5, "threads": 1},
         "tracking": {"uri": sqlite_uri, "experiment": "guard", "artifact_root": str(tmp_path / "art")}}))
     out = {k: tmp_path / "out" / k for k in ("generator", "checkpoint", "run", "metrics", "losses", "samples")}
     args = ["-m", "pipeline.train", "--params", str(params), "--processed", str(processed)]
