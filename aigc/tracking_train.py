@@ -11,16 +11,21 @@ import csv
 import os
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from aigc.config import ModelConfig, TrackingConfig, TrainConfig, VAEConfig
+from aigc import machine
+from aigc.config import DPConfig, ModelConfig, TrackingConfig, TrainConfig, VAEConfig
+from aigc.io import params_sha256
 from aigc.io import atomic_path
-from aigc.tracking import Run
+from aigc.models import NetConfig
+from aigc.tracking import Run, git_commit
 from aigc.training import EpochEnd, StepWindow, TrainResult
+from aigc.training.checkpoint import run_params
 
 UNGROUPED = {"epsilon"}  # the privacy guarantee, not a training curve
 
@@ -113,8 +118,51 @@ def run_name(kind: str, model: ModelConfig, train: TrainConfig, vae: VAEConfig, 
     return "-".join([*parts, params_hash[:7]])
 
 
-def open_train_run(cfg: TrackingConfig, previous: dict[str, Any] | None, resume: dict[str, Any] | None, name: str,
-                   params: dict[str, Any], tags: dict[str, str], machine_tags: dict[str, str]) -> Run:
+# The final values reports/train/metrics.json (a DVC metric: `dvc exp show` columns) carries; the
+# loop's other statistics (D's outputs, the EMA's beta) stay in losses.csv, run.json and MLflow.
+FINAL_LOSSES = ("d_loss", "g_loss", "loss", "neg_elbo")
+
+
+@dataclass
+class TrainIdentity:
+    """What names a training run: its params (and their hash), the data, the commit, the MLflow run
+    name and tags -- shared by the run, its checkpoint's fingerprint and run.json."""
+
+    params: dict[str, Any]
+    params_hash: str
+    dataset_sha: str
+    commit: str | None
+    kind: str  # dcgan, cdcgan, mlp, vae, cvae
+    name: str
+    tags: dict[str, str]
+    machine_tags: dict[str, str]  # the CPU and the kernels in force (an ISA cap exported by the user shows here)
+
+    @classmethod
+    def of(cls, seed: int, model: ModelConfig, train: TrainConfig, vae: VAEConfig, dp: DPConfig, net: NetConfig,
+           dataset_sha: str) -> "TrainIdentity":
+        params, commit = run_params(seed, model, train, vae, dp), git_commit()
+        kind, params_hash, machine_tags = f"{'c' if net.conditional else ''}{model.family}", params_sha256(params), \
+            machine.tags()
+        tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family,
+                "aigc.conditional": str(net.conditional).lower(), "aigc.params_sha256": params_hash,
+                "aigc.dp": str(dp.enabled).lower()} | machine_tags | (
+                    {"mlflow.source.git.commit": commit} if commit else {})
+        return cls(params, params_hash, dataset_sha, commit, kind, run_name(kind, model, train, vae, params_hash), tags,
+                   machine_tags)
+
+    def reports(self, run: Run, result: TrainResult, summary: dict[str, Any], privacy: dict[str, Any]) -> tuple[
+            dict[str, Any], dict[str, Any]]:
+        """(reports/train/metrics.json, models/run.json): the headline numbers, and the whole record."""
+        headline = {k: summary[k] for k in ("images_per_s", "seconds", "epochs", "epsilon", "delta") if k in summary} | {
+            f"final_{k}": summary[f"final_{k}"] for k in FINAL_LOSSES if f"final_{k}" in summary}
+        record = run.info() | {"git_commit": self.commit, "dataset_sha256": self.dataset_sha, "params": self.params,
+                               "params_sha256": self.params_hash, "run_name": self.name, "net": result.net.to_dict(),
+                               "device": result.device, "training": summary, "privacy": privacy}
+        return headline, record
+
+
+def open_train_run(cfg: TrackingConfig, previous: dict[str, Any] | None, resume: dict[str, Any] | None,
+                   ident: TrainIdentity) -> Run:
     """The MLflow run a training records into: the interrupted run itself when resuming its
     checkpoint (and the server still has it), else a new one, which marks the interrupted run it
     replaces KILLED (not a finished one whose checkpoint is merely older)."""
@@ -122,10 +170,10 @@ def open_train_run(cfg: TrackingConfig, previous: dict[str, Any] | None, resume:
     if resume is not None and old_run.get("run_id"):
         reopened = Run.reopen(old_run, cfg)
         if reopened is not None:
-            reopened.set_tags({"aigc.resumed_from_epoch": resume["epoch"]} | machine_tags)  # this process's kernels
+            reopened.set_tags({"aigc.resumed_from_epoch": resume["epoch"]} | ident.machine_tags)  # this process's kernels
             reopened.buffer(cfg.retry_seconds)
             return reopened
-    run = Run.start(cfg, run_name=name, params=params, tags=tags)
+    run = Run.start(cfg, run_name=ident.name, params=ident.params, tags=ident.tags)
     if old_run.get("run_id") and Run.mark_killed(old_run, cfg):
         print(f"MLflow run {old_run['run_id']} of the interrupted training is marked KILLED")
         run.set_tags({"aigc.previous_run": old_run["run_id"]})

@@ -11,8 +11,9 @@ from aigc.training.checkpoint import CHECKPOINT_FORMAT, check_resume, fingerprin
 from aigc.training.gan import GANRecipe, train_gan
 from aigc.training.loop import Batch, EpochEnd, Hooks, Recipe, Setup, Stateful, StepWindow, TrainData, \
     TrainingDiverged, TrainResult, probe_machine, train
+from aigc.training.recipes import recipe_for
 from aigc.training.vae import VAERecipe, neg_elbo, train_vae
 
 __all__ = ["CHECKPOINT_FORMAT", "Batch", "EpochEnd", "GANRecipe", "Hooks", "Recipe", "Setup", "Stateful", "StepWindow",
            "TrainData", "TrainResult", "TrainingDiverged", "VAERecipe", "check_resume", "fingerprint", "neg_elbo",
-           "probe_machine", "resumable", "rng_state", "set_rng_state", "train", "train_gan", "train_vae", "why_not"]
+           "probe_machine", "recipe_for", "resumable", "rng_state", "set_rng_state", "train", "train_gan", "train_vae", "why_not"]
