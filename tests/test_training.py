@@ -203,3 +203,18 @@ def test_abort_hook_ends_training_early():
     result = train_gan(CFG.model_copy(update={"epochs": 5}), NetConfig("mlp", 8, 1, 8, 8), tiny(), seed=0,
                        progress=False, abort=lambda: calls.append(1) or len(calls) >= 2, runtime=RT)
     assert result.steps == 3  # a window of log_every = 2 steps, then the epoch's last step (a window of 1)
+
+
+@pytest.mark.parametrize("family", ["mlp", "vae"])
+def test_an_aborted_run_is_not_complete_in_every_family(family: str):
+    """One loop for every family: an abort ends the run incomplete, so a rerun goes on from it (the
+    VAE's own loop used to report complete: True after an abort)."""
+    from aigc.config import VAEConfig
+    from aigc.training import train_vae
+
+    net = NetConfig(family, 8, 1, 8, 8)
+    calls: list[int] = []
+    kw = dict(seed=0, progress=False, abort=lambda: calls.append(1) or len(calls) >= 2, runtime=RT)
+    result = (train_vae(CFG, VAEConfig(), net, tiny(), **kw) if family == "vae" else train_gan(CFG, net, tiny(), **kw))
+    assert result.steps == 3 and result.epochs == 1  # two windows of log_every = 2 steps, stopped in epoch 1
+    assert not result.complete and result.state["complete"] is False and result.state["epoch"] == 1
