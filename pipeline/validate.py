@@ -5,26 +5,24 @@
         --metrics reports/data_quality/metrics.json
 
 Personal data in the metadata is scrubbed (privacy:) before anything is written; then the
-great-expectations suite (validate:) runs on a per-record summary. The summary (every
-expectation's observed value, bound and offenders), its headline (the verdict and counts: the DVC
-metric that ``dvc exp show`` lists) and the HTML report are written either way, and logged to an MLflow run of this stage; OUT is
-written only when no critical expectation failed. A failure stops ``dvc repro`` with one line
-naming the expectation, the observed value, the bound and the first offending record ids.
+great-expectations suite (validate:) runs on a per-record summary (aigc/quality). The summary, its
+headline (the DVC metric ``dvc exp show`` lists) and the HTML report are written either way, and
+logged to an MLflow run of this stage; OUT is written only when no critical expectation failed. A
+failure stops ``dvc repro`` with one line naming the expectation, the observed value, the bound and
+the first offending record ids.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 import great_expectations  # noqa: F401  (~2.5 s once per process: up front, so the gate's timer times the gate)
 
 from aigc.config import DataConfig, PrivacyConfig, TrackingConfig, ValidateConfig, flatten
-from aigc.data.sources import load_raw, save_raw
-from aigc.encryption import key_from_env, read_file
+from aigc.data.sources import load_raw, raw_sha256, save_raw
+from aigc.encryption import key_from_env
 from aigc.errors import DataError
 from aigc.io import atomic_path, write_json
 from aigc.privacy import salt_from_env
@@ -34,16 +32,8 @@ from aigc.tracking import Run, git_commit
 from pipeline._stage import main
 
 
-def headline(summary: dict[str, Any]) -> dict[str, Any]:
-    """The gate's verdict and counts: the few numbers ``dvc exp show`` lists for it (the detail stays
-    in the summary)."""
-    c = summary["counts"]
-    # (no failure count: a gate that failed stopped the pipeline, so an experiment always has 0)
-    return {"dq_passed": summary["passed"], "dq_records": c["records"], "dq_warnings": c["warnings"]}
-
-
-def validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyConfig, tracking: TrackingConfig,
-             raw: str, out: str, summary: str, report: str, metrics: str | None = None) -> dict[str, Any]:
+def run_validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyConfig, tracking: TrackingConfig,
+                 raw: str, out: str, summary: str, report: str, metrics: str | None = None) -> dict[str, Any]:
     """Scrub personal data from RAW and check it against the data-quality expectations; write the scrubbed
     records to OUT only if it passes. SUMMARY (JSON), its headline METRICS (JSON) and REPORT (HTML) say
     what passed, either way."""
@@ -52,11 +42,8 @@ def validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyConfig,
     ds = load_raw(raw)
     params = flatten(validate, "validate.") | {k: v for k, v in flatten(privacy, "privacy.").items()
                                                 if not k.startswith("privacy.dp.")} | {"data.blank_std": data.blank_std}
-    # of the plain array file, encrypted at rest or not (the ciphertext changes with every nonce)
-    raw_sha = hashlib.sha256(read_file(Path(raw) / "images.npy", key)).hexdigest()
-    tags = {"aigc.stage": "validate", "aigc.raw_images_sha256": raw_sha}
-    if commit := git_commit():
-        tags["mlflow.source.git.commit"] = commit
+    tags = {"aigc.stage": "validate", "aigc.raw_images_sha256": raw_sha256(raw, key)} | (
+        {"mlflow.source.git.commit": commit} if (commit := git_commit()) else {})
     tracker = Run.start(tracking, run_name=f"validate-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
     ok = False
     try:
@@ -65,39 +52,27 @@ def validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyConfig,
         seconds = time.perf_counter() - t
         write_json(summary, result.summary)
         if metrics:
-            write_json(metrics, headline(result.summary))
+            write_json(metrics, result.headline())
         with atomic_path(report) as tmp:
-            page = render_html(result, min_class_share=validate.min_class_share, max_examples=validate.examples,
-                               source=raw, gx_version=version("great-expectations"))
-            tmp.write_text(page, encoding="utf-8")
-
-        counts = result.summary["counts"]
-        for p in result.pii:
-            print(f"privacy: column {p.column!r} ({', '.join(p.kinds)}; {p.records} records): {p.action}")
-        for o in result.warnings:
-            print(f"warning: {o.check.key}: {o.check.what} = {o.observed}, bound {o.check.bound}")
-        # One chart group in the MLflow UI: dq/passed, dq/<count>, dq/<expectation>_observed.
-        tracker.log_metrics({"dq/passed": float(result.passed), "dq/seconds": seconds}
-                            | {f"dq/{k}": v for k, v in counts.items()}
-                            | {f"dq/{o.check.key}_observed": float(o.observed) for o in result.outcomes
-                               if o.check.column is None and isinstance(o.observed, (int, float))})
+            tmp.write_text(render_html(result, min_class_share=validate.min_class_share, max_examples=validate.examples,
+                                       source=raw, gx_version=version("great-expectations")), encoding="utf-8")
+        for note in result.notes():
+            print(note)
+        tracker.log_metrics(result.metrics(seconds))
         tracker.set_tags({"aigc.dq_passed": str(result.passed).lower()})
         tracker.log_artifact(summary, "data_quality")
         tracker.log_artifact(report, "data_quality")
         if not result.passed:
             raise DataError(f"{result.failure_message()}; report: {report}")
-
         with atomic_path(out) as tmp:
             save_raw(result.scrubbed, tmp, key)
         ok = True
     finally:
         tracker.end(ok)
-    print(f"data-quality gate passed in {seconds:.2f} s: {counts['records']} records, "
-          f"{counts['expectations']} expectations, {counts['warnings']} warning(s), "
-          f"{counts['pii_columns']} column(s) with personal data scrubbed; wrote {out}")
+    print(result.done(seconds, out))
     return result.summary
 
 
 if __name__ == "__main__":
-    main(validate, sections=("data", "validate", "privacy", "tracking"),
+    main(run_validate, name="validate", sections=("data", "validate", "privacy", "tracking"),
          paths=("raw", "out", "summary", "report", "metrics"))

@@ -26,7 +26,7 @@ from aigc.privacy.pii import matches
 from aigc.quality import run_gate
 from aigc.quality.summary import record_stats
 from pipeline.ingest import ingest
-from pipeline.validate import validate
+from pipeline.validate import run_validate as validate
 from tests.conftest import digit_images
 
 # Small fixtures: the record-count bound is lowered for them; every other bound is the default.

@@ -416,3 +416,11 @@ def load_raw(folder: str | Path) -> RawDataset:
     except FileNotFoundError as exc:
         raise DataError(f"{folder}: incomplete raw dataset ({exc.filename} missing); run the ingest stage") from None
     return RawDataset(images, labels, metadata)
+
+
+def raw_sha256(folder: str | Path, key: bytes | None = None) -> str:
+    """sha256 of the raw folder's plain image array, encrypted at rest or not (a ciphertext changes
+    with every nonce, so the lineage hashes what it means: the images)."""
+    import hashlib
+
+    return hashlib.sha256(encryption.read_file(Path(folder) / "images.npy", key)).hexdigest()

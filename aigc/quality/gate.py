@@ -74,6 +74,33 @@ class GateResult:
             msg += f"; {len(rest)} more critical: {', '.join(o.check.key for o in rest)}"
         return msg
 
+    def headline(self) -> dict[str, Any]:
+        """The verdict and counts: the few numbers ``dvc exp show`` lists for the gate (the detail
+        stays in the summary; no failure count: a gate that failed stopped the pipeline)."""
+        c = self.summary["counts"]
+        return {"dq_passed": self.summary["passed"], "dq_records": c["records"], "dq_warnings": c["warnings"]}
+
+    def metrics(self, seconds: float) -> dict[str, float]:
+        """One chart group for a tracker: dq/passed, dq/<count>, dq/<expectation>_observed."""
+        return ({"dq/passed": float(self.passed), "dq/seconds": seconds}
+                | {f"dq/{k}": v for k, v in self.summary["counts"].items()}
+                | {f"dq/{o.check.key}_observed": float(o.observed) for o in self.outcomes
+                   if o.check.column is None and isinstance(o.observed, (int, float))})
+
+    def notes(self) -> list[str]:
+        """What the scrub did and what only warned, a line each."""
+        return ([f"privacy: column {p.column!r} ({', '.join(p.kinds)}; {p.records} records): {p.action}"
+                 for p in self.pii]
+                + [f"warning: {o.check.key}: {o.check.what} = {o.observed}, bound {o.check.bound}"
+                   for o in self.warnings])
+
+    def done(self, seconds: float, out: str) -> str:
+        """The line a passed gate ends with."""
+        c = self.summary["counts"]
+        return (f"data-quality gate passed in {seconds:.2f} s: {c['records']} records, {c['expectations']} "
+                f"expectations, {c['warnings']} warning(s), {c['pii_columns']} column(s) with personal data "
+                f"scrubbed; wrote {out}")
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, list) and len(value) > 12:
