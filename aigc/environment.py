@@ -1,7 +1,7 @@
 """The offline and quiet environment: the one place that sets it (shared/stack.md).
 
 MLflow, Prefect, DVC and great-expectations read these variables when they load, so they are
-set before any of them is imported: ``pipeline/__init__.py``, ``aigc/tracking.py`` and
+set before any of them is imported: ``pipeline/__init__.py``, ``aigc/tracking`` and
 ``aigc/quality`` call :func:`apply` first thing; the test suite too. A value the user already
 exported wins. Tools started from the Makefile get it through ``python -m aigc.environment CMD``,
 which runs CMD with this environment added.
