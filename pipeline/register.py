@@ -1,5 +1,5 @@
 """register: the evaluated generator -> a new version in the MLflow model registry; the champion
-alias moves to it only if it is better (aigc/registry.py decides, reports/registry.json says why).
+alias moves to it only if it is better (aigc/promotion.py decides, reports/registry.json says why).
 
     python -m pipeline.register --generator models/generator.pt --evaluator models/evaluator.pt \
         --processed data/processed --cache-dir .cache/eval --run models/run.json \
@@ -35,7 +35,7 @@ from aigc.config import EvaluateConfig, RegisterConfig, TrackingConfig
 from aigc.errors import UserError
 from aigc.io import file_sha256, write_json
 from aigc.models import load_generator, sample
-from aigc.registry import decide, output_problem, params_hash
+from aigc.promotion import decide, output_problem, params_hash
 from aigc.tracking import ModelVersion, Registry, Run
 from pipeline._stage import main, read_stage_json
 from pipeline.evaluate import Scorer

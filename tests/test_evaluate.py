@@ -270,7 +270,7 @@ def test_copies_of_the_training_set_move_both_memorisation_scores(sanity):
     for m in MIXES:
         assert sanity[f"mix{m}"]["copy_share"] == pytest.approx(m + fresh["copy_share"], abs=0.03), share
     from aigc.config import RegisterConfig
-    from aigc.registry import gates
+    from aigc.promotion import gates
 
     failed = {g.name for g in gates(sanity["mix0.1"] | {"classes": 10}, RegisterConfig(), True, None) if not g.passed}
     assert "copy_share" in failed

@@ -27,7 +27,7 @@ from aigc.errors import UserError
 from aigc.images import to_uint8
 from aigc.metrics.evaluator import EvaluatorNet, load_evaluator
 from aigc.models import NetConfig, build_generator, generator_payload, load_generator
-from aigc.registry import DIRECTIONS, better, compared_value, decide, output_problem
+from aigc.promotion import DIRECTIONS, better, compared_value, decide, output_problem
 from aigc.sampling import generate
 from aigc.tracking import Run
 from aigc.training import train_gan
