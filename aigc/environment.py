@@ -10,7 +10,7 @@ Only telemetry, start-up budgets, retry limits and the refusal of pickled models
 tracking store and the Prefect API are passed explicitly (a client, a URI), not through globals.
 
 One Prefect setting cannot live here: flow-run heartbeats are turned off only by a null, which
-Prefect's settings do not read from the environment; ``pipeline/prefect_server.py``
+Prefect's settings do not read from the environment; ``aigc/services/prefect_server.py``
 (``flow_settings``) turns them off for the stages of a ``make run``, whose own server has no
 services to receive them.
 """

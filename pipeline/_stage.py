@@ -6,7 +6,7 @@ A stage module defines a plain function ``(sections..., paths...) -> dict`` and 
 1. validates params.yaml *before* Prefect starts (a typo costs no server start-up);
 2. runs the function as a Prefect flow named after the stage, with the stage's own params
    sections and its paths (from dvc.yaml) as the flow's parameters (``run_as_flow``; under
-   ``python -m pipeline.prefect_server`` it first waits for the run's server, which starts
+   ``python -m aigc.services.prefect_server`` it first waits for the run's server, which starts
    beside the command, and runs without heartbeats, which that server would discard);
 3. turns a ``UserError`` into one ``error:`` line and exit code 1 (no traceback wall); a bug
    still shows its traceback;
@@ -50,7 +50,7 @@ def run_as_flow(fn: Callable[..., Any], name: str, kwargs: dict[str, Any]):
     flow = as_flow(fn, name)  # imports Prefect: ~2 s, while the run's server may still be starting
     from prefect.settings import temporary_settings
 
-    from pipeline.prefect_server import await_server, flow_settings
+    from aigc.services.prefect_server import await_server, flow_settings
 
     await_server()
     with temporary_settings(flow_settings()):
