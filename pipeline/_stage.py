@@ -1,7 +1,11 @@
 """What every stage shares: its command line, its Prefect flow, and how it fails.
 
 A stage module defines a plain function ``(sections..., paths...) -> dict`` and calls
-``main(fn, sections=..., paths=...)`` under ``if __name__ == "__main__"``. ``main``
+``main(fn, sections=..., paths=...)`` under ``if __name__ == "__main__"``. ``sections`` names the
+params sections the function takes, each as the keyword of the same name (``("data", "privacy")``)
+or, as a mapping, under another keyword (``{"cfg": "register"}``: ``run_register(cfg, ...)``, whose
+parameter does not shadow the function); ``name`` is the stage (its ``python -m pipeline.<name>``
+and its flow's name), the function's own name by default. ``main``
 
 1. validates params.yaml *before* Prefect starts (a typo costs no server start-up);
 2. runs the function as a Prefect flow named after the stage, with the stage's own params
@@ -21,7 +25,7 @@ import argparse
 import functools
 import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aigc.config import DEFAULT_PARAMS, load_params
@@ -75,9 +79,10 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     raise SystemExit(code)
 
 
-def main(fn: Callable[..., dict[str, Any]], *, sections: tuple[str, ...], paths: tuple[str, ...],
-         argv: list[str] | None = None) -> None:
-    name = fn.__name__
+def main(fn: Callable[..., dict[str, Any]], *, sections: tuple[str, ...] | Mapping[str, str], paths: tuple[str, ...],
+         argv: list[str] | None = None, name: str | None = None) -> None:
+    name = name or fn.__name__
+    keywords = dict(sections) if isinstance(sections, Mapping) else {s: s for s in sections}  # keyword -> section
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=(fn.__doc__ or "").strip())
     parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
     for p in paths:
@@ -87,7 +92,7 @@ def main(fn: Callable[..., dict[str, Any]], *, sections: tuple[str, ...], paths:
         params = load_params(args.params)
     except ConfigError as exc:
         fail(str(exc))
-    kwargs = {s: getattr(params, s) for s in sections} | {p: getattr(args, p) for p in paths}
+    kwargs = {k: getattr(params, s) for k, s in keywords.items()} | {p: getattr(args, p) for p in paths}
 
     try:
         state = run_as_flow(fn, name, kwargs)
