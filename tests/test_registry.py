@@ -34,6 +34,7 @@ from aigc.training import train_gan
 from pipeline.evaluate import run_evaluate
 from pipeline.register import run_register
 from pipeline.train_evaluator import train_evaluator
+from tests.conftest import ROOT
 
 CFG = RegisterConfig()
 # MLflow checks the input example by running the model once: the NaN generator's pixels cast to uint8
@@ -536,7 +537,10 @@ def test_two_register_stages_at_once_never_both_replace_the_same_champion(store,
                 "cache_dir": str(p.root / "cache"), "run": str(d / "run.json"), "metrics": str(d / "metrics.json"),
                 "data_gate": str(p.root / "gate.json"), "registry": str(tmp_path / f"{name}.json"),
                 "go": str(go), "ready": str(tmp_path / f"{name}.ready")}
+        # PYTHONPATH: the driver runs outside the checkout, and must import this checkout's code
+        # (not whichever one the environment's editable install points at)
         procs[name] = subprocess.Popen([sys.executable, str(driver), json.dumps(args)], cwd=tmp_path,
+                                       env=os.environ | {"PYTHONPATH": str(ROOT)},
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not all((tmp_path / f"{n}.ready").exists() for n in procs):
