@@ -58,7 +58,7 @@ dvc-init:
 	@if test -f $(PLOTS_TEMPLATE); then dvc config --local plots.html_template ../$(PLOTS_TEMPLATE); fi
 
 run: install dvc-init  ## train on the default data: dvc repro (only what changed runs)
-	python -m pipeline.prefect_server dvc repro
+	python -m aigc.services.prefect_server dvc repro
 
 test: install-dev dvc-init  ## the whole test suite, end-to-end runs included
 	pytest -n 2 --dist loadfile --durations=15  # two workers, one test file each at a time (pytest-xdist)
@@ -85,7 +85,7 @@ schedule: install dvc-init  ## retrain on a cron schedule (CRON="0 3 * * 1"), un
 	python -m pipeline.retrain serve --cron "$(CRON)"
 
 services: install  ## start PostgreSQL + an MLflow server on it + a Prefect server, on loopback (README, "Team setup")
-	python -m pipeline.services up
+	python -m aigc.services up
 
 services-down: install  ## stop what `make services` started (the data stays in .services/)
-	python -m pipeline.services down
+	python -m aigc.services down

@@ -1,7 +1,7 @@
 """The offline and quiet environment: the one place that sets it (shared/stack.md).
 
 MLflow, Prefect, DVC and great-expectations read these variables when they load, so they are
-set before any of them is imported: ``pipeline/__init__.py``, ``aigc/tracking.py`` and
+set before any of them is imported: ``pipeline/__init__.py``, ``aigc/tracking`` and
 ``aigc/quality`` call :func:`apply` first thing; the test suite too. A value the user already
 exported wins. Tools started from the Makefile get it through ``python -m aigc.environment CMD``,
 which runs CMD with this environment added.
@@ -10,7 +10,7 @@ Only telemetry, start-up budgets, retry limits and the refusal of pickled models
 tracking store and the Prefect API are passed explicitly (a client, a URI), not through globals.
 
 One Prefect setting cannot live here: flow-run heartbeats are turned off only by a null, which
-Prefect's settings do not read from the environment; ``pipeline/prefect_server.py``
+Prefect's settings do not read from the environment; ``aigc/services/prefect_server.py``
 (``flow_settings``) turns them off for the stages of a ``make run``, whose own server has no
 services to receive them.
 """

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aigc.html import line_chart, png_uri, render
-from aigc.registry import DIRECTIONS
+from aigc.promotion import DIRECTIONS
 
 TEMPLATE = "run.html.j2"
 # Per-step names drawn as loss curves (GANs: d_loss, g_loss; the VAE: its ELBO terms); the loop's

@@ -56,8 +56,8 @@ def time_register(params: Any, cfg: Any, paths: dict[str, str], given: dict[str,
     from aigc.config import TrackingConfig
     from aigc.models import generator_payload, load_generator
     from aigc.tracking import Run
-    from pipeline.evaluate import evaluate
-    from pipeline.register import register
+    from pipeline.evaluate import run_evaluate as evaluate
+    from pipeline.register import run_register as register
 
     tracking = TrackingConfig(uri=f"sqlite:///{work / 'registry.db'}", experiment="bench-register",
                               artifact_root=str(work / "registry-art"))
@@ -103,7 +103,7 @@ def main() -> None:
 
     from aigc.config import TrackingConfig, load_params
     from aigc.tracking import Run
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import run_evaluate as evaluate
     from pipeline.train_evaluator import train_evaluator
 
     params = load_params(ROOT / "params.yaml")

@@ -60,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.orchestration", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=2, help="runs per stage and mode (default: %(default)s)")
     args = ap.parse_args()
-    from pipeline.prefect_server import SERVER_PID, start_server, stop_server
+    from aigc.services.prefect_server import SERVER_PID, start_server, stop_server
 
     load0, t0 = os.getloadavg(), time.time()
     with tempfile.TemporaryDirectory(prefix="aigc-orch-") as tmp:

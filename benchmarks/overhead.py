@@ -96,7 +96,7 @@ def orchestration_overhead(work: Path, repeats: int) -> dict[str, Any]:
     plain = [sys.executable, "-c", PLAIN, *flow[2:]]
     _timed(flow, env)  # Prefect creates its database once per home: not a per-stage cost
     os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]
-    from pipeline.prefect_server import SERVER_PID, start_server, stop_server
+    from aigc.services.prefect_server import SERVER_PID, start_server, stop_server
 
     t = time.perf_counter()
     server, url = start_server()  # what `make run` does: one server for every stage
@@ -105,7 +105,7 @@ def orchestration_overhead(work: Path, repeats: int) -> dict[str, Any]:
     # begins: "wrapped" is the first stage as `make run` runs it (server start included), so
     # wrapped minus shared-server is what the server's start-up still adds to the run.
     modes = {"flow": (flow, env), "flow_shared_server": (flow, env | {"PREFECT_API_URL": url, SERVER_PID: str(server.pid)}),
-             "flow_wrapped": ([sys.executable, "-m", "pipeline.prefect_server", *flow], env), "plain": (plain, env)}
+             "flow_wrapped": ([sys.executable, "-m", "aigc.services.prefect_server", *flow], env), "plain": (plain, env)}
     times: dict[str, list[float]] = {m: [] for m in modes}
     try:
         for r in range(repeats):

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     from benchmarks.evaluate_speed import cpu
-    from pipeline.services import free_port
+    from aigc.services import free_port
 
     generator = args.generator or (ROOT / "models/generator.pt" if (ROOT / "models/generator.pt").exists() else None)
     evaluator = args.evaluator or (ROOT / "models/evaluator.pt" if (ROOT / "models/evaluator.pt").exists() else None)

@@ -1,12 +1,16 @@
 """What every stage shares: its command line, its Prefect flow, and how it fails.
 
 A stage module defines a plain function ``(sections..., paths...) -> dict`` and calls
-``main(fn, sections=..., paths=...)`` under ``if __name__ == "__main__"``. ``main``
+``main(fn, sections=..., paths=...)`` under ``if __name__ == "__main__"``. ``sections`` names the
+params sections the function takes, each as the keyword of the same name (``("data", "privacy")``)
+or, as a mapping, under another keyword (``{"cfg": "register"}``: ``run_register(cfg, ...)``, whose
+parameter does not shadow the function); ``name`` is the stage (its ``python -m pipeline.<name>``
+and its flow's name), the function's own name by default. ``main``
 
 1. validates params.yaml *before* Prefect starts (a typo costs no server start-up);
 2. runs the function as a Prefect flow named after the stage, with the stage's own params
    sections and its paths (from dvc.yaml) as the flow's parameters (``run_as_flow``; under
-   ``python -m pipeline.prefect_server`` it first waits for the run's server, which starts
+   ``python -m aigc.services.prefect_server`` it first waits for the run's server, which starts
    beside the command, and runs without heartbeats, which that server would discard);
 3. turns a ``UserError`` into one ``error:`` line and exit code 1 (no traceback wall); a bug
    still shows its traceback;
@@ -21,7 +25,7 @@ import argparse
 import functools
 import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aigc.config import DEFAULT_PARAMS, load_params
@@ -50,7 +54,7 @@ def run_as_flow(fn: Callable[..., Any], name: str, kwargs: dict[str, Any]):
     flow = as_flow(fn, name)  # imports Prefect: ~2 s, while the run's server may still be starting
     from prefect.settings import temporary_settings
 
-    from pipeline.prefect_server import await_server, flow_settings
+    from aigc.services.prefect_server import await_server, flow_settings
 
     await_server()
     with temporary_settings(flow_settings()):
@@ -75,10 +79,12 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     raise SystemExit(code)
 
 
-def main(fn: Callable[..., dict[str, Any]], *, sections: tuple[str, ...], paths: tuple[str, ...],
+def main(fn: Callable[..., dict[str, Any]], *, sections: tuple[str, ...] | Mapping[str, str], paths: tuple[str, ...],
          argv: list[str] | None = None, name: str | None = None) -> None:
-    """The stage's command line around ``fn``; ``name`` (default: fn's own) names the module and the flow."""
+    """The stage's command line around ``fn``; ``name`` (default: fn's own) names the module and the flow;
+    ``sections``: params sections passed under their own names, or ``{keyword: section}``."""
     name = name or fn.__name__
+    keywords = dict(sections) if isinstance(sections, Mapping) else {s: s for s in sections}  # keyword -> section
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=(fn.__doc__ or "").strip())
     parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
     for p in paths:
@@ -88,7 +94,7 @@ def main(fn: Callable[..., dict[str, Any]], *, sections: tuple[str, ...], paths:
         params = load_params(args.params)
     except ConfigError as exc:
         fail(str(exc))
-    kwargs = {s: getattr(params, s) for s in sections} | {p: getattr(args, p) for p in paths}
+    kwargs = {k: getattr(params, s) for k, s in keywords.items()} | {p: getattr(args, p) for p in paths}
 
     try:
         state = run_as_flow(fn, name, kwargs)

@@ -152,7 +152,7 @@ def serve(name: str, cron: str, project: str) -> int:
     (Prefect's ephemeral server has no scheduler)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from pipeline.prefect_server import start_server, stop_server
+    from aigc.services.prefect_server import start_server, stop_server
 
     def go() -> None:
         # limit=1: this process runs one retraining at a time; the file lock covers every other overlap

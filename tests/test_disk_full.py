@@ -38,7 +38,7 @@ def test_ingest_on_a_full_disk_keeps_the_previous_output_and_says_so(tmp_path: P
     stage = (f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000)); "
              f"os.execv(sys.executable, [sys.executable, '-m', 'pipeline.ingest', '--params', "
              f"{str(tmp_path / 'params.yaml')!r}, '--out', {str(tmp_path / 'raw')!r}])")
-    res = subprocess.run([sys.executable, "-m", "pipeline.prefect_server", sys.executable, "-c", stage],
+    res = subprocess.run([sys.executable, "-m", "aigc.services.prefect_server", sys.executable, "-c", stage],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr
     err = [line for line in res.stderr.splitlines() if line.startswith("error: ")]

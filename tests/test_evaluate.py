@@ -22,7 +22,7 @@ from aigc.metrics import calc_metrics, embed, reference
 from aigc.metrics.evaluator import evaluator_net, fit_evaluator, label_indices
 from aigc.models import NetConfig, build_generator, generator_payload
 from aigc.tracking import Run
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import run_evaluate
 from pipeline.train_evaluator import train_evaluator
 
 EVERY_SCORE = ("fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score")
@@ -68,7 +68,7 @@ def test_evaluate_stage_writes_every_score_and_logs_to_the_training_run(project:
     tracking = TrackingConfig(uri="sqlite:///unused.db")  # the run file's URI wins
     cfg = EvaluateConfig(num_samples=400, kid_subsets=10)
     paths = stage_paths(project, tmp_path)
-    report = evaluate(cfg, tracking, **paths)
+    report = run_evaluate(cfg, tracking, **paths)
 
     saved = json.loads(Path(paths["metrics"]).read_text())
     assert saved == report
@@ -94,7 +94,7 @@ def test_evaluate_stage_writes_every_score_and_logs_to_the_training_run(project:
     assert run.info.status == "FINISHED"
     assert run.data.metrics["eval/fid"] == pytest.approx(saved["fid"])
     # one chart per score (the eval/ group), the registry's criterion beside them; no floor or spread charts
-    headline_scores = (*EVERY_SCORE, "copy_share")  # pipeline/evaluate.py's HEADLINE of an unconditional G
+    headline_scores = (*EVERY_SCORE, "copy_share")  # aigc/metrics/scorer.py's HEADLINE of an unconditional G
     assert set(run.data.metrics) == {f"eval/{k}" for k in headline_scores} | {"eval/fid_gap", "eval/fid_ratio"}
     # the headline DVC metric: each score, its spread, its floor -- nothing else
     headline = json.loads(Path(paths["scores"]).read_text())
@@ -118,7 +118,7 @@ def test_evaluate_stage_writes_every_score_and_logs_to_the_training_run(project:
             "evaluation/classes.png"} <= logged
 
     # Again: the real statistics come from the cache, and the same params give the same scores.
-    again = evaluate(cfg, tracking, **stage_paths(project, tmp_path / "again"))
+    again = run_evaluate(cfg, tracking, **stage_paths(project, tmp_path / "again"))
     assert "real train split (1617 images): cached" in capsys.readouterr().out
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in report.items() if k != "seconds"}
 
@@ -128,7 +128,7 @@ def test_evaluate_with_a_dead_tracking_server_fails_first_and_writes_nothing(pro
     dead.write_text(json.dumps({"run_id": "abc", "tracking_uri": f"http://127.0.0.1:{free_port()}"}))
     paths = stage_paths(project, tmp_path) | {"run": str(dead)}
     with pytest.raises(UserError, match="not reachable"):
-        evaluate(EvaluateConfig(num_samples=200), TrackingConfig(), **paths)
+        run_evaluate(EvaluateConfig(num_samples=200), TrackingConfig(), **paths)
     assert not any(Path(paths[k]).exists() for k in ("metrics", "summary", "samples", "nearest", "classes"))
 
 
@@ -146,7 +146,7 @@ def test_evaluate_refuses_an_evaluator_of_other_data(project: Path, tmp_path: Pa
     save_processed(p, other)
     paths = stage_paths(project, tmp_path) | {"processed": str(other)}
     with pytest.raises(UserError, match=r"evaluator.pt was trained on other data \(1x8x8.*dvc repro train_evaluator"):
-        evaluate(EvaluateConfig(num_samples=200), TrackingConfig(enabled=False), **paths)
+        run_evaluate(EvaluateConfig(num_samples=200), TrackingConfig(enabled=False), **paths)
 
 
 # --- sanity: each kind of generated set scores where it should -----------------------------------
@@ -270,7 +270,7 @@ def test_copies_of_the_training_set_move_both_memorisation_scores(sanity):
     for m in MIXES:
         assert sanity[f"mix{m}"]["copy_share"] == pytest.approx(m + fresh["copy_share"], abs=0.03), share
     from aigc.config import RegisterConfig
-    from aigc.registry import gates
+    from aigc.promotion import gates
 
     failed = {g.name for g in gates(sanity["mix0.1"] | {"classes": 10}, RegisterConfig(), True, None) if not g.passed}
     assert "copy_share" in failed
@@ -282,5 +282,5 @@ def test_evaluate_with_inception_features_and_a_wrong_weights_file_fails_first(p
     paths = stage_paths(project, tmp_path)
     cfg = EvaluateConfig(num_samples=200, features="inception", inception_weights=str(tmp_path / "weights.pth"))
     with pytest.raises(UserError, match=r"inception_weights = .*weights.pth: not a readable PyTorch file"):
-        evaluate(cfg, TrackingConfig(enabled=False), **paths)
+        run_evaluate(cfg, TrackingConfig(enabled=False), **paths)
     assert not any(Path(paths[k]).exists() for k in ("metrics", "summary", "samples", "nearest", "classes"))

@@ -286,7 +286,7 @@ def test_label_accuracy_against_its_floor():
 
 
 def test_evaluate_stage_scores_label_accuracy_of_a_conditional_generator(digits: Path, tmp_path: Path):
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import run_evaluate
 
     info = json.loads((digits / "processed/dataset.json").read_text())
     net = net_config(ModelConfig(z_dim=8, conditional=True), info)
@@ -296,7 +296,7 @@ def test_evaluate_stage_scores_label_accuracy_of_a_conditional_generator(digits:
     out = {k: str(tmp_path / f"{k}.{ext}") for k, ext in
            (("metrics", "json"), ("summary", "json"), ("samples", "png"), ("nearest", "png"), ("classes", "png"),
             ("labels", "png"))}
-    report = evaluate(EvaluateConfig(num_samples=360, kid_subsets=5), TrackingConfig(enabled=False),
+    report = run_evaluate(EvaluateConfig(num_samples=360, kid_subsets=5), TrackingConfig(enabled=False),
                       generator=str(tmp_path / "g.pt"), evaluator=str(digits / "evaluator.pt"),
                       processed=str(digits / "processed"), run=str(tmp_path / "run.json"),
                       cache_dir=str(tmp_path / "cache"), **out)

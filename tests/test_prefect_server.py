@@ -30,7 +30,7 @@ def listening(port: int) -> bool:
 # what the Prefect UI shows of it (its flow run, final state and printed lines), as JSON.
 COMMAND = """
 import json, os, subprocess, sys
-from pipeline.prefect_server import _healthy
+from aigc.services.prefect_server import _healthy
 up_when_the_command_started = _healthy(os.environ["PREFECT_API_URL"])
 stage = subprocess.run([sys.executable, "-m", "pipeline.ingest", *sys.argv[1:]], capture_output=True, text=True)
 from prefect.client.orchestration import get_client
@@ -48,7 +48,7 @@ def test_stage_flows_use_the_shared_server_which_starts_beside_the_command_then_
     (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
     # its own PREFECT_HOME: the server's database then holds this test's flow run only, not the
     # runs of earlier commands in the checkout's .prefect/
-    res = run_module(["-m", "pipeline.prefect_server", sys.executable, "-c", COMMAND,
+    res = run_module(["-m", "aigc.services.prefect_server", sys.executable, "-c", COMMAND,
                       "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "raw")], cwd=ROOT,
                      env={"PREFECT_HOME": str(tmp_path / ".prefect")})
     assert res.returncode == 0, res.stderr
@@ -66,7 +66,7 @@ def test_stage_flows_use_the_shared_server_which_starts_beside_the_command_then_
 
 
 def test_the_command_exit_code_passes_through():
-    res = run_module(["-m", "pipeline.prefect_server", sys.executable, "-c", "import sys; sys.exit(3)"], cwd=ROOT)
+    res = run_module(["-m", "aigc.services.prefect_server", sys.executable, "-c", "import sys; sys.exit(3)"], cwd=ROOT)
     assert res.returncode == 3
     assert not listening(server_port(res.stderr))
 
@@ -75,7 +75,7 @@ def test_a_server_that_cannot_start_is_one_error_line(tmp_path: Path):
     # an unusable database URL makes `prefect server start` exit at once; the stage, started
     # beside it, fails when its flow would begin, before it writes anything
     (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
-    res = run_module(["-m", "pipeline.prefect_server", sys.executable, "-m", "pipeline.ingest",
+    res = run_module(["-m", "aigc.services.prefect_server", sys.executable, "-m", "pipeline.ingest",
                       "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "raw")], cwd=ROOT,
                      env={"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_DATABASE_CONNECTION_URL": "nosuchdb://x"})
     assert res.returncode == 1
@@ -88,9 +88,9 @@ def test_a_server_that_cannot_start_is_one_error_line(tmp_path: Path):
 
 
 def test_a_command_that_succeeds_without_the_server_still_reports_its_failure(tmp_path: Path):
-    wait_for_the_server_to_exit = ("import os, time; from pipeline.prefect_server import SERVER_PID, _pid_alive\n"
+    wait_for_the_server_to_exit = ("import os, time; from aigc.services.prefect_server import SERVER_PID, _pid_alive\n"
                                    "while _pid_alive(int(os.environ[SERVER_PID])): time.sleep(0.1)")
-    res = run_module(["-m", "pipeline.prefect_server", sys.executable, "-c", wait_for_the_server_to_exit],
+    res = run_module(["-m", "aigc.services.prefect_server", sys.executable, "-c", wait_for_the_server_to_exit],
                      cwd=ROOT, env={"PREFECT_HOME": str(tmp_path),
                                     "PREFECT_SERVER_DATABASE_CONNECTION_URL": "nosuchdb://x"})
     assert res.returncode == 1

@@ -27,13 +27,14 @@ from aigc.errors import UserError
 from aigc.images import to_uint8
 from aigc.metrics.evaluator import EvaluatorNet, load_evaluator
 from aigc.models import NetConfig, build_generator, generator_payload, load_generator
-from aigc.registry import DIRECTIONS, better, compared_value, decide, output_problem
+from aigc.promotion import DIRECTIONS, better, compared_value, decide, output_problem
 from aigc.sampling import generate
 from aigc.tracking import Run
 from aigc.training import train_gan
-from pipeline.evaluate import evaluate
-from pipeline.register import register
+from pipeline.evaluate import run_evaluate
+from pipeline.register import run_register
 from pipeline.train_evaluator import train_evaluator
+from tests.conftest import ROOT
 
 CFG = RegisterConfig()
 # MLflow checks the input example by running the model once: the NaN generator's pixels cast to uint8
@@ -208,12 +209,12 @@ class Project:
         paths = {k: str(d / f) for k, f in (("metrics", "metrics.json"), ("summary", "evaluation.json"),
                                             ("samples", "s.png"), ("nearest", "n.png"), ("classes", "c.png"),
                                             ("labels", "l.png"))}
-        return evaluate(EVAL, self.tracking, str(generator), str(self.evaluator), str(self.processed), str(d / "run.json"),
+        return run_evaluate(EVAL, self.tracking, str(generator), str(self.evaluator), str(self.processed), str(d / "run.json"),
                         str(self.root / "cache"), **paths)
 
     def register(self, name: str, cfg: RegisterConfig = STAGE) -> dict:
         d = self.root / name
-        return register(cfg, EVAL, self.tracking, str(d / "generator.pt"), str(self.evaluator), str(self.processed),
+        return run_register(cfg, EVAL, self.tracking, str(d / "generator.pt"), str(self.evaluator), str(self.processed),
                         str(self.root / "cache"), str(d / "run.json"), str(d / "metrics.json"),
                         str(self.root / "gate.json"), str(d / "registry.json"))
 
@@ -362,11 +363,11 @@ def test_metrics_of_other_inputs_are_refused(store, tmp_path: Path):
     p, _ = store
     d = p.root / "seed2"
     with pytest.raises(UserError, match=r"metrics.json was computed for another generator than register's inputs"):
-        register(STAGE, EVAL, p.tracking, str(p.root / "seed1" / "generator.pt"), str(p.evaluator), str(p.processed),
+        run_register(STAGE, EVAL, p.tracking, str(p.root / "seed1" / "generator.pt"), str(p.evaluator), str(p.processed),
                  str(p.root / "cache"), str(d / "run.json"), str(d / "metrics.json"), str(p.root / "gate.json"),
                  str(tmp_path / "registry.json"))
     with pytest.raises(UserError, match=r"another settings than"):
-        register(STAGE, EVAL.model_copy(update={"seed": 1}), p.tracking, str(d / "generator.pt"), str(p.evaluator),
+        run_register(STAGE, EVAL.model_copy(update={"seed": 1}), p.tracking, str(d / "generator.pt"), str(p.evaluator),
                  str(p.processed), str(p.root / "cache"), str(d / "run.json"), str(d / "metrics.json"),
                  str(p.root / "gate.json"), str(tmp_path / "registry.json"))
 
@@ -507,13 +508,13 @@ DRIVER = """
 import json, sys, time
 from pathlib import Path
 from aigc.config import EvaluateConfig, RegisterConfig, TrackingConfig
-from pipeline.register import register
+from pipeline.register import run_register
 a = json.loads(sys.argv[1])
 go = Path(a.pop("go"))
 Path(a.pop("ready")).touch()
 while not go.exists():
     time.sleep(0.01)
-register(RegisterConfig(**a.pop("register")), EvaluateConfig(**a.pop("evaluate")), TrackingConfig(**a.pop("tracking")), **a)
+run_register(RegisterConfig(**a.pop("register")), EvaluateConfig(**a.pop("evaluate")), TrackingConfig(**a.pop("tracking")), **a)
 """
 
 
@@ -537,7 +538,10 @@ def test_two_register_stages_at_once_never_both_replace_the_same_champion(store,
                 "cache_dir": str(p.root / "cache"), "run": str(d / "run.json"), "metrics": str(d / "metrics.json"),
                 "data_gate": str(p.root / "gate.json"), "registry": str(tmp_path / f"{name}.json"),
                 "go": str(go), "ready": str(tmp_path / f"{name}.ready")}
+        # PYTHONPATH: the driver runs outside the checkout, and must import this checkout's code
+        # (not whichever one the environment's editable install points at)
         procs[name] = subprocess.Popen([sys.executable, str(driver), json.dumps(args)], cwd=tmp_path,
+                                       env=os.environ | {"PYTHONPATH": str(ROOT)},
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not all((tmp_path / f"{n}.ready").exists() for n in procs):
@@ -583,6 +587,6 @@ def test_a_missing_input_names_the_stage_to_run(tmp_path: Path):
     gen = write_generator(tmp_path / "g.pt", 0)
     (tmp_path / "run.json").write_text(json.dumps({"run_id": None}))
     with pytest.raises(UserError, match=r"metrics file .*nope.json not found; run the evaluate stage first"):
-        register(STAGE, EVAL, p.tracking, str(gen), str(p.evaluator), str(p.processed), str(tmp_path / "cache"),
+        run_register(STAGE, EVAL, p.tracking, str(gen), str(p.evaluator), str(p.processed), str(tmp_path / "cache"),
                  str(tmp_path / "run.json"), str(tmp_path / "nope.json"), str(tmp_path / "gate.json"),
                  str(tmp_path / "registry.json"))

@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from aigc.config import DataConfig, load_params
 from aigc.data.preprocess import preprocess, save_processed
 from aigc.data.sources import load_source
-from pipeline.services import Service, free_port, start_mlflow, start_prefect
+from aigc.services import Service, free_port, start_mlflow, start_prefect
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""How a stage runs its flow under ``python -m pipeline.prefect_server`` (issue 15, item 4): it waits
+"""How a stage runs its flow under ``python -m aigc.services.prefect_server`` (issue 15, item 4): it waits
 for the run's server, which starts beside the command, and runs without heartbeats there only."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from aigc.errors import UserError
-from pipeline.prefect_server import SERVER_PID, await_server, flow_settings
+from aigc.services.prefect_server import SERVER_PID, await_server, flow_settings
 from tests.conftest import ROOT
 
 

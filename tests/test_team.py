@@ -27,7 +27,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.services import auth_setup, free_port, start_mlflow, start_postgres, start_prefect, start_sshd
+from aigc.services import auth_setup, free_port, start_mlflow, start_postgres, start_prefect, start_sshd
 from tests.conftest import ROOT, tiny_project
 
 pytestmark = pytest.mark.slow
@@ -335,10 +335,10 @@ def test_a_worker_runs_the_deployment_and_refuses_an_overlapping_run(services, c
 
 
 def test_make_services_starts_and_stops_the_three(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """`make services` / `make services-down` (python -m pipeline.services up/down), on free ports."""
+    """`make services` / `make services-down` (python -m aigc.services up/down), on free ports."""
     home = Path(tempfile.mkdtemp(prefix="aigc-make-services-"))
     ports = [f"--{name}-port={free_port()}" for name in ("postgres", "mlflow", "prefect")]
-    cmd = [sys.executable, "-m", "pipeline.services"]
+    cmd = [sys.executable, "-m", "aigc.services"]
     try:
         res = sh([*cmd, "up", "--home", str(home), *ports], ROOT, timeout=300)
         assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:" in res.stdout

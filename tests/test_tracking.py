@@ -243,7 +243,7 @@ def test_a_server_that_dies_under_evaluate_or_register_ends_the_stage_in_one_lin
     line -- the server, what the stage was doing, what is safe and what to run -- and a server
     that is up lets the same block through."""
     from aigc.tracking import TrackingUnavailable
-    from pipeline.services import start_mlflow
+    from aigc.services import start_mlflow
 
     server = start_mlflow(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art", tmp_path, auth=False)
     try:

@@ -1,7 +1,7 @@
 """Champion promotion: may a newly trained generator replace the current champion?
 
 Pure decision logic, no MLflow (the register stage, ``pipeline/register.py``, wires it to the
-registry through ``aigc/tracking.py``):
+registry through ``aigc/tracking``):
 
     problem = output_problem(sample(G, z_dim, 64, seed=0), min_std=0.01)  # NaN/constant output?
     decision = decide(candidate_metrics, rescored_champion_metrics, cfg, data_gate_passed=True,

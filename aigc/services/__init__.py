@@ -2,9 +2,9 @@
 engines: PostgreSQL, an MLflow tracking server on it with proxied artifacts, a Prefect server
 (with its scheduler) and, for tests of the DVC SSH remote, OpenSSH's ``sshd``.
 
-    python -m pipeline.services up       # make services: PostgreSQL + MLflow + Prefect, prints the exports
-    python -m pipeline.services down     # make services-down
-    python -m pipeline.services status
+    python -m aigc.services up       # make services: PostgreSQL + MLflow + Prefect, prints the exports
+    python -m aigc.services down     # make services-down
+    python -m aigc.services status
 
 Their data lives under ``.services/`` (git-ignored): ``pg/`` the database cluster,
 ``mlartifacts/`` the artifacts MLflow proxies, ``prefect/`` the Prefect server's home, ``*.log``.
@@ -22,7 +22,6 @@ system user the Debian package creates (``apt-get install postgresql``).
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import glob
 import json
@@ -37,7 +36,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pipeline  # noqa: F401  (the offline/quiet environment)
+from aigc import environment
+
+environment.apply()  # the offline/quiet environment (aigc/environment.py): the servers inherit it
 
 HOME = Path(".services")
 STATE = "state.json"
@@ -380,42 +381,3 @@ def down(home: Path) -> list[Service]:
     (home / STATE).unlink(missing_ok=True)
     return services
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.services", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["up", "down", "status"])
-    parser.add_argument("--home", default=str(HOME), help="where the services keep their data (default: %(default)s)")
-    for name, port in PORTS.items():
-        parser.add_argument(f"--{name}-port", type=int, default=port, help=f"{name}'s port (default: %(default)s)")
-    args = parser.parse_args(argv)
-    home = Path(args.home).resolve()
-    ports = {name: getattr(args, f"{name}_port") for name in PORTS}
-    try:
-        if args.command == "up":
-            services = up(home, ports)
-            print(f"started on 127.0.0.1 (data and logs in {home}/):")
-            for s in services:
-                print(f"  {s.name:9s} {s.url}")
-            mlflow, prefect = services[1], services[2]
-            print(f"point the pipeline at them (MLflow asks for a password: {home / 'mlflow.env'} signs in "
-                  f"as user {TEAM_USER!r}):\n  export MLFLOW_TRACKING_URI={mlflow.url}\n"
-                  f"  source {home / 'mlflow.env'}\n"
-                  f"  export PREFECT_API_URL={prefect.url}\n(make services-down stops them; the data stays)")
-        elif args.command == "down":
-            stopped = down(home)
-            print(f"stopped: {', '.join(s.name for s in stopped) or 'nothing was running'} (data kept in {home}/)")
-        else:
-            services = _load(home)
-            if not services:
-                print(f"no services recorded in {home / STATE} (make services starts them)")
-            for s in services:
-                alive = _port_open(s.port)
-                print(f"  {s.name:9s} {s.url} {'up' if alive else 'DOWN'} (log {s.log})")
-    except ServiceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Run a command with one local Prefect server shared by all the stage flows it starts.
 
-    python -m pipeline.prefect_server dvc repro
-    python -m pipeline.prefect_server dvc exp run -S train.epochs=2
+    python -m aigc.services.prefect_server dvc repro
+    python -m aigc.services.prefect_server dvc exp run -S train.epochs=2
 
 Without it each stage process (DVC runs one per stage) starts Prefect's ephemeral server,
 measured here at ~6-9 s per stage; with one server for the whole command, a stage's flow
@@ -36,8 +36,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pipeline  # noqa: F401  (the offline/quiet environment, PREFECT_HOME)
+from aigc import environment
 from aigc.errors import UserError
+
+environment.apply()  # the offline/quiet environment and PREFECT_HOME (aigc/environment.py)
 
 STARTUP_TIMEOUT_S = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
 
