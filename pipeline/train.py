@@ -7,7 +7,7 @@
 
 Resume: the checkpoint (``persist: true`` in dvc.yaml, so DVC leaves it in place) carries a
 fingerprint of the params, data and code; a checkpoint of this very run is gone on from, in the
-same MLflow run (aigc/training/checkpoint.py says when, aigc/tracking_train.py which run).
+same MLflow run (aigc/training/checkpoint.py says when, aigc/tracking/train_run.py which run).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from aigc.images import save_png
 from aigc.io import save_torch, write_json
 from aigc.models import generator_payload
 from aigc.tracking import Run, TrackingUnavailable
-from aigc.tracking_train import Recorder, TrainIdentity, log_training, open_train_run
+from aigc.tracking.train_run import Recorder, TrainIdentity, log_training, open_train_run
 from aigc.training import Hooks, fingerprint, recipe_for, resumable
 from aigc.training import train as train_loop  # the stage's own `train` is its params section
 from pipeline._stage import main
