@@ -110,8 +110,8 @@ class ModelConfig(_Section):
 
 
 class VAEConfig(_Section):
-    """Training of the vae family (model.family: vae); epochs, batch size, device, threads and
-    logging come from the train section."""
+    """Training of the vae family (model.family: vae); epochs and batch size come from the train
+    section, device, threads and logging from the runtime section."""
 
     # p(x|z): bernoulli (pixel intensity (x+1)/2 as a Bernoulli probability; the usual MNIST
     # choice) or gaussian (mean tanh(o/2), fixed standard deviation `sigma` on the [-1, 1] scale).
@@ -186,11 +186,13 @@ class TrainConfig(_Section):
 class RuntimeConfig(_Section):
     """How the stages run, never what they compute: changing these knobs leaves every result as it
     was (the same weights and scores at the same seed on the same machine), so no stage lists them
-    as a DVC param and a change of them retrains nothing."""
+    as a DVC param and a change of them retrains nothing.
+
+    ``device`` is every stage's (train, train_evaluator, evaluate, register); the rest are training's."""
 
     # cuda when there is a GPU, else cpu; mixed precision (bf16) on CUDA only.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Auto (CUDA if present, else CPU) | cpu | cuda."""
+    """Auto (CUDA if present, else CPU) | cpu | cuda: the device of every stage."""
     # CPU threads: "auto" uses the cores other processes leave free (re-checked every epoch).
     threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
     """CPU threads: auto = the cores other processes leave free (and 1 if the probe measured it faster) | a number."""
@@ -249,8 +251,6 @@ class EvaluatorConfig(_Section):
     """Conv widths 16, 32, features, features (8x8 and 28x28 both work)."""
     features: int = Field(default=64, ge=2, le=4096)
     """Pooled width: the feature vector of FID, KID, PRDC and memorisation."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Auto (CUDA if present, else CPU) | cpu | cuda."""
 
 
 class EvaluateConfig(_Section):
@@ -281,8 +281,6 @@ class EvaluateConfig(_Section):
     """Samples in reports/eval/samples.png."""
     nearest_pairs: int = Field(default=16, ge=1, le=256)  # pairs in the nearest-neighbour grid
     """Generated/nearest-training pairs in reports/eval/nearest.png."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Auto (CUDA if present, else CPU) | cpu | cuda."""
     # The feature space of FID, KID, precision/recall/density/coverage and DCR: the trained
     # classifier's (default), or the FID InceptionV3's pool3 read from ``inception_weights``, a
     # local copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (nothing downloads).
@@ -302,7 +300,7 @@ class EvaluateConfig(_Section):
         """The settings the numbers depend on (not batch size, pictures, device, nor the weights'
         path: the weights themselves are hashed into the lineage): two evaluations with equal
         ``scoring()`` on the same generator, evaluator and data agree."""
-        return self.model_dump(exclude={"batch_size", "grid_size", "nearest_pairs", "device", "inception_weights"})
+        return self.model_dump(exclude={"batch_size", "grid_size", "nearest_pairs", "inception_weights"})
 
 
 # The metrics of reports/metrics.json a registry decision can compare (aigc/registry.DIRECTIONS says

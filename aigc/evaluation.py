@@ -56,13 +56,13 @@ class Evaluation:
 
 def evaluate_generator(cfg: EvaluateConfig, generator: str, evaluator: str, processed: str, cache_dir: str | None,
                        samples: str, nearest: str, classes: str, labels: str,
-                       started: float | None = None) -> Evaluation:
+                       started: float | None = None, device: str = "auto") -> Evaluation:
     """Score GENERATOR's samples against PROCESSED with EVALUATOR's features and save its pictures
     (SAMPLES, NEAREST, CLASSES, LABELS). ``started`` (``time.perf_counter()``): when the stage
     began, for the reported seconds; by default now."""
     t_start = time.perf_counter() if started is None else started
     G, gnet = load_generator(generator)
-    scorer = Scorer.open(cfg, evaluator, processed, cache_dir)
+    scorer = Scorer.open(cfg, evaluator, processed, cache_dir, device)
     if gnet.image_shape != scorer.image_shape:
         raise UserError(f"{generator} makes {gnet.image_shape} images but the data is {scorer.image_shape}; "
                         "retrain (dvc repro train)")

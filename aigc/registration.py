@@ -114,7 +114,7 @@ def candidate_record(run_info: dict[str, Any], numbers: dict[str, float], genera
 def register_generator(cfg: RegisterConfig, evaluate: EvaluateConfig, tracking: TrackingConfig,
                        run_info: dict[str, Any], scores: dict[str, Any], gate: dict[str, Any], *, generator: str,
                        evaluator: str, processed: str, cache_dir: str | None, metrics: str, registry: str,
-                       log_model: LogModel, started: float | None = None) -> Registration:
+                       log_model: LogModel, started: float | None = None, device: str = "auto") -> Registration:
     """Register GENERATOR as a new version of ``cfg.model_name``; move ``cfg.alias`` to it only if it
     passes the gates and beats the current champion, re-scored with EVALUATOR on PROCESSED, on
     ``cfg.metric`` by a margin its spread justifies.
@@ -126,7 +126,7 @@ def register_generator(cfg: RegisterConfig, evaluate: EvaluateConfig, tracking: 
     t_start = time.perf_counter() if started is None else started
 
     # (1) The candidate's numbers must be of these very inputs.
-    scorer = Scorer.open(evaluate, evaluator, processed, cache_dir)
+    scorer = Scorer.open(evaluate, evaluator, processed, cache_dir, device)
     generator_sha = file_sha256(generator)
     check_lineage(scores, {"generator_sha256": generator_sha} | scorer.lineage, metrics)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from aigc.config import EvaluateConfig, TrackingConfig
+from aigc.config import EvaluateConfig, RuntimeConfig, TrackingConfig
 from aigc.evaluation import evaluate_generator, log_evaluation
 from aigc.io import write_json
 from aigc.tracking import Run
@@ -25,13 +25,14 @@ from pipeline._stage import main, read_stage_json
 
 def run_evaluate(cfg: EvaluateConfig, tracking: TrackingConfig, generator: str, evaluator: str, processed: str,
                  run: str, cache_dir: str, metrics: str, summary: str, samples: str, nearest: str,
-                 classes: str, labels: str, scores: str | None = None) -> dict[str, Any]:
+                 classes: str, labels: str, scores: str | None = None,
+                 runtime: RuntimeConfig = RuntimeConfig()) -> dict[str, Any]:
     """Score GENERATOR's samples against PROCESSED with EVALUATOR's features; log them to the training's run.
     METRICS holds every figure; SCORES (the DVC metric) the headline scores with their spreads and floors."""
     t_start = time.perf_counter()
     tracker = Run.attach(read_stage_json(run, "run file", "train"), tracking)  # first: a dead server costs no work
     ev = evaluate_generator(cfg, generator, evaluator, processed, cache_dir, samples, nearest, classes, labels,
-                            started=t_start)
+                            started=t_start, device=runtime.device)
     write_json(metrics, ev.report)
     if scores:
         write_json(scores, ev.headline)
@@ -44,6 +45,6 @@ def run_evaluate(cfg: EvaluateConfig, tracking: TrackingConfig, generator: str, 
 
 
 if __name__ == "__main__":
-    main(run_evaluate, name="evaluate", sections={"cfg": "evaluate", "tracking": "tracking"},
+    main(run_evaluate, name="evaluate", sections={"cfg": "evaluate", "tracking": "tracking", "runtime": "runtime"},
          paths=("generator", "evaluator", "processed", "run", "cache_dir", "metrics", "summary", "samples",
                 "nearest", "classes", "labels", "scores"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from aigc.config import EvaluateConfig, RegisterConfig, TrackingConfig
+from aigc.config import EvaluateConfig, RegisterConfig, RuntimeConfig, TrackingConfig
 from aigc.io import write_json
 from aigc.models import NetConfig
 from aigc.registration import register_generator
@@ -34,7 +34,7 @@ def log_generator(tracker: Run, artifacts: dict[str, str], net: NetConfig) -> st
 
 def run_register(cfg: RegisterConfig, evaluate: EvaluateConfig, tracking: TrackingConfig, generator: str,
                  evaluator: str, processed: str, cache_dir: str, run: str, metrics: str, data_gate: str,
-                 registry: str) -> dict[str, Any]:
+                 registry: str, runtime: RuntimeConfig = RuntimeConfig()) -> dict[str, Any]:
     """Register GENERATOR as a new version of register.model_name; move register.alias to it only if it
     passes the gates and beats the current champion, re-scored with EVALUATOR on PROCESSED, on
     register.metric by a margin its spread justifies. REGISTRY records the decision."""
@@ -44,12 +44,14 @@ def run_register(cfg: RegisterConfig, evaluate: EvaluateConfig, tracking: Tracki
     gate = read_stage_json(data_gate, "data-quality summary", "validate")
     done = register_generator(cfg, evaluate, tracking, run_info, scores, gate, generator=generator,
                               evaluator=evaluator, processed=processed, cache_dir=cache_dir, metrics=metrics,
-                              registry=registry, log_model=log_generator, started=t_start)
+                              registry=registry, log_model=log_generator, started=t_start,
+                              device=runtime.device)
     write_json(registry, done.record)
     print(done.message)
     return done.record
 
 
 if __name__ == "__main__":
-    main(run_register, name="register", sections={"cfg": "register", "evaluate": "evaluate", "tracking": "tracking"},
+    main(run_register, name="register", sections={"cfg": "register", "evaluate": "evaluate", "tracking": "tracking",
+                                                  "runtime": "runtime"},
          paths=("generator", "evaluator", "processed", "cache_dir", "run", "metrics", "data_gate", "registry"))

@@ -13,20 +13,22 @@ from typing import Any
 
 import torch
 
-from aigc.config import EvaluatorConfig
+from aigc.config import EvaluatorConfig, RuntimeConfig
 from aigc.data.preprocess import load_info, load_split
 from aigc.io import atomic_path, write_json
 from aigc.metrics.evaluator import evaluator_net, evaluator_payload, fit_evaluator, label_indices
 from pipeline._stage import main
 
 
-def train_evaluator(seed: int, evaluator: EvaluatorConfig, processed: str, model: str, metrics: str) -> dict[str, Any]:
+def run_train_evaluator(seed: int, evaluator: EvaluatorConfig, processed: str, model: str, metrics: str,
+                        runtime: RuntimeConfig = RuntimeConfig()) -> dict[str, Any]:
     """Train the evaluator (a classifier) on PROCESSED's train split; report its test accuracy."""
     info = load_info(processed)
     train, test = load_split(processed, "train"), load_split(processed, "test")
     net = evaluator_net(evaluator, info)
     result = fit_evaluator(evaluator, net, torch.from_numpy(train["images"]), label_indices(train["labels"], net),
-                           torch.from_numpy(test["images"]), label_indices(test["labels"], net), seed)
+                           torch.from_numpy(test["images"]), label_indices(test["labels"], net), seed,
+                           device=runtime.device)
     with atomic_path(model) as tmp:
         torch.save(evaluator_payload(result.model), tmp)
     summary = {
@@ -44,4 +46,5 @@ def train_evaluator(seed: int, evaluator: EvaluatorConfig, processed: str, model
 
 
 if __name__ == "__main__":
-    main(train_evaluator, sections=("seed", "evaluator"), paths=("processed", "model", "metrics"))
+    main(run_train_evaluator, name="train_evaluator", sections=("seed", "evaluator", "runtime"),
+         paths=("processed", "model", "metrics"))

@@ -23,7 +23,7 @@ from aigc.metrics.evaluator import evaluator_net, fit_evaluator, label_indices
 from aigc.models import NetConfig, build_generator, generator_payload
 from aigc.tracking import Run
 from pipeline.evaluate import run_evaluate
-from pipeline.train_evaluator import train_evaluator
+from pipeline.train_evaluator import run_train_evaluator as train_evaluator
 
 EVERY_SCORE = ("fid", "kid", "is", "precision", "recall", "density", "coverage", "modes", "class_kl", "dcr_score")
 

@@ -38,7 +38,7 @@ def cnet(family: str = "dcgan", classes: int = 3) -> NetConfig:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8x8 digits, processed, with a trained evaluator (the metrics' classifier)."""
-    from pipeline.train_evaluator import train_evaluator
+    from pipeline.train_evaluator import run_train_evaluator as train_evaluator
 
     root = tmp_path_factory.mktemp("families")
     save_processed(preprocess(load_source(DataConfig(source="digits")), DataConfig(), seed=0), root / "processed")

@@ -33,7 +33,7 @@ from aigc.tracking import Run
 from aigc.training import train_gan
 from pipeline.evaluate import run_evaluate
 from pipeline.register import run_register
-from pipeline.train_evaluator import train_evaluator
+from pipeline.train_evaluator import run_train_evaluator as train_evaluator
 from tests.conftest import ROOT
 
 CFG = RegisterConfig()

@@ -139,12 +139,12 @@ class EvaluatorResult:
 
 def fit_evaluator(cfg: EvaluatorConfig, net: EvaluatorNet, images: torch.Tensor, labels: torch.Tensor,
                   test_images: torch.Tensor, test_labels: torch.Tensor, seed: int,
-                  progress: bool = True) -> EvaluatorResult:
+                  progress: bool = True, device: str = "auto") -> EvaluatorResult:
     """Train the classifier on (images, label indices) with cross-entropy and Adam; measure it on the test split."""
     if len(images) < cfg.batch_size:
         raise UserError(f"the train split has {len(images)} images, fewer than evaluator.batch_size = "
                         f"{cfg.batch_size}; lower the batch size")
-    device = resolve_device(cfg.device, "evaluator.device")
+    device = resolve_device(device, "runtime.device")
     torch.manual_seed(seed)  # weights and dropout follow from the seed
     order = torch.Generator().manual_seed(seed)  # batch order, independent of the device
     model = Evaluator(net).to(device)

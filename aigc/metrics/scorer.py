@@ -80,7 +80,8 @@ class Scorer:
     seconds_real: float
 
     @classmethod
-    def open(cls, cfg: EvaluateConfig, evaluator: str, processed: str, cache_dir: str | None) -> "Scorer":
+    def open(cls, cfg: EvaluateConfig, evaluator: str, processed: str, cache_dir: str | None,
+             device: str = "auto") -> "Scorer":
         """The scorer of ``processed`` in ``evaluator``'s feature space (``evaluate.features``); a
         UserError when the evaluator was trained on other data."""
         info = load_info(processed)
@@ -92,7 +93,7 @@ class Scorer:
                             f"{ev.cfg.width}, classes {list(ev.cfg.classes)}); retrain it (dvc repro train_evaluator)")
         if cfg.features == "inception":
             ev = InceptionEvaluator(ev, load_inception(cfg.inception_weights))
-        device = resolve_device(cfg.device, "evaluate.device")
+        device = resolve_device(device, "runtime.device")
         t = time.perf_counter()
         embedded = {}
         for split, data in (("train", train), ("test", test)):
