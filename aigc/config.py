@@ -135,8 +135,8 @@ class PixelCNNConfig(_Section):
     likelihood over 256 levels per sub-pixel; epochs, batch size and logging come from the train
     section."""
 
-    # Measured on 4,500 28x28 MNIST images, 2-core AVX2 EPYC, batch 64 (README numbers in the
-    # commit that set them): see aigc/training/pixelcnn.py.
+    # 6 x 32 (131k parameters), measured on 4,500 28x28 MNIST digits, batch 64, a shared 2-core
+    # AMD EPYC: one epoch 130 s (35 img/s; 1.78 train bits/dim after it); sampling 10 img/s.
     layers: int = Field(default=6, ge=1, le=64)
     """Gated layers: the first 7x7 (mask A), the rest 3x3 (mask B); 6 see 9 rows above, 8 columns left."""
     width: int = Field(default=32, ge=3, le=1024)
