@@ -190,3 +190,28 @@ def test_vae_importance_weighted_bound_is_below_the_elbo():
     many = vae_bits_per_dim(recipe.encoder, recipe.decoder, x, k=64)
     assert one == pytest.approx(elbo_bpd, rel=0.01)
     assert many < min(one, elbo_bpd) - 0.003
+
+
+def test_the_train_stage_trains_a_pixelcnn_and_its_file_samples(tmp_path):
+    """pipeline/train.py's run_train on the 8x8 digits: the pixelcnn section reaches the net, the
+    run's params and metrics.json; the generator file rebuilds the net and samples from it alone."""
+    import json
+
+    from aigc.config import DataConfig, TrackingConfig
+    from aigc.data.preprocess import preprocess, save_processed
+    from aigc.data.sources import load_source
+    from aigc.models import sample
+    from pipeline.train import run_train
+
+    processed = tmp_path / "processed"
+    save_processed(preprocess(load_source(DataConfig(source="digits")), DataConfig(), seed=0), processed)
+    out = {k: str(tmp_path / "out" / k) for k in ("generator", "checkpoint", "run", "metrics", "losses", "samples")}
+    run_train(0, ModelConfig(family="pixelcnn"), TrainConfig(epochs=1, batch_size=256, grid_size=4),
+              TrackingConfig(enabled=False), str(processed), **out, runtime=RT, pixelcnn=PixelCNNConfig(layers=2, width=8))
+    record, metrics = json.loads(open(out["run"]).read()), json.loads(open(out["metrics"]).read())
+    assert record["params"]["pixelcnn.layers"] == 2 and "vae.lr" not in record["params"]
+    assert record["net"]["pixel_width"] == 8 and record["net"]["conditional"] and record["net"]["z_dim"] == 64
+    assert 0 < metrics["final_bits_per_dim"] < 8.5
+    G, cfg = load_generator(out["generator"])
+    x = sample(G, cfg.z_dim, 3, seed=0)
+    assert x.shape == (3, 1, 8, 8) and torch.equal(x, sample(G, cfg.z_dim, 3, seed=0))
