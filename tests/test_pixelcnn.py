@@ -158,8 +158,8 @@ def test_recipe_for_builds_a_conditional_pixelcnn_with_one_z_per_sub_pixel():
     info = {"resolution": [8, 8], "channels": 1, "classes": [0, 1, 2],
             "counts": {"train_per_class": {"0": 24, "1": 12, "2": 12}}}
     split = {"images": tiny().numpy(), "labels": np.arange(48) % 3}
-    recipe, data, why = recipe_for(ModelConfig(family="pixelcnn"), TrainConfig(), VAEConfig(), parse_params({}).privacy.dp,
-                                   info, split, PixelCNNConfig(layers=2, width=8))
+    recipe, data, why = recipe_for(ModelConfig(family="pixelcnn"), TrainConfig(), VAEConfig(),
+                                   parse_params({}).privacy.dp, info, split, PixelCNNConfig(layers=2, width=8))
     assert isinstance(recipe, PixelCNNRecipe) and "conditional on 3 classes" in why
     assert (recipe.net.z_dim, recipe.net.pixel_layers, recipe.net.pixel_width) == (64, 2, 8)
     assert net_config(ModelConfig(family="pixelcnn", conditional=False), info, pixelcnn=PixelCNNConfig()).z_dim == 64
@@ -207,7 +207,8 @@ def test_the_train_stage_trains_a_pixelcnn_and_its_file_samples(tmp_path):
     save_processed(preprocess(load_source(DataConfig(source="digits")), DataConfig(), seed=0), processed)
     out = {k: str(tmp_path / "out" / k) for k in ("generator", "checkpoint", "run", "metrics", "losses", "samples")}
     run_train(0, ModelConfig(family="pixelcnn"), TrainConfig(epochs=1, batch_size=256, grid_size=4),
-              TrackingConfig(enabled=False), str(processed), **out, runtime=RT, pixelcnn=PixelCNNConfig(layers=2, width=8))
+              TrackingConfig(enabled=False), str(processed), **out, runtime=RT,
+              pixelcnn=PixelCNNConfig(layers=2, width=8))
     record, metrics = json.loads(open(out["run"]).read()), json.loads(open(out["metrics"]).read())
     assert record["params"]["pixelcnn.layers"] == 2 and "vae.lr" not in record["params"]
     assert record["net"]["pixel_width"] == 8 and record["net"]["conditional"] and record["net"]["z_dim"] == 64
