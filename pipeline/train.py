@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from aigc import distributed
-from aigc.config import ModelConfig, PrivacyConfig, RuntimeConfig, TrackingConfig, TrainConfig, VAEConfig
+from aigc.config import ModelConfig, PixelCNNConfig, PrivacyConfig, RuntimeConfig, TrackingConfig, TrainConfig, \
+    VAEConfig
 from aigc.data.preprocess import DATASET_JSON, dataset_sha256, load_info, load_split
 from aigc.images import save_png
 from aigc.io import save_torch, write_json
@@ -32,13 +33,14 @@ from pipeline._stage import main
 def run_train(seed: int, model: ModelConfig, train: TrainConfig, tracking: TrackingConfig, processed: str,
               generator: str, checkpoint: str, run: str, metrics: str, losses: str, samples: str,
               vae: VAEConfig = VAEConfig(), privacy: PrivacyConfig = PrivacyConfig(),
-              runtime: RuntimeConfig = RuntimeConfig()) -> dict[str, Any]:
-    """Train the model (GAN: G and D; vae: encoder and decoder) on PROCESSED's train split and
+              runtime: RuntimeConfig = RuntimeConfig(), pixelcnn: PixelCNNConfig = PixelCNNConfig()) -> dict[str, Any]:
+    """Train the model (GAN: G and D; vae: encoder and decoder; pixelcnn: the one net) on PROCESSED's train split and
     record the run in MLflow; a killed run goes on from its checkpoint. With privacy.dp.enabled D is
     trained with DP-SGD (Opacus)."""
-    recipe, data, why = recipe_for(model, train, vae, privacy.dp, load_info(processed), load_split(processed, "train"))
+    recipe, data, why = recipe_for(model, train, vae, privacy.dp, load_info(processed), load_split(processed, "train"),
+                                   pixelcnn)
     print(why, flush=True)  # model.conditional = auto says what it chose and why
-    ident = TrainIdentity.of(seed, model, train, vae, privacy.dp, recipe.net, dataset_sha256(processed))
+    ident = TrainIdentity.of(seed, model, train, vae, privacy.dp, recipe.net, dataset_sha256(processed), pixelcnn)
     if "aigc.machine.isa_caveat" in ident.tags:
         print(f"kernels capped by the environment: {ident.tags['aigc.machine.isa_caveat']} "
               f"({ident.tags['aigc.machine.kernels']})")
@@ -92,5 +94,6 @@ def run_train(seed: int, model: ModelConfig, train: TrainConfig, tracking: Track
 
 
 if __name__ == "__main__":
-    main(run_train, name="train", sections=("seed", "model", "train", "runtime", "vae", "privacy", "tracking"),
+    main(run_train, name="train", sections=("seed", "model", "train", "runtime", "vae", "pixelcnn", "privacy",
+                                                "tracking"),
          paths=("processed", "generator", "checkpoint", "run", "metrics", "losses", "samples"))

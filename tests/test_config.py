@@ -62,7 +62,7 @@ def test_runtime_knobs_have_their_own_section():
         ({"train": {"epochs": "3"}}, "train.epochs", "must be a valid integer"),
         ({"train": {"lr_g": -0.1}}, "train.lr_g", "greater than 0"),
         ({"train": {"batch_size": 1}}, "train.batch_size", "greater than or equal to 2"),
-        ({"model": {"family": "gpt"}}, "model.family", "must be one of 'dcgan', 'mlp' or 'vae'"),
+        ({"model": {"family": "gpt"}}, "model.family", "must be one of 'dcgan', 'mlp', 'vae' or 'pixelcnn'"),
         ({"model": {"family": "mlp", "conditional": True}}, "model", "the mlp family has no conditional variant"),
         ({"vae": {"likelihood": "poisson"}}, "vae.likelihood", "must be one of 'bernoulli' or 'gaussian'"),
         ({"data": {"test_size": 1.5}}, "data.test_size", "less than 1"),

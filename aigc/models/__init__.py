@@ -5,10 +5,12 @@ a conditional model its classes and their shares in the data), so ``load_generat
 from the file alone, without params.yaml or dataset.json (nanoGPT's ``model_args``).
 
 Families: ``dcgan`` and ``mlp`` (GANs: G and D), ``vae`` (encoder and decoder; the decoder is
-the generator). ``conditional`` dcgan swaps in aigc/models/conditional.py (conditional-BatchNorm
-G, projection D); a conditional vae feeds the class to both halves. A conditional generator is
-called ``G(z, y)`` with class indices y; :func:`sample` draws y by the data's class shares when
-no labels are given.
+the generator), ``pixelcnn`` (autoregressive, aigc/models/pixelcnn.py: the one network is the
+generator; its ``G(z)`` samples, with one z per sub-pixel, so z_dim = C*H*W). ``conditional``
+dcgan swaps in aigc/models/conditional.py (conditional-BatchNorm G, projection D); a conditional
+vae feeds the class to both halves, a conditional pixelcnn adds a per-class bias in each gated
+layer. A conditional generator is called ``G(z, y)`` with class indices y; :func:`sample` draws y
+by the data's class shares when no labels are given.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ GENERATOR_FORMAT = "aigc.generator/1"
 
 @dataclass(frozen=True)
 class NetConfig:
-    family: str  # "dcgan" | "mlp" | "vae"
+    family: str  # "dcgan" | "mlp" | "vae" | "pixelcnn"
     z_dim: int
     channels: int
     height: int
@@ -38,6 +40,9 @@ class NetConfig:
     kernel: int = 5
     d_dropout: float = 0.3
     spectral_norm: bool = False  # D's conv/linear weights divided by their largest singular value
+    # pixelcnn only (0 in files of the other families, so older files load unchanged):
+    pixel_layers: int = 0  # gated layers (the first one 7x7 with mask A, the rest 3x3 with mask B)
+    pixel_width: int = 0  # channels of each stack
     # Conditional models only (defaults keep older, unconditional files loading):
     conditional: bool = False
     classes: tuple[int, ...] = ()  # the dataset's label values; class index i is classes[i]
@@ -107,14 +112,14 @@ def _check_conditional(cfg: NetConfig) -> None:
 
 def build_generator(cfg: NetConfig) -> nn.Module:
     """The generator (for ``vae``: the decoder), initialised."""
-    from aigc.models import conditional, dcgan, mlp, vae
+    from aigc.models import conditional, dcgan, mlp, pixelcnn, vae
 
-    family = {"dcgan": dcgan.Generator, "mlp": mlp.Generator, "vae": vae.Decoder}
+    family = {"dcgan": dcgan.Generator, "mlp": mlp.Generator, "vae": vae.Decoder, "pixelcnn": pixelcnn.PixelCNN}
     if cfg.family not in family:
         raise UserError(f"unknown model family {cfg.family!r}; expected one of {sorted(family)}")
     _check_conditional(cfg)
     G = (conditional.Generator if cfg.conditional and cfg.family == "dcgan" else family[cfg.family])(cfg)
-    if cfg.family != "vae":  # the DCGAN init is a GAN recipe; the VAE keeps PyTorch's defaults
+    if cfg.family in ("dcgan", "mlp"):  # the DCGAN init is a GAN recipe; vae and pixelcnn keep PyTorch's defaults
         G.apply(init_weights)
     return G
 
@@ -124,6 +129,8 @@ def build_discriminator(cfg: NetConfig) -> nn.Module:
 
     if cfg.family == "vae":
         raise UserError("the vae family has no discriminator (its other half is build_encoder)")
+    if cfg.family == "pixelcnn":
+        raise UserError("the pixelcnn family has no discriminator: it is trained by maximum likelihood alone")
     _check_conditional(cfg)
     D = (conditional.ProjectionDiscriminator if cfg.conditional
          else {"dcgan": dcgan.Discriminator, "mlp": mlp.Discriminator}[cfg.family])(cfg)
@@ -147,7 +154,8 @@ def build_encoder(cfg: NetConfig) -> nn.Module:
     from aigc.models import vae
 
     if cfg.family != "vae":
-        raise UserError(f"the {cfg.family} family has no encoder")
+        raise UserError(f"the {cfg.family} family has no encoder" + (
+            " (it is an autoregressive model: its likelihood is exact)" if cfg.family == "pixelcnn" else ""))
     _check_conditional(cfg)
     return vae.Encoder(cfg)
 
@@ -244,8 +252,10 @@ def conditioning(model: Any, info: dict[str, Any]) -> tuple[bool, str]:
     return True, "model.conditional = true"
 
 
-def net_config(model: Any, info: dict[str, Any], conditional: bool | None = None) -> NetConfig:
-    """The network config from params' ``model`` section and what dataset.json says of the data.
+def net_config(model: Any, info: dict[str, Any], conditional: bool | None = None, pixelcnn: Any = None) -> NetConfig:
+    """The network config from params' ``model`` section and what dataset.json says of the data
+    (and, for the pixelcnn family, its size from params' ``pixelcnn`` section; its z_dim is C*H*W,
+    one z per sub-pixel, whatever ``model.z_dim`` says).
 
     A conditional model takes its classes and their train-split shares from dataset.json; whether
     the model is conditional is :func:`conditioning`'s answer (true on a dataset without labels
@@ -255,6 +265,11 @@ def net_config(model: Any, info: dict[str, Any], conditional: bool | None = None
     base = dict(family=model.family, z_dim=model.z_dim, channels=int(info["channels"]), height=int(h), width=int(w),
                 g_widths=tuple(model.g_widths), d_widths=tuple(model.d_widths), kernel=model.kernel,
                 d_dropout=model.d_dropout, spectral_norm=model.spectral_norm)
+    if model.family == "pixelcnn":
+        if pixelcnn is None:
+            raise UserError("the pixelcnn family needs the pixelcnn section (layers, width) to build its network")
+        base |= dict(z_dim=base["channels"] * base["height"] * base["width"], pixel_layers=pixelcnn.layers,
+                     pixel_width=pixelcnn.width)
     if not (conditioning(model, info)[0] if conditional is None else conditional):
         return NetConfig(**base)
     classes, counts, _ = _labelled(info)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from aigc import machine
-from aigc.config import DPConfig, ModelConfig, TrackingConfig, TrainConfig, VAEConfig
+from aigc.config import DPConfig, ModelConfig, PixelCNNConfig, TrackingConfig, TrainConfig, VAEConfig
 from aigc.io import params_sha256
 from aigc.io import atomic_path
 from aigc.models import NetConfig
@@ -107,11 +107,15 @@ class Recorder:
 
 
 
-def run_name(kind: str, model: ModelConfig, train: TrainConfig, vae: VAEConfig, params_hash: str) -> str:
+def run_name(kind: str, model: ModelConfig, train: TrainConfig, vae: VAEConfig, params_hash: str,
+             pixelcnn: PixelCNNConfig | None = None) -> str:
     """What tells this run from its neighbours in the MLflow run list: the family, its loss (GANs:
-    train.loss; VAE: the likelihood), the augmentation, and the first characters of the params hash
-    (equal names, equal params)."""
-    if model.family == "vae":
+    train.loss; VAE: the likelihood; PixelCNN: its layers and width), the augmentation, and the
+    first characters of the params hash (equal names, equal params)."""
+    if model.family == "pixelcnn":
+        pixelcnn = pixelcnn or PixelCNNConfig()
+        parts = [kind, f"L{pixelcnn.layers}", f"w{pixelcnn.width}"]
+    elif model.family == "vae":
         parts = [kind, vae.likelihood, f"beta{vae.beta:g}"]
     else:
         parts = [kind, train.loss, "+".join(train.augment) if train.augment else "noaug"]
@@ -120,7 +124,7 @@ def run_name(kind: str, model: ModelConfig, train: TrainConfig, vae: VAEConfig, 
 
 # The final values reports/train/metrics.json (a DVC metric: `dvc exp show` columns) carries; the
 # loop's other statistics (D's outputs, the EMA's beta) stay in losses.csv, run.json and MLflow.
-FINAL_LOSSES = ("d_loss", "g_loss", "loss", "neg_elbo")
+FINAL_LOSSES = ("d_loss", "g_loss", "loss", "neg_elbo", "bits_per_dim")
 
 
 @dataclass
@@ -132,23 +136,23 @@ class TrainIdentity:
     params_hash: str
     dataset_sha: str
     commit: str | None
-    kind: str  # dcgan, cdcgan, mlp, vae, cvae
+    kind: str  # dcgan, cdcgan, mlp, vae, cvae, pixelcnn, cpixelcnn
     name: str
     tags: dict[str, str]
     machine_tags: dict[str, str]  # the CPU and the kernels in force (an ISA cap exported by the user shows here)
 
     @classmethod
     def of(cls, seed: int, model: ModelConfig, train: TrainConfig, vae: VAEConfig, dp: DPConfig, net: NetConfig,
-           dataset_sha: str) -> "TrainIdentity":
-        params, commit = run_params(seed, model, train, vae, dp), git_commit()
+           dataset_sha: str, pixelcnn: PixelCNNConfig | None = None) -> "TrainIdentity":
+        params, commit = run_params(seed, model, train, vae, dp, pixelcnn), git_commit()
         kind, params_hash, machine_tags = f"{'c' if net.conditional else ''}{model.family}", params_sha256(params), \
             machine.tags()
         tags = {"aigc.stage": "train", "aigc.dataset_sha256": dataset_sha, "aigc.family": model.family,
                 "aigc.conditional": str(net.conditional).lower(), "aigc.params_sha256": params_hash,
                 "aigc.dp": str(dp.enabled).lower()} | machine_tags | (
                     {"mlflow.source.git.commit": commit} if commit else {})
-        return cls(params, params_hash, dataset_sha, commit, kind, run_name(kind, model, train, vae, params_hash), tags,
-                   machine_tags)
+        return cls(params, params_hash, dataset_sha, commit, kind,
+                   run_name(kind, model, train, vae, params_hash, pixelcnn), tags, machine_tags)
 
     def reports(self, run: Run, result: TrainResult, summary: dict[str, Any], privacy: dict[str, Any]) -> tuple[
             dict[str, Any], dict[str, Any]]:

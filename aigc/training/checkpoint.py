@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aigc.config import DPConfig, ModelConfig, TrainConfig, VAEConfig, flatten
+from aigc.config import DPConfig, ModelConfig, PixelCNNConfig, TrainConfig, VAEConfig, flatten
 from aigc.errors import UserError
 from aigc.io import file_sha256
 from aigc.models import NetConfig
@@ -77,13 +77,17 @@ def code_files(root: Path = ROOT) -> dict[str, str]:
             for package in ("aigc", "pipeline") for p in sorted((root / package).rglob("*.py"))}
 
 
-def run_params(seed: int, model: ModelConfig, train: TrainConfig, vae: VAEConfig, dp: DPConfig) -> dict[str, Any]:
+def run_params(seed: int, model: ModelConfig, train: TrainConfig, vae: VAEConfig, dp: DPConfig,
+               pixelcnn: PixelCNNConfig | None = None) -> dict[str, Any]:
     """The params a training's result depends on, flat (``{"train.lr_g": ...}``): what its MLflow
     run records and its checkpoint's fingerprint holds (the vae section for the vae family only,
-    privacy.dp only when enabled; the runtime section never)."""
+    the pixelcnn section for the pixelcnn family only, privacy.dp only when enabled; the runtime
+    section never)."""
     params = {"seed": seed} | flatten(model, "model.") | flatten(train, "train.")
     if model.family == "vae":
         params |= flatten(vae, "vae.")
+    if model.family == "pixelcnn":
+        params |= flatten(pixelcnn or PixelCNNConfig(), "pixelcnn.")
     if dp.enabled:
         params |= flatten(dp, "privacy.dp.")
     return params

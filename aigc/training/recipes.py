@@ -7,22 +7,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from aigc.config import DPConfig, ModelConfig, TrainConfig, VAEConfig
+from aigc.config import DPConfig, ModelConfig, PixelCNNConfig, TrainConfig, VAEConfig
 from aigc.models import conditioning, net_config
 from aigc.training.gan import GANRecipe
 from aigc.training.loop import Recipe, TrainData
+from aigc.training.pixelcnn import PixelCNNRecipe
 from aigc.training.vae import VAERecipe
 
 
 def recipe_for(model: ModelConfig, train: TrainConfig, vae: VAEConfig, dp: DPConfig, info: dict[str, Any],
-               split: dict[str, np.ndarray]) -> tuple[Recipe, TrainData, str]:
+               split: dict[str, np.ndarray], pixelcnn: PixelCNNConfig | None = None) -> tuple[Recipe, TrainData, str]:
     """(the family's recipe, the train split as tensors, why it is (un)conditional in words).
 
     ``model.conditional: true`` on data that cannot support it is a UserError naming what is
     missing; "auto" conditions when every training image is labelled and there are 2+ classes.
     """
     conditional, why = conditioning(model, info)
-    net = net_config(model, info, conditional)
-    recipe: Recipe = VAERecipe(vae, net) if model.family == "vae" else GANRecipe(train, net, dp)
+    pixelcnn = pixelcnn or PixelCNNConfig()
+    net = net_config(model, info, conditional, pixelcnn)
+    recipe: Recipe = (VAERecipe(vae, net) if model.family == "vae" else PixelCNNRecipe(pixelcnn, net)
+                      if model.family == "pixelcnn" else GANRecipe(train, net, dp))
     labels = net.class_indices(split["labels"]) if net.conditional else None
     return recipe, TrainData(torch.from_numpy(split["images"]), labels), why
