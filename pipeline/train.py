@@ -25,7 +25,7 @@ from aigc.io import save_torch, write_json
 from aigc.models import generator_payload
 from aigc.tracking import Run, TrackingUnavailable
 from aigc.tracking.train_run import Recorder, TrainIdentity, log_training, open_train_run
-from aigc.training import Hooks, fingerprint, recipe_for, resumable
+from aigc.training import Hooks, fingerprint, recipe_for, resumable, split_data
 from aigc.training import train as train_loop  # the stage's own `train` is its params section
 from pipeline._stage import main
 
@@ -74,6 +74,8 @@ def run_train(seed: int, model: ModelConfig, train: TrainConfig, tracking: Track
             save_png(rec.grid, samples)
             started, summary, dp = time.perf_counter(), result.summary(rec.tracking_seconds), result.recipe.privacy()
             summary |= {k: dp[k] for k in ("epsilon", "delta", "noise_multiplier") if dp["dp"]}  # beside the scores
+            nll = result.recipe.likelihood(split_data(load_split(processed, "test"), recipe))  # the held-out split's
+            summary |= {"test_bits_per_dim": nll["bits_per_dim"], "likelihood": nll["likelihood"]}
             headline, record = ident.reports(tracker, result, summary, dp)
             write_json(metrics, headline)
             write_json(run, record)

@@ -213,6 +213,8 @@ def test_the_train_stage_trains_a_pixelcnn_and_its_file_samples(tmp_path):
     assert record["params"]["pixelcnn.layers"] == 2 and "vae.lr" not in record["params"]
     assert record["net"]["pixel_width"] == 8 and record["net"]["conditional"] and record["net"]["z_dim"] == 64
     assert 0 < metrics["final_bits_per_dim"] < 8.5
+    # the test split's exact likelihood, a dvc exp show column beside the scores
+    assert 0 < metrics["test_bits_per_dim"] < 8.5 and record["training"]["likelihood"] == "exact"
     G, cfg = load_generator(out["generator"])
     x = sample(G, cfg.z_dim, 3, seed=0)
     assert x.shape == (3, 1, 8, 8) and torch.equal(x, sample(G, cfg.z_dim, 3, seed=0))

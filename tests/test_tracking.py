@@ -113,6 +113,8 @@ def test_train_stage_outputs_and_mlflow_run(tmp_path: Path, sqlite_uri: str, pro
     losses = Path(out["losses"]).read_text().splitlines()
     # Whatever the loop reported, in the order it first reported it (aigc/stats.py).
     assert losses[0] == "step,epoch,d_loss,d_real,d_fake,d_separated,g_loss,ema_beta" and len(losses) == summary["steps"] + 1
+    assert summary["likelihood"].startswith("none") and "test_bits_per_dim" not in json.loads(
+        Path(out["metrics"]).read_text())  # a GAN has no likelihood: no column, and the run says so
     assert Path(out["samples"]).stat().st_size > 0
 
 

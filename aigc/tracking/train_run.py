@@ -157,7 +157,8 @@ class TrainIdentity:
     def reports(self, run: Run, result: TrainResult, summary: dict[str, Any], privacy: dict[str, Any]) -> tuple[
             dict[str, Any], dict[str, Any]]:
         """(reports/train/metrics.json, models/run.json): the headline numbers, and the whole record."""
-        headline = {k: summary[k] for k in ("images_per_s", "seconds", "epochs", "epsilon", "delta") if k in summary} | {
+        headline = {k: summary[k] for k in ("images_per_s", "seconds", "epochs", "epsilon", "delta", "test_bits_per_dim")
+                    if summary.get(k) is not None} | {
             f"final_{k}": summary[f"final_{k}"] for k in FINAL_LOSSES if f"final_{k}" in summary}
         record = run.info() | {"git_commit": self.commit, "dataset_sha256": self.dataset_sha, "params": self.params,
                                "params_sha256": self.params_hash, "run_name": self.name, "net": result.net.to_dict(),
@@ -193,6 +194,9 @@ def log_training(run: Run, result: TrainResult, summary: dict[str, Any], privacy
     if found is not None:
         run.set_tags({"aigc.speed_probe": found.describe()[:5000]})
         run.log_metrics({f"perf/probe_{k.replace('/', '_')}_img_s": v for k, v in found.speeds.items()})
+    if summary.get("test_bits_per_dim") is not None:  # the held-out likelihood, beside the scores
+        run.log_metrics({"test_bits_per_dim": summary["test_bits_per_dim"]}, step=result.steps)
+    run.set_tags({"aigc.likelihood": summary.get("likelihood", "")})
     run.log_metrics({"perf/images_per_s": summary["images_per_s"], "perf/train_seconds": summary["seconds"]},
                     step=result.steps)
     run.set_tags({"aigc.epochs": summary["epochs"], "aigc.steps": summary["steps"],

@@ -196,6 +196,11 @@ class Recipe:
         """The differential-privacy guarantee of the training (``{"dp": False}`` without DP)."""
         return {"dp": False}
 
+    def likelihood(self, data: TrainData) -> dict[str, Any]:
+        """Held-out negative log-likelihood in bits/dim, for the families that have one:
+        ``{"bits_per_dim": x, "likelihood": how it was measured}``; a GAN has none."""
+        return {"bits_per_dim": None, "likelihood": "none (a GAN has no likelihood)"}
+
     def postfix(self, last: dict[str, float]) -> dict[str, str]:
         """The progress bar's figures from the last window's means."""
         return {}

@@ -96,6 +96,11 @@ class PixelCNNRecipe(Recipe):
         self.G.load_state_dict(state["G"])
         self.opt.load_state_dict(state["opt"])
 
+    def likelihood(self, data: TrainData) -> dict[str, Any]:
+        from aigc.metrics.likelihood import bits_per_dim
+
+        return {"bits_per_dim": bits_per_dim(self.G, data.images, data.labels), "likelihood": "exact"}
+
     def postfix(self, last: dict[str, float]) -> dict[str, str]:
         return {"bpd": f"{last.get('bits_per_dim', float('nan')):.3f}"}
 

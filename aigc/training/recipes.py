@@ -15,6 +15,12 @@ from aigc.training.pixelcnn import PixelCNNRecipe
 from aigc.training.vae import VAERecipe
 
 
+def split_data(split: dict[str, np.ndarray], recipe: Recipe) -> TrainData:
+    """A split as the recipe's net takes it: tensors, and class indices when it is conditional."""
+    net = recipe.net
+    return TrainData(torch.from_numpy(split["images"]), net.class_indices(split["labels"]) if net.conditional else None)
+
+
 def recipe_for(model: ModelConfig, train: TrainConfig, vae: VAEConfig, dp: DPConfig, info: dict[str, Any],
                split: dict[str, np.ndarray], pixelcnn: PixelCNNConfig | None = None) -> tuple[Recipe, TrainData, str]:
     """(the family's recipe, the train split as tensors, why it is (un)conditional in words).
@@ -27,5 +33,4 @@ def recipe_for(model: ModelConfig, train: TrainConfig, vae: VAEConfig, dp: DPCon
     net = net_config(model, info, conditional, pixelcnn)
     recipe: Recipe = (VAERecipe(vae, net) if model.family == "vae" else PixelCNNRecipe(pixelcnn, net)
                       if model.family == "pixelcnn" else GANRecipe(train, net, dp))
-    labels = net.class_indices(split["labels"]) if net.conditional else None
-    return recipe, TrainData(torch.from_numpy(split["images"]), labels), why
+    return recipe, split_data(split, recipe), why

@@ -39,6 +39,7 @@ from aigc.stats import Stats
 from aigc.training.loop import Batch, Hooks, Recipe, Setup, Stateful, TrainData, TrainResult, train
 
 VAE_KEYS = ("loss", "recon", "kl", "neg_elbo", "beta")
+IWAE_SAMPLES = 64  # samples of q(z|x) in the held-out likelihood bound (Burda et al. 2016 use 5000 at the end)
 
 
 def recon_nll(logits: torch.Tensor, x: torch.Tensor, likelihood: str, sigma: float) -> torch.Tensor:
@@ -136,6 +137,13 @@ class VAERecipe(Recipe):
         self.encoder.load_state_dict(state["encoder"])
         self.decoder.load_state_dict(state["decoder"])
         self.opt.load_state_dict(state["opt"])
+
+    def likelihood(self, data: TrainData, k: int = IWAE_SAMPLES) -> dict[str, Any]:
+        from aigc.metrics.likelihood import vae_bits_per_dim
+
+        return {"bits_per_dim": vae_bits_per_dim(self.encoder, self.decoder, data.images, data.labels, k=k,
+                                                 vae=self.vae),
+                "likelihood": f"upper bound (importance-weighted, k={k}; under vae.likelihood {self.vae.likelihood})"}
 
     def postfix(self, last: dict[str, float]) -> dict[str, str]:
         return {"neg_elbo": f"{last.get('neg_elbo', float('nan')):.1f}", "kl": f"{last.get('kl', float('nan')):.1f}"}
