@@ -145,6 +145,7 @@ def context(files: RunFiles) -> dict[str, Any]:
         "final": {k.removeprefix("final_"): v for k, v in figures.items() if k.startswith("final_")},
         "device": run.get("device"),
         "privacy": {k: figures[k] for k in ("epsilon", "delta") if k in figures},
+        "likelihood": {"bits_per_dim": figures.get("test_bits_per_dim"), "how": training.get("likelihood")},
         "scores": _score_rows(headline, metrics),
         "protocol": {k: metrics[k] for k in ("num_samples", "sample_size", "sets", "reference_subsets",
                                              "train_size", "heldout_size", "prdc_k") if k in metrics},
@@ -165,6 +166,8 @@ def _headline(figures: dict[str, Any], headline: dict[str, Any], registry: dict[
     if isinstance(headline.get("fid"), (int, float)):
         floor = headline.get("fid_floor")
         parts.append(f"FID {headline['fid']:.4g}" + (f" (floor {floor:.3g})" if isinstance(floor, (int, float)) else ""))
+    if isinstance(figures.get("test_bits_per_dim"), (int, float)):
+        parts.append(f"{figures['test_bits_per_dim']:.3f} bits/dim")
     if "epsilon" in figures:
         parts.append(f"ε = {figures['epsilon']:.3g}")
     if registry.get("outcome"):

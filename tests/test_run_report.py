@@ -138,3 +138,14 @@ def test_without_a_run_id_the_run_file_is_the_report_stages_from_dvc_yaml(tmp_pa
     (tmp_path / "elsewhere" / "r.json").write_text('{"run_id": null}')
     assert cli.main(["report"]) == 1
     assert capsys.readouterr().err == "error: elsewhere/r.json names no MLflow run (tracking was off); pass a run id\n"
+
+
+def test_the_held_out_likelihood_is_shown_when_the_family_has_one(tmp_path: Path):
+    gan = render_page(write_run(tmp_path / "gan"))
+    assert "<h2>Likelihood of the held-out split</h2>" in gan and "not recorded" in gan
+    files = write_run(tmp_path / "pixelcnn")
+    run = json.loads(files.run.read_text())
+    run["training"] |= {"test_bits_per_dim": 1.234, "likelihood": "exact"}
+    files.run.write_text(json.dumps(run))
+    page = render_page(files)
+    assert "<b>1.234 bits/dim</b> on the test split (exact;" in page and "1.234 bits/dim" in page.split("<h2>")[0]
