@@ -18,7 +18,7 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 WITH_ENV := python -m aigc.environment
 
-.PHONY: help run test test-fast ui bench install install-dev dvc-init serve retrain schedule services services-down plots-template
+.PHONY: help run test test-fast ui bench docs install install-dev dvc-init serve retrain schedule services services-down plots-template
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -65,6 +65,10 @@ test: install-dev dvc-init  ## the whole test suite, end-to-end runs included
 
 test-fast: install-dev  ## the fast tests only (no end-to-end runs)
 	pytest -n 2 --dist loadfile -m "not slow"
+
+docs: install-dev  ## build the reference site offline into site/ (MkDocs, --strict: a broken link fails)
+	$(WITH_ENV) mkdocs build --strict -d site
+	@echo "docs: open site/index.html"
 
 bench: install  ## speed and overhead figures -> reports/benchmarks/ (~5 min)
 	python -m benchmarks

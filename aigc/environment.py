@@ -42,6 +42,7 @@ def quiet(cwd: Path | None = None) -> dict[str, str]:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "DVC_NO_ANALYTICS": "1",
         "GX_ANALYTICS_ENABLED": "False",
+        "NO_MKDOCS_2_WARNING": "1",  # Material's end-of-life banner on every `make docs`
     }
 
 
