@@ -47,3 +47,20 @@ def test_policy_order_gradient_and_colour_check():
         check_policy(["color"], channels=1)
     check_policy(["color", "translation"], channels=3)
     assert diff_augment(torch.rand(2, 3, 8, 8), ["color"]).shape == (2, 3, 8, 8)
+
+
+def test_colour_on_an_rgb_batch_changes_every_image_keeps_shape_and_image_mean_within_brightness():
+    torch.manual_seed(0)
+    x = (torch.rand(64, 3, 16, 16) * 2 - 1).requires_grad_()  # RGB in [-1, 1]
+    y = diff_augment(x, ["color"])
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert ((y - x).abs().flatten(1).amax(1) > 1e-3).all()  # every image changed, each by its own draw
+    # Saturation keeps each pixel's channel mean and contrast the image mean, so the image mean moves only
+    # by the brightness shift, in [-0.5, 0.5) as in the reference.
+    shift = (y - x).mean(dim=(1, 2, 3))
+    assert shift.abs().max() <= 0.5 and shift.std() > 0.1
+    # Not clipped back to [-1, 1] (the reference does not: a clip would cut G's gradient where it clips),
+    # so every pixel still passes a gradient.
+    y.sum().backward()
+    assert (x.grad != 0).float().mean() > 0.99
+    assert y.abs().max() > 1

@@ -140,7 +140,7 @@ def test_vae_halves_fit_together():
     mu, logvar = enc(torch.rand(3, 1, 28, 28))
     assert mu.shape == logvar.shape == (3, 8)
     assert dec.logits(mu).shape == dec(mu).shape == (3, 1, 28, 28)
-    with pytest.raises(UserError, match="divisible by 4"):
+    with pytest.raises(UserError, match="multiples of 4.*the data is 10x10; set data.image_size to 8 or 12"):
         build_encoder(NetConfig("vae", 8, 1, 10, 10))
     with pytest.raises(UserError, match="no discriminator"):
         build_discriminator(net)

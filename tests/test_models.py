@@ -25,7 +25,7 @@ def test_shapes(family: str, shape: tuple[int, int, int]):
 
 
 def test_dcgan_needs_a_multiple_of_four():
-    with pytest.raises(UserError, match="divisible by 4.*data.image_size"):
+    with pytest.raises(UserError, match="multiples of 4.*the data is 30x30; set data.image_size to 28 or 32"):
         build_generator(NetConfig("dcgan", 16, 1, 30, 30))
 
 

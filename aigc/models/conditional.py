@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aigc.errors import UserError
 from aigc.models import dcgan
 
 
@@ -45,28 +44,19 @@ class Generator(nn.Module):
 
     def __init__(self, cfg) -> None:
         super().__init__()
-        c, h, w = cfg.image_shape
-        if h % 4 or w % 4:
-            raise UserError(f"the dcgan family needs a resolution divisible by 4, the data is {h}x{w}; "
-                            "set data.image_size (e.g. 28 or 32)")
-        widths, k = tuple(cfg.g_widths), cfg.kernel
-        self.base = (h // 4, w // 4)
-        self.width0 = widths[0]
+        plan = dcgan.generator_plan(cfg)  # the same layers as dcgan's G
+        self.base, self.width0 = plan.base, plan.width0
         self.num_classes = cfg.num_classes
         self.class_share = torch.tensor(cfg.class_share, dtype=torch.float64)  # for sampling without labels
-        width = widths[0] * self.base[0] * self.base[1]
-        self.project = nn.Linear(cfg.z_dim, width, bias=False)  # z (N, z_dim) -> (N, widths[0]*h/4*w/4)
+        width = plan.width0 * plan.base[0] * plan.base[1]
+        self.project = nn.Linear(cfg.z_dim, width, bias=False)  # z (N, z_dim) -> (N, width0*base_h*base_w)
         self.bn0 = ConditionalBatchNorm(width, cfg.num_classes, 1)
         self.ups = nn.ModuleList()
         self.bns = nn.ModuleList()
-        outs = (*widths[1:], c)
-        for i, (c_in, c_out) in enumerate(zip(widths, outs)):
-            if i < len(outs) - 2:  # (N, c_in, h/4, w/4) -> (N, c_out, h/4, w/4)
-                self.ups.append(nn.ConvTranspose2d(c_in, c_out, k, stride=1, padding=dcgan._same(k), bias=False))
-            else:  # the last two: (N, c_in, s, s) -> (N, c_out, 2s, 2s); the last one to C channels in [-1, 1]
-                self.ups.append(dcgan._up2(c_in, c_out, k, bias=i == len(outs) - 1))
-            if i < len(outs) - 1:
-                self.bns.append(ConditionalBatchNorm(c_out, cfg.num_classes, 2))
+        for layer in plan.layers:  # the last one to C channels in [-1, 1], without a norm
+            self.ups.append(dcgan.g_conv(layer, cfg.kernel))
+            if not layer.last:
+                self.bns.append(ConditionalBatchNorm(layer.c_out, cfg.num_classes, 2))
         self.act = nn.LeakyReLU(0.2, inplace=True)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

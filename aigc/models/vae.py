@@ -1,5 +1,8 @@
 """The variational autoencoder family (Kingma & Welling 2014): a conv encoder q(z|x[,y]) and a
-conv decoder p(x|z[,y]), sized from the data (H and W divisible by 4, like dcgan).
+conv decoder p(x|z[,y]), sized from the data like dcgan (aigc/models/dcgan.py, ``blocks``): H and W
+multiples of 4; the encoder halves them once per block down to the base (28 -> 7, 32 -> 4, 64 -> 4,
+8 -> 2) and the decoder doubles them back. Widths 32 then 64; extra blocks (beyond two, at 32 px
+and up) repeat the widest, 64, at the low-resolution end, so 28x28 and 8x8 nets are as before.
 
 The decoder is this family's *generator*: ``G(z)`` (or ``G(z, y)`` when conditional) returns
 images in [-1, 1], so sampling, evaluation, registration and serving treat it like a GAN's G.
@@ -18,15 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aigc.errors import UserError
+from aigc.models import dcgan
 
 HIDDEN = 256  # width of the dense layer between the convolutions and z
+WIDTHS = (32, 64)  # the encoder's stride-2 convolutions (the decoder's, reversed)
 
 
-def _check(h: int, w: int) -> None:
-    if h % 4 or w % 4:
-        raise UserError(f"the vae family needs a resolution divisible by 4, the data is {h}x{w}; "
-                        "set data.image_size (e.g. 28 or 32)")
+def _plan(h: int, w: int) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """The encoder's widths (32, 64, then 64 per extra block) and the base (H, W) it halves down to."""
+    k = dcgan.blocks(h, w, "vae")
+    return WIDTHS + (max(WIDTHS),) * (k - len(WIDTHS)), (h // 2 ** k, w // 2 ** k)
 
 
 class Encoder(nn.Module):
@@ -35,14 +39,13 @@ class Encoder(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         c, h, w = cfg.image_shape
-        _check(h, w)
+        widths, self.base = _plan(h, w)
         self.num_classes = cfg.num_classes if cfg.conditional else 0
-        self.conv = nn.Sequential(
-            nn.Conv2d(c, 32, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True),  # (N, 32, H/2, W/2)
-            nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True),  # (N, 64, H/4, W/4)
-            nn.Flatten(),
-        )
-        self.fc = nn.Sequential(nn.Linear(64 * (h // 4) * (w // 4) + self.num_classes, HIDDEN),
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip((c, *widths[:-1]), widths):  # each halves H and W: (N, 32, H/2, W/2), (N, 64, H/4, W/4), ...
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        self.conv = nn.Sequential(*layers, nn.Flatten())  # -> (N, 64 * base_h * base_w)
+        self.fc = nn.Sequential(nn.Linear(widths[-1] * self.base[0] * self.base[1] + self.num_classes, HIDDEN),
                                 nn.LeakyReLU(0.2, inplace=True))
         self.mu = nn.Linear(HIDDEN, cfg.z_dim)
         self.logvar = nn.Linear(HIDDEN, cfg.z_dim)
@@ -61,24 +64,27 @@ class Decoder(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         c, h, w = cfg.image_shape
-        _check(h, w)
+        widths, self.base = _plan(h, w)
+        self.width0 = widths[-1]
         self.conditional = bool(cfg.conditional)
         self.num_classes = cfg.num_classes if cfg.conditional else 0
         self.class_share = torch.tensor(cfg.class_share, dtype=torch.float64)  # for sampling without labels
-        self.base = (h // 4, w // 4)
         self.fc = nn.Sequential(
             nn.Linear(cfg.z_dim + self.num_classes, HIDDEN), nn.ReLU(inplace=True),
-            nn.Linear(HIDDEN, 64 * self.base[0] * self.base[1]), nn.ReLU(inplace=True),
+            nn.Linear(HIDDEN, self.width0 * self.base[0] * self.base[1]), nn.ReLU(inplace=True),
         )
-        self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(inplace=True),  # (N, 32, H/2, W/2)
-            nn.ConvTranspose2d(32, c, 4, stride=2, padding=1),  # (N, C, H, W): raw parameters
-        )
+        chans = (*widths[::-1], c)  # the encoder's widths reversed, ending at C
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:])):  # each doubles: ..., (N, 32, H/2, W/2), (N, C, H, W)
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+            if i < len(chans) - 2:  # the last one without an activation: raw parameters
+                layers.append(nn.ReLU(inplace=True))
+        self.deconv = nn.Sequential(*layers)
 
     def logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if self.num_classes:
             z = torch.cat([z, F.one_hot(y, self.num_classes).to(z.dtype)], 1)
-        return self.deconv(self.fc(z).view(-1, 64, *self.base))
+        return self.deconv(self.fc(z).view(-1, self.width0, *self.base))
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return torch.tanh(self.logits(z, y) / 2)  # = 2 sigmoid(o) - 1: images in [-1, 1]
