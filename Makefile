@@ -71,7 +71,7 @@ docs: install-dev  ## build the reference site offline into site/ (MkDocs, --str
 	@echo "docs: open site/index.html"
 
 bench: install  ## speed and overhead figures -> reports/benchmarks/ (~5 min)
-	python -m benchmarks
+	python -m aigc_bench
 
 ui: install  ## open the MLflow UI on http://127.0.0.1:5000 for the local store
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training view)"

@@ -9,8 +9,8 @@ Read from ``/proc/cpuinfo`` (Linux) without starting ``lscpu``; elsewhere the fi
 cannot be read are empty rather than guessed.
 
 The kernels that run need not be the CPU's best: oneDNN, ATen and MKL each read a cap from the
-environment when torch is imported (:data:`ISA_CAPS`). ``python -m benchmarks --isa avx2`` sets
-them (:func:`exec_under_cap`) to run the AVX2 code paths on an AVX-512 CPU -- an emulation of the
+environment when torch is imported (:data:`ISA_CAPS`). ``python -m aigc_bench --isa avx2`` sets
+them (``aigc_bench/isa.py``) to run the AVX2 code paths on an AVX-512 CPU -- an emulation of the
 instruction set only, not of an AVX2 machine's clocks, caches or cores -- and :func:`in_force`
 says which kernels a process actually runs, in every report and MLflow run beside the CPU's flags.
 """
@@ -33,6 +33,14 @@ VECTOR_PREFIXES = ("avx", "fma", "amx")
 
 
 @lru_cache(maxsize=1)
+def usable_cores() -> int:
+    """Cores this process may run on (affinity / cgroup cpusets), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def cpu() -> dict[str, Any]:
     """``{"model", "flags", "isa", "logical_cpus"}``: the model name, the vector flags (avx*,
     fma, amx*), and the best instruction-set level among sse4_2 < avx2 < avx512 < avx512+amx."""
@@ -80,21 +88,6 @@ PRETTY = {"pre-avx2": "pre-AVX2", "avx2": "AVX2", "avx512": "AVX-512", "avx512+a
           "unknown": "unknown ISA"}
 
 
-def isa_cap_env(cap: str, cpu_isa: str | None = None) -> dict[str, str]:
-    """The environment variables of the cap ``cap`` (:data:`ISA_CAPS`), checked against the CPU:
-    a cap above what the CPU has (avx512 on an AVX2 machine) is a :class:`UserError`, not a silent
-    fall-back to other kernels."""
-    if cap not in ISA_CAPS:
-        raise UserError(f"--isa {cap!r} is not a known cap; use one of {', '.join(ISA_CAPS)}")
-    cpu_isa = cpu_isa or cpu()["isa"]
-    need = None if cap == "native" else cap  # the CPU level a cap needs: its own name
-    if need and (cpu_isa not in LEVELS or LEVELS.index(cpu_isa) < LEVELS.index(need)):
-        raise UserError(f"--isa {cap}: this CPU ({cpu()['model']}) has {cpu_isa}, not {need}; a cap can only "
-                        f"lower the instruction set: use --isa native"
-                        + (" or --isa avx2" if cpu_isa in LEVELS[1:] else ""))
-    return dict(ISA_CAPS[cap])
-
-
 def cap_of(environ: Mapping[str, str] | None = None) -> str:
     """Which cap the environment sets: a name of :data:`ISA_CAPS` (``native``: none of
     :data:`ISA_VARS`), or ``custom`` for any other mix."""
@@ -106,44 +99,6 @@ def cap_of(environ: Mapping[str, str] | None = None) -> str:
         if have == want:
             return name
     return "custom"
-
-
-def exec_under_cap(cap: str, module: str, argv: Sequence[str]) -> None:
-    """Make sure this process runs under ``cap``: return when the environment already sets it,
-    else replace the process by ``python -m module argv...`` with the cap's variables set (and the
-    other ones of :data:`ISA_VARS` removed), so torch is imported under it and every process it
-    starts inherits it. Raises :class:`UserError` for a cap the CPU does not have."""
-    want = isa_cap_env(cap)
-    if cap_of() == cap:
-        return
-    # DNNL_MAX_CPU_ISA: oneDNN's older name of ONEDNN_MAX_CPU_ISA, which would cap a "native" run.
-    env = {k: v for k, v in os.environ.items() if k not in (*ISA_VARS, "DNNL_MAX_CPU_ISA")} | want
-    _execve([sys.executable, "-m", module, *argv], env)
-
-
-def add_isa_argument(ap: Any) -> None:
-    """``--isa {avx2,avx512,native}`` on an argparse parser (the benchmarks' and this module's)."""
-    ap.add_argument("--isa", choices=tuple(ISA_CAPS), default=None,
-                    help="cap PyTorch's CPU kernels (oneDNN, ATen, MKL) at this instruction set, e.g. avx2 on an "
-                         "AVX-512 CPU: an emulation of the ISA only, not of an AVX2 machine; a benchmark's reports "
-                         "get the suffix _<isa> (default: the kernels the environment gives)")
-
-
-def under_cap(isa: str | None, module: str, argv: Sequence[str] | None = None) -> None:
-    """The command-line edge of :func:`exec_under_cap`: nothing for ``None``, a cap the CPU does
-    not have is one ``error:`` line and exit status 1. Call it before anything imports torch."""
-    if isa is None:
-        return
-    try:
-        exec_under_cap(isa, module, sys.argv[1:] if argv is None else argv)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def _execve(cmd: list[str], env: dict[str, str]) -> NoReturn:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(cmd[0], cmd, env)
 
 
 def _cap_level(library: str, value: str) -> int | None:
@@ -207,7 +162,6 @@ def describe() -> dict[str, Any]:
     """The machine, as recorded beside every benchmark figure."""
     import torch
 
-    from aigc.runtime import usable_cores
 
     c = cpu()
     kernels = in_force()
@@ -263,21 +217,3 @@ def one_line(d: dict[str, Any] | None = None) -> str:
     d = d or describe()
     return (f"{d['cpu_model']} ({d['isa']}, {d['cores_usable']} cores), torch {d['torch']}, "
             f"oneDNN {d['onednn']}, load {d['load_average'][0]:.1f}; {kernels_line(d)}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m aigc.machine [--isa avx2]``: the machine and the kernels that run, as JSON."""
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(prog="python -m aigc.machine", description=main.__doc__)
-    add_isa_argument(ap)
-    args = ap.parse_args(argv)
-    under_cap(args.isa, "aigc.machine", argv)
-    d = describe()
-    print(one_line(d))
-    print(json.dumps(d, indent=2))
-
-
-if __name__ == "__main__":
-    main()

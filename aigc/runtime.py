@@ -30,6 +30,7 @@ import psutil
 import torch
 
 from aigc.errors import UserError
+from aigc.machine import fingerprint, in_force, usable_cores  # the machine itself; runtime decides how to use it
 
 
 def resolve_device(name: str, key: str = "runtime.device") -> torch.device:
@@ -37,14 +38,6 @@ def resolve_device(name: str, key: str = "runtime.device") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{key} = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (affinity / cgroup cpusets), not the machine's total."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class CoreWatch:
@@ -142,8 +135,6 @@ def _read_cache(path: Path) -> dict[str, Any]:
 def unmeasured(why: str, layouts: tuple[bool, ...], cores: int) -> ProbeResult:
     """The layout when the probe cannot measure: channels_last on AVX-512 kernels (measured 1.07x
     there), NCHW elsewhere (0.89x on an AVX2 EPYC); all cores."""
-    from aigc.machine import in_force
-
     level = in_force()["level"]  # the kernels that run: an AVX2 cap on an AVX-512 CPU counts as AVX2
     nhwc = True in layouts and level.startswith("avx512")
     return ProbeResult(nhwc, cores, note=f"not measured: {why}; {'channels_last' if nhwc else 'NCHW'} "
@@ -161,7 +152,6 @@ def probe(workload: str, measure: Callable[[bool, int], float], cores: int | Non
     machine from then on; measured beside a busy neighbour it says so. Delete the file to measure again.
     """
     from aigc.io import write_json
-    from aigc.machine import fingerprint
 
     cores = cores or usable_cores()
     key = f"{fingerprint()} | {workload} | cores {cores}"

@@ -47,7 +47,7 @@ SERVING_PACKAGES = ("torch", "numpy", "pandas", "pydantic", "PyYAML", "tqdm", "p
 
 
 # Images per HTTP request. The scoring server answers with JSON lists of pixels, built in memory:
-# under the load benchmark (benchmarks/serving_load.py, 8 clients) requests for 10,000 images each
+# under the load benchmark (aigc_bench/serving_load.py, 8 clients) requests for 10,000 images each
 # took over 60 s, blocked the single worker until even n=1 requests hit MLflow's 60 s timeout
 # (HTTP 504), and the server grew to 3 GB. Larger batches belong to `aigc generate`.
 MAX_SERVED_IMAGES = 1024

@@ -9,7 +9,7 @@ import torch
 
 from aigc.config import TrainConfig
 from aigc.models import NetConfig
-from benchmarks.train_speed import project_step, reference_loop, step_labels
+from aigc_bench.train_speed import project_step, reference_loop, step_labels
 
 NET = NetConfig("dcgan", 8, 1, 8, 8, g_widths=(16, 8), d_widths=(8,), kernel=4, conditional=True,
                 classes=(0, 1, 2), class_share=(1 / 3,) * 3)
@@ -32,17 +32,17 @@ def test_batch_size_benchmark_refuses_bad_sizes_in_one_line():
 
     for sizes, says in (("64,x", "give whole numbers separated by commas"),
                         ("64,1000", "each batch must be 8..512")):
-        res = run_module(["-m", "benchmarks.batch_size", "--sizes", sizes], cwd=ROOT)
+        res = run_module(["-m", "aigc_bench.batch_size", "--sizes", sizes], cwd=ROOT)
         assert res.returncode != 0 and res.stderr.strip().startswith("error: --sizes") and says in res.stderr, res.stderr
         assert res.stderr.strip().count("\n") == 0
 
 
 def test_layer_levers_marked_exact_compute_the_same_function():
-    """benchmarks.layers calls a formulation *exact* only when it is: outputs and input gradients
+    """aigc_bench.layers calls a formulation *exact* only when it is: outputs and input gradients
     match the layer's own (weights mapped), with and without a bias."""
     from torch import nn
 
-    from benchmarks.layers import im2col_from, subpixel_from_transposed, variants
+    from aigc_bench.layers import im2col_from, subpixel_from_transposed, variants
 
     torch.manual_seed(0)
     for bias in (False, True):
@@ -73,7 +73,7 @@ def test_layer_levers_marked_exact_compute_the_same_function():
 def test_layers_benchmark_refuses_zero_rounds_in_one_line():
     from tests.conftest import ROOT, run_module
 
-    res = run_module(["-m", "benchmarks.layers", "--rounds", "0"], cwd=ROOT)
+    res = run_module(["-m", "aigc_bench.layers", "--rounds", "0"], cwd=ROOT)
     assert res.returncode != 0 and res.stderr.strip() == "error: --rounds 0 --reps 30 --steps 30: rounds and reps must be at least 1, steps at least 3"
 
 
@@ -83,7 +83,7 @@ def test_layers_benchmark_reports_every_layer_of_the_stage_nets(tmp_path):
 
     from tests.conftest import ROOT, run_module
 
-    res = run_module(["-m", "benchmarks.layers", "--rounds", "1", "--reps", "1", "--steps", "4", "--out", str(tmp_path)], cwd=ROOT)
+    res = run_module(["-m", "aigc_bench.layers", "--rounds", "1", "--reps", "1", "--steps", "4", "--out", str(tmp_path)], cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "layers.json").read_text())
     as_is = [r["layer"] for r in report["layers"] if r["variant"] == "as is"]
@@ -97,7 +97,7 @@ def test_layers_benchmark_reports_every_layer_of_the_stage_nets(tmp_path):
 def test_thin_layers_as_im2col_keeps_the_function_and_restores_the_layers():
     from torch import nn
 
-    from benchmarks.layers import thin_layers_as_im2col
+    from aigc_bench.layers import thin_layers_as_im2col
 
     torch.manual_seed(0)
     G_last = nn.ConvTranspose2d(8, 1, 4, 2, 1)

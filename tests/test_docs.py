@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 # Paths a run creates (outputs, stores, caches): named in the docs, not in the repository.
 OUTPUTS = ("data/", "reports/", "models/", "mlflow.db", "mlartifacts", ".cache/", ".services/", ".prefect/", "site/",
-           ".venv", ".vendor/", "mlruns", "benchmarks/.work", "aigc_bench/.work", ".dvc/")
+           ".venv", ".vendor/", "mlruns", "aigc_bench/.work", "aigc_bench/.work", ".dvc/")
 
 
 def pages() -> list[Path]:

@@ -62,7 +62,7 @@ def test_the_effective_level_is_the_cpus_lowered_by_the_lowest_cap(monkeypatch):
     assert machine.in_force()["level"] == ("avx512+amx" if native["aten"] == "AVX512" else native["level"])
 
 
-@pytest.mark.parametrize("module", ["benchmarks.__main__", "benchmarks.profile_step", "aigc.machine"])
+@pytest.mark.parametrize("module", ["aigc_bench.__main__", "aigc_bench.profile_step", "aigc.machine"])
 def test_a_cap_the_cpu_lacks_is_one_error_line(module, monkeypatch):
     import importlib
 

@@ -484,7 +484,7 @@ def test_mlflow_serves_the_champion_over_http(store, tmp_path: Path):
                             json={"dataframe_split": {"columns": ["n", "seed", "label"], "data": [[2, 0, 11]]}})
         assert bad.status_code == 400 and "unknown label 11" in bad.json()["message"]
         # every malformed request of the load benchmark: a 4xx that says what is wrong, never a 5xx
-        from benchmarks.serving_load import MALFORMED, check, load, send, summarise
+        from aigc_bench.serving_load import MALFORMED, check, load, send, summarise
 
         session = requests.Session()
         for kind, body, ctype, expect in MALFORMED:
@@ -495,7 +495,7 @@ def test_mlflow_serves_the_champion_over_http(store, tmp_path: Path):
         assert burst["requests"] > 4 and burst["server_errors_5xx"] == 0, burst
         assert burst["malformed_not_4xx_with_message"] == burst["valid_failed"] == 0, burst["problems"]
     finally:
-        from benchmarks.serving_load import stop_server
+        from aigc_bench.serving_load import stop_server
 
         stop_server(server)
         log.close()

@@ -26,7 +26,7 @@ NET = NetConfig(family="mlp", z_dim=8, channels=1, height=8, width=8)
 def test_every_torch_load_reads_weights_only():
     """No ``torch.load`` in the project may unpickle arbitrary objects: each passes weights_only=True."""
     calls = []
-    for folder in ("aigc", "pipeline", "benchmarks"):
+    for folder in ("aigc", "pipeline", "aigc_bench"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \

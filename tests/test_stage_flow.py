@@ -39,9 +39,9 @@ def test_a_stage_fails_with_one_line_when_the_runs_server_has_exited(tmp_path):
 
 
 def test_a_stage_process_freezes_its_heap_before_it_exits(tmp_path):
-    # The stage without its flow (benchmarks.orchestration's harness, no server needed); at exit
+    # The stage without its flow (aigc_bench.orchestration's harness, no server needed); at exit
     # the heap must be frozen, so the interpreter's final collections skip it (~0.8 s per process).
-    from benchmarks.orchestration import PLAIN
+    from aigc_bench.orchestration import PLAIN
 
     (tmp_path / "params.yaml").write_text("data:\n  source: digits\n")
     probe = "import atexit, gc; atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"

@@ -1,6 +1,6 @@
 """Time to quality: FID gap to the floor against training time for every candidate recipe.
 
-    python -m benchmarks.time_to_quality --evaluator models/evaluator.pt [--budget 240 --marks 4]
+    python -m aigc_bench.time_to_quality --evaluator models/evaluator.pt [--budget 240 --marks 4]
 
 Trains each candidate (today's recipe and the combinations the ``model``/``train`` switches make
 possible) on the workspace's processed data, side by side: one process per candidate, one CPU
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "benchmarks"
+OUT = ROOT / "reports" / "aigc_bench"
 
 LIGHT = {"g_widths": [128, 64], "d_widths": [64, 128], "kernel": 4}
 EMA = {"ema_kimg": 10.0, "ema_rampup": 0.05}
@@ -76,8 +76,8 @@ def child(args: argparse.Namespace) -> None:
     from aigc.config import load_params
     from aigc.data.preprocess import load_info, load_split
     from aigc.models import net_config
-    from aigc.training import StepWindow, train_gan
-    from aigc.vae import train_vae
+    from aigc.config import RuntimeConfig
+    from aigc.training import StepWindow, train_gan, train_vae
 
     params = load_params(ROOT / "params.yaml")
     model, train = recipe(params, args.child)
@@ -87,8 +87,8 @@ def child(args: argparse.Namespace) -> None:
     labels = net.class_indices(split["labels"]) if net.conditional else None
     # One layout for every candidate (NCHW): the stage's per-machine probe would otherwise run inside
     # each candidate's clock, and the layout's own speed-up is the speed benchmark's business.
-    cfg = train.model_copy(update={"epochs": 10_000, "threads": 1, "log_every": 5, "guard_steps": 0,
-                                   "device": "cpu", "channels_last": False})
+    cfg = train.model_copy(update={"epochs": 10_000, "guard_steps": 0})
+    rt = RuntimeConfig(threads=1, log_every=5, device="cpu", channels_last=False)
     marks = [args.budget * (i + 1) / args.marks for i in range(args.marks)]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     snaps: list[dict[str, Any]] = []
@@ -113,10 +113,10 @@ def child(args: argparse.Namespace) -> None:
 
     if net.family == "vae":  # the VAE family: its own loop and losses (params' vae section), same clock
         result = train_vae(cfg, params.vae, net, images, params.seed, on_steps=on_steps, progress=False,
-                           labels=labels, abort=abort)
+                           labels=labels, abort=abort, runtime=rt)
     else:
         result = train_gan(cfg, net, images, params.seed, on_steps=on_steps, progress=False, labels=labels,
-                           abort=abort)
+                           abort=abort, runtime=rt)
     cpu = time.process_time() - cpu0
     torch.save({"name": args.child, "net": net.to_dict(), "ema": net.family != "vae" and cfg.ema_kimg > 0,
                 "snapshots": snaps,
@@ -208,7 +208,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def markdown(report: dict[str, Any]) -> str:
     marks = [s["cpu_seconds"] for s in report["candidates"][0]["snapshots"]]
     head = " | ".join(f"gap @ ~{m:.0f} s" for m in marks)
-    lines = [f"# Time to quality (`{report.get('command', 'python -m benchmarks.time_to_quality')}`)", "",
+    lines = [f"# Time to quality (`{report.get('command', 'python -m aigc_bench.time_to_quality')}`)", "",
              f"CPU: {report['machine']['cpu_model']} ({report['machine']['isa']}), {report['cores']} cores; candidates side by side at 1 thread each; "
              f"load average {report['load_average']['min']:.1f}-{report['load_average']['max']:.1f} "
              f"(mean {report['load_average']['mean']:.1f}) while training; {report['wall_seconds']:.0f} s wall in all. "
@@ -226,7 +226,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.time_to_quality", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m aigc_bench.time_to_quality", description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=300, help="CPU seconds of training per candidate (default: %(default)s)")
     ap.add_argument("--marks", type=int, default=4, help="scored snapshots per candidate (default: %(default)s)")
     ap.add_argument("--samples", type=int, default=2000, help="generated images per score (default: %(default)s)")
@@ -236,7 +236,7 @@ def main() -> None:
     ap.add_argument("--processed", default=str(ROOT / "data" / "processed"))
     ap.add_argument("--evaluator", default=str(ROOT / "models" / "evaluator.pt"),
                     help="the ONE evaluator file every candidate is scored with")
-    ap.add_argument("--runs", default=str(ROOT / "benchmarks" / ".work" / "time_to_quality"),
+    ap.add_argument("--runs", default=str(ROOT / "aigc_bench" / ".work" / "time_to_quality"),
                     help="where each candidate's snapshots are kept (default: %(default)s)")
     ap.add_argument("--score-only", action="store_true", help="score the snapshots already in --runs, train nothing")
     ap.add_argument("--report", default="time_to_quality",
@@ -265,7 +265,7 @@ def main() -> None:
     else:
         t0, loads = time.perf_counter(), [os.getloadavg()[0]]
         env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.time_to_quality", "--child", name,
+        procs = [subprocess.Popen([sys.executable, "-m", "aigc_bench.time_to_quality", "--child", name,
                                    "--out", str(tmp / f"{i}.pt"), "--budget", str(args.budget), "--marks",
                                    str(args.marks), "--processed", args.processed, "--max-wall", str(args.max_wall)],
                                   cwd=ROOT, env=env)
@@ -304,7 +304,7 @@ def main() -> None:
                         "d_separated_longest_run": r["d_separated_longest_run"],
                         "d_separated_share": round(r["d_separated_share"], 3),
                         "snapshots": r["snapshots"]} for r in runs],
-        "command": " ".join(["python -m benchmarks.time_to_quality", *sys.argv[1:]]),
+        "command": " ".join(["python -m aigc_bench.time_to_quality", *sys.argv[1:]]),
         "samples_png": f"{args.report}_samples.png: 64 samples of each candidate at its last mark, left to right "
                        "in the order above (seed 0)",
     }

@@ -1,6 +1,6 @@
 """The privacy/quality trade-off: the default recipe non-private, and with DP-SGD on D at epsilon 10 and 1.
 
-    python -m benchmarks.privacy [--epochs 3] [--samples 2000] [--budgets none,10,1]
+    python -m aigc_bench.privacy [--epochs 3] [--samples 2000] [--budgets none,10,1]
 
 Builds the default data in memory (params.yaml's data section: 5,000 MNIST digits, 4,500 train),
 trains the evaluator once (params.yaml's evaluator section), then trains params.yaml's model/train
@@ -26,14 +26,14 @@ from aigc.config import load_params
 from aigc.metrics import calc_metrics, embed, reference
 from aigc.models import draw, net_config
 from aigc.training import train_gan
-from benchmarks.families import evaluator_setup
+from aigc_bench.families import evaluator_setup
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "benchmarks"
+OUT = ROOT / "reports" / "aigc_bench"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.privacy", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m aigc_bench.privacy", description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=3, help="epochs per run, the same for all (default: %(default)s)")
     ap.add_argument("--samples", type=int, default=2000, help="generated images per score (default: %(default)s)")
     ap.add_argument("--budgets", default="none,10,1", help="comma-separated: none and/or target epsilons")
@@ -70,8 +70,8 @@ def main() -> None:
                "fid_floor": round(scores["fid_floor"], 3), "fid_gap": round(scores["fid"] - scores["fid_floor"], 3),
                "dcr_score": round(scores["dcr_score"], 4), "copy_share": round(scores["copy_share"], 4),
                "load_average_start": load_start, "load_average_end": os.getloadavg()}
-        if result.dp is not None:
-            row |= {k: v for k, v in result.dp.summary().items() if k != "dp"}
+        if result.recipe.privacy()["dp"]:
+            row |= {k: v for k, v in result.recipe.privacy().items() if k != "dp"}
         name = "non-private" if dp is None else f"epsilon={budget}"
         report["runs"][name] = row
         print(f"{name}: {row}", flush=True)

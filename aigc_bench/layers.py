@@ -1,7 +1,7 @@
 """Per layer: how close each of the train stage's convolutions comes to the machine's fp32 matmul
 peak, and what the equivalent formulations of its up-sampling and thin layers cost instead.
 
-    python -m benchmarks.layers [--rounds 3] [--reps 30] [--isa avx2]
+    python -m aigc_bench.layers [--rounds 3] [--reps 30] [--isa avx2]
 
 Writes reports/benchmarks/layers[_<isa>].{json,md}. For every Conv2d, ConvTranspose2d and
 Linear of params.yaml's G and D (on the default data's shape, at the stage's batch) it times
@@ -38,7 +38,7 @@ from typing import Any
 
 from aigc import machine
 
-OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
+OUT = Path(__file__).resolve().parents[1] / "reports" / "aigc_bench"
 
 
 def subpixel_from_transposed(convt):
@@ -199,7 +199,7 @@ def layer_inputs(net, batch: int) -> list[tuple[str, Any, tuple[int, ...]]]:
     from torch import nn
 
     from aigc.models import build_discriminator, build_generator
-    from benchmarks.train_speed import step_labels
+    from aigc_bench.train_speed import step_labels
 
     G, D = build_generator(net), build_discriminator(net)
     seen: list[tuple[str, Any, tuple[int, ...]]] = []
@@ -329,7 +329,7 @@ def render(report: dict[str, Any], argv_line: str) -> str:
               f"**{flop_total / fb_total * 1e3:.0f} GFLOP/s, {flop_total / fb_total * 1e3 / peak:.2f} of the peak**: "
               "a step made only of these layers, with no other work at all, would reach about that and no more. The "
               f"train stage's step in the same run: {report['step_images_per_s']:.0f} img/s, "
-              f"{report['step_fraction_of_peak']:.2f} of the peak (benchmarks.train_speed's measure).", "",
+              f"{report['step_fraction_of_peak']:.2f} of the peak (aigc_bench.train_speed's measure).", "",
               "## Levers: the same layer written another way", "",
               "Interleaved with the layer as is, same input and batch. *exact*: the same function (weights mapped, "
               "outputs checked by tests/test_bench_step.py); otherwise a different layer with the same input and "
@@ -349,7 +349,7 @@ def render(report: dict[str, Any], argv_line: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.layers", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m aigc_bench.layers", description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
     ap.add_argument("--reps", type=int, default=30, help="calls per timing (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=30, help="steps per timed run of the whole step (default: %(default)s)")
@@ -359,12 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds < 1 or args.reps < 1 or args.steps < 3:
         sys.exit(f"error: --rounds {args.rounds} --reps {args.reps} --steps {args.steps}: rounds and reps must be "
                  "at least 1, steps at least 3")
-    machine.under_cap(args.isa, "benchmarks.layers")  # before torch is imported: the cap is read when it loads
+    machine.under_cap(args.isa, "aigc_bench.layers")  # before torch is imported: the cap is read when it loads
 
     import torch
 
     from aigc.runtime import usable_cores
-    from benchmarks.train_speed import matmul_peak, mnist_like, project_step, stage_config, step_flops
+    from aigc_bench.train_speed import matmul_peak, mnist_like, project_step, stage_config, step_flops
 
     load0 = os.getloadavg()
     threads = usable_cores()
@@ -373,7 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     # The step itself, as is and with the thin layers in their exact im2col form, interleaved: a
     # lever faster alone is only a lever if the step is faster with it.
     images = mnist_like(cfg.batch_size * args.steps)
-    layout = cfg.channels_last if cfg.channels_last != "auto" else False
+    from aigc.config import load_params
+
+    rt = load_params("params.yaml").runtime
+    layout = rt.channels_last if rt.channels_last != "auto" else False
     step: dict[str, list[float]] = {"as is": [], "thin layers as im2col": []}
     peaks = []
     for r in range(args.rounds):
@@ -400,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"layers{report['suffix']}"
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = render(report, "python -m benchmarks.layers" + (f" --isa {args.isa}" if args.isa else "")
+    text = render(report, "python -m aigc_bench.layers" + (f" --isa {args.isa}" if args.isa else "")
                   + f" --rounds {args.rounds} --reps {args.reps} --steps {args.steps}")
     (args.out / f"{name}.md").write_text(text)
     print(text)

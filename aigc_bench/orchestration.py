@@ -1,5 +1,5 @@
 """What Prefect costs per stage with a running Prefect server -- `make run`'s shared one, started and
-handed to the stages as ``pipeline/prefect_server.py`` does: ``python -m benchmarks.orchestration``
+handed to the stages as ``pipeline/prefect_server.py`` does: ``python -m aigc_bench.orchestration``
 -> reports/benchmarks/orchestration.json.
 
 Each stage of dvc.yaml runs, in a throwaway project (8x8 digits, one epoch), as DVC runs it --
@@ -28,7 +28,7 @@ from aigc import machine
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "benchmarks" / "orchestration.json"
+OUT = ROOT / "reports" / "aigc_bench" / "orchestration.json"
 
 # The stage without Prefect: run_as_flow becomes a plain call whose "state" is never failed.
 PLAIN = """
@@ -57,7 +57,7 @@ def project(root: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.orchestration", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m aigc_bench.orchestration", description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=2, help="runs per stage and mode (default: %(default)s)")
     args = ap.parse_args()
     from aigc.services.prefect_server import SERVER_PID, start_server, stop_server

@@ -38,10 +38,10 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from aigc.config import DEFAULT_PARAMS, DataConfig, TrainConfig, load_params
+from aigc.config import DEFAULT_PARAMS, DataConfig, RuntimeConfig, TrainConfig, load_params
 from aigc.losses import d_loss_nonsaturating, g_loss_nonsaturating
 from aigc.models import NetConfig, build_discriminator, build_generator, net_config
-from aigc.training import probe_machine, train_gan
+from aigc.training import GANRecipe, TrainData, probe_machine, train_gan
 
 ROOT = Path(__file__).resolve().parents[1]
 def mnist_like(n: int) -> torch.Tensor:
@@ -65,7 +65,7 @@ def stage_config(params: str | Path = ROOT / DEFAULT_PARAMS) -> tuple[NetConfig,
     info = {"resolution": [28, 28], "channels": 1, "classes": list(range(10)),
             "counts": {"train_per_class": {str(k): 450 for k in range(10)}}}
     if p.model.family == "vae":
-        raise SystemExit("error: benchmarks.train_speed measures the GAN step; params.yaml has model.family: vae")
+        raise SystemExit("error: aigc_bench.train_speed measures the GAN step; params.yaml has model.family: vae")
     return net_config(p.model, info), p.train
 
 
@@ -83,14 +83,22 @@ def matmul_peak(threads: int, sizes: tuple[int, ...] = (1024, 2048), reps: int =
     return best
 
 
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(train, runtime) overrides: the knobs of the runtime section (threads, layout, compile, ...) go there."""
+    rt = {k: v for k, v in overrides.items() if k in RuntimeConfig.model_fields}
+    return {k: v for k, v in overrides.items() if k not in rt}, rt
+
+
 def project_step(images: torch.Tensor, net: NetConfig, cfg: TrainConfig, steps: int, **overrides: Any) -> float:
-    """Images/s of the stage's step (``cfg`` + ``overrides``): the median of its windows after the
-    first (warm-up)."""
-    run = cfg.model_copy(update={"epochs": 1, "log_every": max(steps // 5, 2), "guard_steps": 0} | overrides)
+    """Images/s of the stage's step (``cfg`` + ``overrides``, train or runtime knobs): the median of
+    its windows after the first (warm-up)."""
+    train_kw, rt_kw = split_overrides(overrides)
+    run = cfg.model_copy(update={"epochs": 1, "guard_steps": 0} | train_kw)
+    rt = RuntimeConfig(**({"log_every": max(steps // 5, 2)} | rt_kw))
     windows: list[float] = []
     labels = step_labels(len(images[: run.batch_size * steps]), net)
     train_gan(run, net, images[: run.batch_size * steps], seed=0, on_steps=lambda w: windows.append(w.images_per_s),
-              progress=False, labels=labels)
+              progress=False, labels=labels, runtime=rt)
     return statistics.median(windows[1:])
 
 
@@ -98,13 +106,14 @@ def step_flops(images: torch.Tensor, net: NetConfig, cfg: TrainConfig) -> int:
     """FLOPs of one project step (D update + G update + EMA), counted by PyTorch: a 2-step run minus
     a 1-step run, so what a run does once (the EMA generator's BatchNorm re-estimation at the end,
     8 x 256 forward passes of G) is not counted as the step's."""
-    run = cfg.model_copy(update={"epochs": 1, "threads": 1, "channels_last": False, "guard_steps": 0})
+    run = cfg.model_copy(update={"epochs": 1, "guard_steps": 0})
     counts = []
     for steps in (1, 2):
         n = run.batch_size * steps
         labels = step_labels(n, net)
         with FlopCounterMode(display=False) as counter:
-            train_gan(run, net, images[:n], seed=0, progress=False, labels=labels)
+            train_gan(run, net, images[:n], seed=0, progress=False, labels=labels,
+                      runtime=RuntimeConfig(threads=1, channels_last=False))
         counts.append(counter.get_total_flops())
     return counts[1] - counts[0]
 
@@ -181,7 +190,7 @@ def stage_vs_step(epochs: int = 2, rounds: int = 2) -> dict[str, Any]:
         for r in range(rounds):
             for name in (("stage", "in_process") if r % 2 == 0 else ("in_process", "stage")):
                 if name == "in_process":
-                    res = train_gan(p.train, net, images, p.seed, progress=False, labels=labels)
+                    res = train_gan(p.train, net, images, p.seed, progress=False, labels=labels, runtime=p.runtime)
                     got[name].append(res.images_per_s)
                     continue
                 out = work / f"out{r}"
@@ -210,7 +219,9 @@ def run(rounds: int = 3, steps: int = 25, compile_check: bool = True, stage_epoc
     net, cfg = stage_config()
     images = mnist_like(cfg.batch_size * steps)
     flops = step_flops(images, net, cfg)
-    found = probe_machine(cfg, net, images, step_labels(len(images), net), seed=0) if cfg.channels_last == "auto" else None
+    rt = load_params(ROOT / "params.yaml").runtime
+    found = (probe_machine(cfg, rt, GANRecipe(cfg, net), TrainData(images, step_labels(len(images), net)), seed=0)
+             if rt.channels_last == "auto" else None)
 
     # "nhwc"/"nchw": the stage's step in each layout at all cores; the stage itself uses the
     # probe's choice (train.channels_last: auto) or the layout params.yaml names.
@@ -225,7 +236,7 @@ def run(rounds: int = 3, steps: int = 25, compile_check: bool = True, stage_epoc
         samples["peak_gflops"].append(matmul_peak(cores))
         print(f"  speed round {r + 1}/{rounds}", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    chosen = (found.channels_last if found is not None else cfg.channels_last is True)
+    chosen = (found.channels_last if found is not None else rt.channels_last is True)
     project = med["nhwc" if chosen else "nchw"]
     best = max(med["nhwc"], med["nchw"])
     if compile_check:
@@ -255,7 +266,7 @@ def run(rounds: int = 3, steps: int = 25, compile_check: bool = True, stage_epoc
         "achieved_gflops": round(achieved, 1),
         "fraction_of_peak": round(achieved / med["peak_gflops"], 3),
         "speedup_vs_reference": round(project / med["reference"], 3),
-        "channels_last_setting": cfg.channels_last,
+        "channels_last_setting": rt.channels_last,
         "channels_last_chosen": chosen,
         "probe": None if found is None else {"describe": found.describe(), "speeds": found.speeds,
                                              "cached": found.cached, "seconds": found.seconds},

@@ -44,8 +44,8 @@ def tracking_overhead(work: Path, rounds: int, steps: int = 40) -> dict[str, Any
     from aigc.config import TrackingConfig
     from aigc.tracking import Run
     from aigc.training import train_gan
-    from benchmarks.train_speed import mnist_like, stage_config, step_labels
-    from pipeline.train import Recorder
+    from aigc_bench.train_speed import mnist_like, stage_config, step_labels
+    from aigc.tracking.train_run import Recorder
 
     net, stage_cfg = stage_config()  # the train stage's own network and recipe
     images = mnist_like(stage_cfg.batch_size * steps)
@@ -80,7 +80,7 @@ def tracking_overhead(work: Path, rounds: int, steps: int = 40) -> dict[str, Any
 
 def orchestration_overhead(work: Path, repeats: int) -> dict[str, Any]:
     """Seconds one stage process pays for being a Prefect flow (ephemeral server included)."""
-    from benchmarks.orchestration import PLAIN
+    from aigc_bench.orchestration import PLAIN
     from aigc.config import DataConfig
     from aigc.data.sources import load_source, save_raw
 

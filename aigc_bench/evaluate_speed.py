@@ -1,6 +1,6 @@
 """How long the evaluate stage takes for the default 10,000 samples on the default data.
 
-    python benchmarks/evaluate_speed.py [--repeats 3] [--num-samples 10000] \
+    python aigc_bench/evaluate_speed.py [--repeats 3] [--num-samples 10000] \
         [--generator G.pt --evaluator E.pt --processed DIR]
 
 Reads the evaluate stage's paths from dvc.yaml (the generator, the evaluator, the processed data)
@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "benchmarks"
+OUT = ROOT / "reports" / "aigc_bench"
 sys.path.insert(0, str(ROOT))
 
 

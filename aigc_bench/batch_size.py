@@ -1,7 +1,7 @@
 """The lever issue 15 leaves: how close the stage's step gets to the machine's fp32 matmul peak
 at larger batches (same network and recipe otherwise), interleaved on one machine.
 
-    python -m benchmarks.batch_size [--sizes 64,128,256] [--rounds 2] [--isa avx2]
+    python -m aigc_bench.batch_size [--sizes 64,128,256] [--rounds 2] [--isa avx2]
 
 Writes reports/benchmarks/batch_size[_<isa>].{json,md}: per batch size the step's img/s, its
 FLOPs (counted by PyTorch, per step and per image), the achieved GFLOP/s and its fraction of the
@@ -20,11 +20,11 @@ from pathlib import Path
 
 from aigc import machine
 
-OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
+OUT = Path(__file__).resolve().parents[1] / "reports" / "aigc_bench"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.batch_size", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m aigc_bench.batch_size", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="64,128,256", help="batch sizes, comma-separated (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
     ap.add_argument("--images", type=int, default=2560, help="images per timed run (default: %(default)s)")
@@ -37,18 +37,21 @@ def main() -> None:
     if any(b < 8 or b > args.images // 5 for b in sizes):
         sys.exit(f"error: --sizes {args.sizes!r}: each batch must be 8..{args.images // 5} "
                  f"(--images {args.images} must hold at least 5 batches of the largest)")
-    machine.under_cap(args.isa, "benchmarks.batch_size")  # before torch is imported: the cap is read when it loads
+    machine.under_cap(args.isa, "aigc_bench.batch_size")  # before torch is imported: the cap is read when it loads
 
     import torch
 
     from aigc.runtime import usable_cores
-    from benchmarks.train_speed import matmul_peak, mnist_like, project_step, stage_config, step_flops
+    from aigc_bench.train_speed import matmul_peak, mnist_like, project_step, stage_config, step_flops
 
     load0 = os.getloadavg()
     cores = usable_cores()
     net, cfg = stage_config()
     images = mnist_like(args.images)
-    layout = cfg.channels_last if cfg.channels_last != "auto" else False  # one layout for all sizes
+    from aigc.config import load_params
+
+    rt = load_params("params.yaml").runtime
+    layout = rt.channels_last if rt.channels_last != "auto" else False  # one layout for all sizes
     flops = {b: step_flops(images, net, cfg.model_copy(update={"batch_size": b})) for b in sizes}
     speed: dict[int, list[float]] = {b: [] for b in sizes}
     peaks: list[float] = []
@@ -77,14 +80,14 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"batch_size{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Step speed against batch size{' (' + suffix[1:] + ' kernels, ISA capped)' if suffix else ''}", "",
-             f"`python -m benchmarks.batch_size --sizes {args.sizes} --rounds {args.rounds}"
+             f"`python -m aigc_bench.batch_size --sizes {args.sizes} --rounds {args.rounds}"
              f"{' --isa ' + args.isa if args.isa else ''}`: the stage's step (params.yaml's network and recipe, "
              f"{'channels_last' if layout else 'NCHW'}, {cores} threads), {args.images} images per timed run, "
              f"{args.rounds} interleaved rounds, medians; fp32 matmul peak {peak:.0f} GFLOP/s in the same rounds; "
              f"load average {load0[0]:.2f} before, {report['load_average_after'][0]:.2f} after.", "",
              f"Machine: {machine.one_line(env)}.", "",
              "Speed only: a larger batch is a different recipe (fewer optimiser steps per epoch); its quality "
-             "per minute needs `python -m benchmarks.time_to_quality`.", "",
+             "per minute needs `python -m aigc_bench.time_to_quality`.", "",
              "| batch | img/s | vs batch " + str(sizes[0]) + " | GFLOP per step | MFLOP per image | achieved GFLOP/s "
              "| of matmul peak |", "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['batch_size']} | {r['images_per_s']:.0f} | {r['vs_first']:.2f}x | {r['gflop_per_step']} | "

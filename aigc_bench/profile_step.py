@@ -1,7 +1,7 @@
 """Where the train stage's step spends its time: a per-operator profile (torch.profiler) of the
 step params.yaml configures, with FLOPs, on this machine.
 
-    python -m benchmarks.profile_step [--steps 30] [--channels-last auto|true|false] [--isa avx2]
+    python -m aigc_bench.profile_step [--steps 30] [--channels-last auto|true|false] [--isa avx2]
 
 Writes reports/benchmarks/profile_step.md (and .json): each operator's share of the step's CPU
 time, its achieved GFLOP/s where PyTorch counts FLOPs, beside the fp32 matmul peak measured in
@@ -18,38 +18,40 @@ from pathlib import Path
 
 from aigc import machine
 
-OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
+OUT = Path(__file__).resolve().parents[1] / "reports" / "aigc_bench"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m aigc_bench.profile_step", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30, help="profiled steps after 5 warm-up steps (default: %(default)s)")
     ap.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: all usable cores)")
     ap.add_argument("--top", type=int, default=15)
     machine.add_isa_argument(ap)
     args = ap.parse_args()
-    machine.under_cap(args.isa, "benchmarks.profile_step")  # before torch is imported: the cap is read when it loads
+    machine.under_cap(args.isa, "aigc_bench.profile_step")  # before torch is imported: the cap is read when it loads
     from torch.profiler import ProfilerActivity, profile
 
     from aigc.runtime import usable_cores
-    from aigc.training import probe_machine, train_gan
-    from benchmarks.train_speed import matmul_peak, mnist_like, stage_config, step_labels
+    from aigc.config import RuntimeConfig, load_params
+    from aigc.training import GANRecipe, TrainData, probe_machine, train_gan
+    from aigc_bench.train_speed import matmul_peak, mnist_like, stage_config, step_labels
 
     threads = args.threads or usable_cores()
     net, cfg = stage_config()
     images = mnist_like(cfg.batch_size * (args.steps + 5))
     labels = step_labels(len(images), net)  # a conditional default net trains with the class
-    if args.channels_last == "auto" and cfg.channels_last == "auto":  # the layout the stage would run: the probe's
-        cl = probe_machine(cfg, net, images, labels, seed=0).channels_last
+    stage_rt = load_params("params.yaml").runtime
+    if args.channels_last == "auto" and stage_rt.channels_last == "auto":  # the layout the stage would run: the probe's
+        cl = probe_machine(cfg, stage_rt, GANRecipe(cfg, net), TrainData(images, labels), seed=0).channels_last
     else:
-        cl = {"auto": cfg.channels_last, "true": True, "false": False}[args.channels_last]
-    run = cfg.model_copy(update={"epochs": 1, "threads": threads, "channels_last": cl, "guard_steps": 0,
-                                 "log_every": args.steps + 5})
-    train_gan(run.model_copy(update={"log_every": 5}), net, images[: cfg.batch_size * 5], seed=0, progress=False,
+        cl = {"auto": stage_rt.channels_last, "true": True, "false": False}[args.channels_last]
+    run = cfg.model_copy(update={"epochs": 1, "guard_steps": 0})
+    rt = RuntimeConfig(threads=threads, channels_last=cl, log_every=args.steps + 5)
+    train_gan(run, net, images[: cfg.batch_size * 5], seed=0, progress=False, runtime=rt.model_copy(update={"log_every": 5}),
               labels=None if labels is None else labels[: cfg.batch_size * 5])  # warm-up
     with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=False) as prof:
-        result = train_gan(run, net, images, seed=0, progress=False, labels=labels)
+        result = train_gan(run, net, images, seed=0, progress=False, labels=labels, runtime=rt)
     peak = matmul_peak(threads)
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     total_self = sum(e.self_cpu_time_total for e in events)
@@ -81,7 +83,7 @@ def main() -> None:
     lines = [f"# Where the step's time goes{' (' + k['level'] + ' kernels, ISA capped)' if k['emulated'] else ''}", "",
              *([f"**Capped kernels: {k['caveat']}**: an emulation of the instruction set only.", ""]
                if k["emulated"] else []),
-             f"`python -m benchmarks.profile_step{' --isa ' + args.isa if args.isa else ''}`: {result.steps} steps of {report['architecture']}, "
+             f"`python -m aigc_bench.profile_step{' --isa ' + args.isa if args.isa else ''}`: {result.steps} steps of {report['architecture']}, "
              f"{threads} thread(s), {'channels_last' if cl else 'NCHW'}; {report['images_per_s_profiled']} img/s under "
              f"the profiler (it adds overhead). Machine: {machine.one_line(m)}; fp32 matmul peak {peak:.0f} GFLOP/s.", "",
              "| operator | calls | share of self CPU time | ms per step | GFLOP/s | of matmul peak |",

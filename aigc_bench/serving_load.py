@@ -1,8 +1,8 @@
 """The served model under load: ``mlflow models serve`` on loopback, concurrent clients, mixed
 valid and malformed requests, ``n`` up to its limit.
 
-    python -m benchmarks.serving_load                      # 8 clients for 60 s
-    python -m benchmarks.serving_load --clients 8 --seconds 60 --generator models/generator.pt \
+    python -m aigc_bench.serving_load                      # 8 clients for 60 s
+    python -m aigc_bench.serving_load --clients 8 --seconds 60 --generator models/generator.pt \
         --evaluator models/evaluator.pt
 
 The model is registered into a throwaway MLflow store exactly as the register stage logs it
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "benchmarks"
+OUT = ROOT / "reports" / "aigc_bench"
 MODEL = "aigc-generator"
 
 
@@ -283,14 +283,14 @@ def summarise(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving_load", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m aigc_bench.serving_load", description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--generator", type=Path, help="a trained generator file (default: models/generator.pt if present)")
     ap.add_argument("--evaluator", type=Path, help="its evaluator file (default: models/evaluator.pt if present)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    from benchmarks.evaluate_speed import cpu
+    from aigc_bench.evaluate_speed import cpu
     from aigc.services import free_port
 
     generator = args.generator or (ROOT / "models/generator.pt" if (ROOT / "models/generator.pt").exists() else None)

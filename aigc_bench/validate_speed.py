@@ -1,6 +1,6 @@
 """How long the data-quality gate takes on the default dataset (5,000 MNIST digits).
 
-    python benchmarks/validate_speed.py [--repeats 7]
+    python aigc_bench/validate_speed.py [--repeats 7]
 
 Times the validate stage's function (pipeline.validate.validate: load data/raw, scan and scrub
 metadata, the great-expectations suite on the per-record summary, summary JSON, HTML report,
@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-WORK = ROOT / "benchmarks" / ".work" / "validate"
-OUT = ROOT / "reports" / "benchmarks" / "validate.json"
+WORK = ROOT / "aigc_bench" / ".work" / "validate"
+OUT = ROOT / "reports" / "aigc_bench" / "validate.json"
 
 
 def import_seconds(module: str, repeats: int = 3) -> float:

@@ -1,4 +1,4 @@
-"""One command for every speed figure: ``python -m benchmarks`` (or ``make bench``).
+"""One command for every speed figure: ``python -m aigc_bench`` (or ``make bench``).
 
 Writes reports/benchmarks/train_speed.json, overhead.json and summary.md, and prints the
 ratios. The machine is shared: the load average is recorded before and after, variants are
@@ -20,19 +20,19 @@ from pathlib import Path
 
 from aigc import machine
 
-OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
+OUT = Path(__file__).resolve().parents[1] / "reports" / "aigc_bench"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m aigc_bench", description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per comparison (default: %(default)s)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (it compiles for ~1 min)")
     ap.add_argument("--stage-epochs", type=int, default=2,
                     help="epochs of the train stage timed against the in-process step (0: skip; default: %(default)s)")
     machine.add_isa_argument(ap)
     args = ap.parse_args()
-    machine.under_cap(args.isa, "benchmarks")  # before torch is imported: the cap is read when it loads
-    from benchmarks import overhead, train_speed
+    machine.under_cap(args.isa, "aigc_bench")  # before torch is imported: the cap is read when it loads
+    from aigc_bench import overhead, train_speed
 
     start, load0 = time.time(), os.getloadavg()
     env = {"machine": machine.describe(), "load_average_before": load0}
@@ -92,7 +92,7 @@ def main() -> None:
             f"clocks, caches and microarchitecture, not a measurement of an {machine.PRETTY[k['level']]} machine.", ""]
            if k["emulated"] else [])
     lines = [f"# Benchmarks{' (' + k['level'] + ' kernels, ISA capped)' if k['emulated'] else ''}", "", *cap,
-             f"`python -m benchmarks{' --isa ' + args.isa if args.isa else ''}`, {args.rounds} interleaved rounds, medians; {mc['cores_usable']} usable cores, "
+             f"`python -m aigc_bench{' --isa ' + args.isa if args.isa else ''}`, {args.rounds} interleaved rounds, medians; {mc['cores_usable']} usable cores, "
              f"load average {load0[0]:.2f} before and {env['load_average_after'][0]:.2f} after; "
              f"{env['benchmark_seconds']:.0f} s in all.", "",
              f"Machine: {mc['cpu_model']}, {mc['isa']} (flags: {' '.join(mc['vector_flags'])}); torch {mc['torch']}, "

@@ -1,6 +1,6 @@
 """The model families at equal training time: FID gap, label accuracy and speed of each.
 
-    python -m benchmarks.families [--budget 240] [--families dcgan,cdcgan,vae]
+    python -m aigc_bench.families [--budget 240] [--families dcgan,cdcgan,vae]
 
 Builds the default data in memory (params.yaml's data section: 5,000 MNIST digits), trains the
 evaluator once with params.yaml's evaluator section, then trains each family with params.yaml's
@@ -35,11 +35,10 @@ from aigc.metrics import calc_metrics, embed, reference
 from aigc.metrics.evaluator import evaluator_net, fit_evaluator, label_indices
 from aigc.metrics.labels import label_accuracy
 from aigc.models import build_generator, draw, net_config
-from aigc.training import EpochEnd, train_gan
-from aigc.vae import train_vae
+from aigc.training import EpochEnd, train_gan, train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "benchmarks"
+OUT = ROOT / "reports" / "aigc_bench"
 FAMILIES = {"dcgan": ("dcgan", False), "cdcgan": ("dcgan", True), "mlp": ("mlp", False), "vae": ("vae", False),
             "cvae": ("vae", True)}
 
@@ -60,7 +59,7 @@ class BudgetSpent(Exception):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.families", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m aigc_bench.families", description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=240.0, help="training seconds per family (default: %(default)s)")
     ap.add_argument("--families", default="dcgan,cdcgan,vae", help="comma-separated, of " + ", ".join(FAMILIES))
     ap.add_argument("--samples", type=int, default=2000, help="generated images per score (default: %(default)s)")
