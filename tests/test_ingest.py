@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 from pathlib import Path
@@ -200,7 +201,7 @@ def _missing_path(tmp: Path) -> DataConfig:
     "make, expected",
     [
         (_corrupt_folder, r"1 unreadable image file\(s\): 1/broken.png"),
-        (_mixed_shapes, r"mixed image shapes; most are \(8, 8, 1\).*2/odd.png \(10, 12, 1\)"),
+        (_mixed_shapes, r"mixed image sizes: 8x8 \(6 file\(s\), e.g. 0/000.png\), 10x12 \(1 file\(s\), e.g. 2/odd.png\)"),
         (_float_npz, r"float pixels in \[0\.0\d+, 3\.6\d+\] are not in an unambiguous range.*data.float_range"),
         (_empty_folder, "no images found"),
         (_empty_csv, "no images found"),
@@ -222,6 +223,118 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, make, expect
         ingest(cfg, str(out))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]  # no temp leftovers
+
+
+# --- own folders: unlabelled or word-named classes, colour, mixed sizes -------------------------
+
+@functools.lru_cache(maxsize=1)
+def _photos() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images  # two 427x640 RGB photos shipped with scikit-learn
+
+    return tuple(load_sample_images().images)
+
+
+def photo_tiles(n: int, side: int, seed: int = 0) -> np.ndarray:
+    """``n`` distinct RGB tiles (N, side, side, 3) uint8: random 96x96 crops of scikit-learn's sample
+    photos, resized with PIL (nothing downloads)."""
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for i in range(n):
+        photo = _photos()[i % 2]
+        y, x = rng.integers(0, photo.shape[0] - 96), rng.integers(0, photo.shape[1] - 96)
+        tile = Image.fromarray(photo[y:y + 96, x:x + 96]).resize((side, side), Image.Resampling.LANCZOS)
+        tiles.append(np.asarray(tile))
+    return np.stack(tiles)
+
+
+def _fails_in_one_line(cfg: DataConfig, tmp: Path, message: str) -> None:
+    out = tmp / "raw"
+    with pytest.raises(DataError) as err:
+        ingest(cfg, str(out))
+    assert str(err.value) == message and "\n" not in message
+    assert not out.exists() and not [p for p in tmp.iterdir() if p.name.startswith(".raw")]  # nothing half-written
+
+
+def test_folder_of_mixed_sizes_names_each_size_with_an_example(tmp_path: Path):
+    root = tmp_path / "own"
+    for name, side in (("a.png", 32), ("b.png", 64), ("c.png", 32), ("d.jpg", 48)):
+        (root / "cat").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_tiles(1, side, seed=side)[0]).save(root / "cat" / name)
+    _fails_in_one_line(DataConfig(source="folder", path=str(root)), tmp_path,
+                       f"{root}: mixed image sizes: 32x32 (2 file(s), e.g. cat/a.png), 64x64 (1 file(s), e.g. cat/b.png), "
+                       "48x48 (1 file(s), e.g. cat/d.jpg); set data.image_size (and data.resize_mode: pad or resize) "
+                       "to bring them to one square side, or resize them to one size first")
+
+
+@pytest.mark.parametrize("mode", ["resize", "pad"])
+def test_folder_of_mixed_sizes_is_brought_to_data_image_size(tmp_path: Path, mode: str):
+    root = tmp_path / "own"
+    root.mkdir()
+    small, large = photo_tiles(2, 32), photo_tiles(2, 64, seed=1)
+    for i, im in enumerate([*small, *large]):
+        Image.fromarray(im).save(root / f"{i}.png")
+    cfg = DataConfig(source="folder", path=str(root), image_size=64, resize_mode=mode)
+    ds = load_source(cfg)
+    assert ds.images.shape == (4, 64, 64, 3) and (ds.labels == -1).all()
+    np.testing.assert_array_equal(ds.images[2:], large)  # files already at the size are kept as they are
+    if mode == "pad":  # centred on black, as preprocess pads a one-size source
+        np.testing.assert_array_equal(ds.images[0, 16:48, 16:48], small[0])
+        assert ds.images[0, :16].max() == 0
+
+
+def test_folder_of_mixed_grey_and_rgb_says_so(tmp_path: Path):
+    root = tmp_path / "own"
+    root.mkdir()
+    Image.fromarray(photo_tiles(1, 32)[0]).save(root / "colour.png")
+    Image.fromarray(digit_images(1, size=32)[0][0]).save(root / "grey.png")
+    _fails_in_one_line(DataConfig(source="folder", path=str(root)), tmp_path,
+                       f"{root}: mixed channel counts: RGB (1 file(s), e.g. colour.png), grey (1 file(s), e.g. "
+                       "grey.png); convert them to one (all grey or all RGB) first")
+
+
+def test_loose_files_beside_a_class_folder_are_refused(tmp_path: Path):
+    root = tmp_path / "own"
+    (root / "cat").mkdir(parents=True)
+    tiles = photo_tiles(3, 32)
+    Image.fromarray(tiles[0]).save(root / "cat" / "0.png")
+    Image.fromarray(tiles[1]).save(root / "loose1.png")
+    Image.fromarray(tiles[2]).save(root / "loose2.png")
+    _fails_in_one_line(DataConfig(source="folder", path=str(root)), tmp_path,
+                       f"{root}: 2 loose image file(s) (loose1.png, loose2.png) beside 1 class folder(s) (cat/); "
+                       "loose files and class folders cannot be mixed: move the loose files into a class folder, "
+                       "or flatten the folder (no sub-folders) for unlabelled images")
+
+
+def test_word_named_class_folders_are_numbered_in_sorted_order_and_named_in_dataset_json(tmp_path: Path):
+    from aigc.data.preprocess import preprocess
+
+    root = tmp_path / "own"
+    tiles = photo_tiles(9, 32)
+    for i, name in enumerate(["dog", "cat", "emu"] * 3):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(tiles[i]).save(root / name / f"{i}.png")
+    ds = load_source(DataConfig(source="folder", path=str(root)))
+    assert ds.images.shape == (9, 32, 32, 3)
+    assert dict(zip(ds.metadata["class_name"], ds.labels.tolist())) == {"cat": 0, "dog": 1, "emu": 2}
+    assert np.bincount(ds.labels).tolist() == [3, 3, 3]
+    info = preprocess(ds, DataConfig(source="folder", test_size=0.34), seed=0).info
+    assert info["classes"] == [0, 1, 2] and info["class_names"] == {"0": "cat", "1": "dog", "2": "emu"}
+    assert info["resolution"] == [32, 32] and info["channels"] == 3
+
+
+def test_flat_folder_is_unlabelled_and_has_no_class_names(tmp_path: Path):
+    from aigc.data.preprocess import preprocess
+
+    root = tmp_path / "own"
+    root.mkdir()
+    for i, im in enumerate(photo_tiles(6, 64)):
+        Image.fromarray(im).save(root / f"{i}.jpg", quality=95)
+    ds = load_source(DataConfig(source="folder", path=str(root)))
+    assert ds.images.shape == (6, 64, 64, 3) and ds.labels.tolist() == [-1] * 6
+    assert "class_name" not in ds.metadata.columns
+    info = preprocess(ds, DataConfig(source="folder", test_size=0.34), seed=0).info
+    assert info["classes"] == [] and "class_names" not in info
+    assert info["counts"]["train_per_class"] == {"-1": 3}
 
 
 def test_bad_input_leaves_a_previous_output_untouched(tmp_path: Path):

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from aigc.config import DataConfig
-from aigc.data.sources import RawDataset
+from aigc.data.sources import RawDataset, resize
 from aigc.errors import DataError
 
 DATASET_JSON = "dataset.json"
@@ -58,28 +59,14 @@ def clean(ds: RawDataset, blank_std: float) -> tuple[np.ndarray, dict[str, int]]
     return keep, removed
 
 
-def resize(images: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """Square ``size`` x ``size``: ``pad`` centres the image on a black canvas (never shrinks),
-    ``resize`` rescales it (Lanczos; aspect ratio is not kept)."""
-    n, h, w, c = images.shape
-    if (h, w) == (size, size):
-        return images
-    if mode == "pad":
-        if h > size or w > size:
-            raise DataError(f"data.image_size = {size} is smaller than the images ({h}x{w}); "
-                            "use data.resize_mode: resize to shrink them")
-        out = np.zeros((n, size, size, c), dtype=images.dtype)
-        top, left = (size - h) // 2, (size - w) // 2
-        out[:, top:top + h, left:left + w] = images
-        return out
-    from PIL import Image
-
-    out = np.empty((n, size, size, c), dtype=np.uint8)
-    for i, im in enumerate(images):
-        pil = Image.fromarray(im[..., 0] if c == 1 else im)
-        arr = np.asarray(pil.resize((size, size), Image.Resampling.LANCZOS))
-        out[i] = arr[..., None] if c == 1 else arr
-    return out
+def class_names(metadata: pd.DataFrame, classes: np.ndarray) -> dict[str, str]:
+    """``{label value: class name}`` from the folder source's ``class_name`` column (empty without
+    one: MNIST and numeric folders are named by their label values)."""
+    if "class_name" not in metadata.columns:
+        return {}
+    pairs = metadata.loc[metadata["label"] >= 0, ["label", "class_name"]].drop_duplicates("label")
+    lookup = dict(zip(pairs["label"].astype(int), pairs["class_name"].astype(str)))
+    return {str(int(k)): lookup[int(k)] for k in classes if int(k) in lookup}
 
 
 def normalise(images: np.ndarray) -> np.ndarray:
@@ -140,6 +127,9 @@ def preprocess(ds: RawDataset, cfg: DataConfig, seed: int) -> Processed:
         "split": {"test_size": cfg.test_size, "seed": seed, "stratified": stratified},
         "resized": None if cfg.image_size is None else {"size": cfg.image_size, "mode": cfg.resize_mode},
     }
+    names = class_names(ds.metadata.iloc[keep], labelled)
+    if names:  # a folder of word-named classes (cat/, dog/): label value -> name, for reports
+        info["class_names"] = names
     tr, te = np.sort(tr), np.sort(te)  # each split in raw-record order: stable, diff-friendly
     return Processed(
         train={"images": x[tr], "labels": labels[tr], "ids": ids[tr]},

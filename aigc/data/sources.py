@@ -297,13 +297,79 @@ def _pixels(im) -> np.ndarray:
     return arr if arr.ndim == 3 else arr[..., None]
 
 
+def resize(images: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Square ``size`` x ``size``: ``pad`` centres the image on a black canvas (never shrinks),
+    ``resize`` rescales it (Lanczos; aspect ratio is not kept). Preprocess applies it to the
+    dataset; ingest to the odd-sized files of a folder of mixed sizes."""
+    n, h, w, c = images.shape
+    if (h, w) == (size, size):
+        return images
+    if mode == "pad":
+        if h > size or w > size:
+            raise DataError(f"data.image_size = {size} is smaller than the images ({h}x{w}); "
+                            "use data.resize_mode: resize to shrink them")
+        out = np.zeros((n, size, size, c), dtype=images.dtype)
+        top, left = (size - h) // 2, (size - w) // 2
+        out[:, top:top + h, left:left + w] = images
+        return out
+    from PIL import Image
+
+    out = np.empty((n, size, size, c), dtype=np.uint8)
+    for i, im in enumerate(images):
+        pil = Image.fromarray(im[..., 0] if c == 1 else im)
+        arr = np.asarray(pil.resize((size, size), Image.Resampling.LANCZOS))
+        out[i] = arr[..., None] if c == 1 else arr
+    return out
+
+
+def _class_folders(root: Path, rel: list[Path]) -> list[str | None]:
+    """Each file's class folder (the first part of its path), or None for a loose file; a
+    DataError when loose files lie beside class folders (which would leave them silently unlabelled)."""
+    dirs = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
+    loose = [r.as_posix() for r, d in zip(rel, dirs) if d is None]
+    folders = sorted({d for d in dirs if d is not None})
+    if loose and folders:
+        raise DataError(f"{root}: {len(loose)} loose image file(s) ({_listed(loose)}) beside "
+                        f"{len(folders)} class folder(s) ({_listed([d + '/' for d in folders])}); loose files and "
+                        "class folders cannot be mixed: move the loose files into a class folder, or flatten the "
+                        "folder (no sub-folders) for unlabelled images")
+    return dirs
+
+
+def _one_shape(root: Path, rel: list[Path], arrays: list[np.ndarray], cfg: DataConfig) -> list[np.ndarray]:
+    """The images at one (H, W, C): files of other sizes are brought to ``data.image_size`` (by
+    ``data.resize_mode``, as preprocess would) when it is set; otherwise, and for mixed channel
+    counts, a DataError naming each size found with an example file."""
+    def found(key) -> str:
+        first: dict = {}
+        for r, a in zip(rel, arrays):
+            first.setdefault(key(a), r.as_posix())
+        count = Counter(key(a) for a in arrays)
+        return ", ".join(f"{k} ({count[k]} file(s), e.g. {first[k]})" for k in sorted(first, key=lambda k: -count[k]))
+
+    if len({a.shape[2] for a in arrays}) > 1:
+        raise DataError(f"{root}: mixed channel counts: "
+                        f"{found(lambda a: 'grey' if a.shape[2] == 1 else 'RGB')}; convert them to one "
+                        "(all grey or all RGB) first")
+    if len({a.shape[:2] for a in arrays}) == 1:
+        return arrays
+    if cfg.image_size is None:
+        raise DataError(f"{root}: mixed image sizes: {found(lambda a: f'{a.shape[0]}x{a.shape[1]}')}; set "
+                        "data.image_size (and data.resize_mode: pad or resize) to bring them to one square side, "
+                        "or resize them to one size first")
+    return [resize(a[None], cfg.image_size, cfg.resize_mode)[0] if a.shape[:2] != (cfg.image_size,) * 2 else a
+            for a in arrays]
+
+
 def load_folder(cfg: DataConfig) -> RawDataset:
     """A folder of PNG/JPEG/TIFF/BMP/WebP images; the sub-folder name is the label (``cats/001.png``).
 
     8- and 16-bit grey, float TIFFs, palettes, RGB(A), CMYK: see :func:`_pixels` and :func:`to_uint8`.
 
-    Numeric sub-folder names become those integer labels; other names are numbered in sorted
-    order and kept in a ``class_name`` column. Images directly in the folder are unlabelled.
+    Numeric sub-folder names become those integer labels; other names (``cat/``, ``dog/``) are
+    numbered 0..K-1 in sorted order and kept in a ``class_name`` column (preprocess records the
+    names in dataset.json). A flat folder (no sub-folders) is unlabelled (-1); loose files beside
+    class folders are refused. Files of mixed sizes are brought to ``data.image_size`` when it is set.
     A ``metadata.csv`` with a ``file`` column (path relative to the folder) adds columns.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -329,17 +395,11 @@ def load_folder(cfg: DataConfig) -> RawDataset:
         arrays.append(arr if arr.ndim == 3 else arr[..., None])
     if unreadable:
         raise DataError(f"{root}: {len(unreadable)} unreadable image file(s): {_listed(unreadable)}")
-
-    shapes = Counter(a.shape for a in arrays)
-    if len(shapes) > 1:
-        common = shapes.most_common(1)[0][0]
-        odd = [f"{f.relative_to(root)} {a.shape}" for f, a in zip(files, arrays) if a.shape != common]
-        raise DataError(f"{root}: mixed image shapes; most are {common} (H, W, C), these differ: {_listed(odd)}. "
-                        "Resize them to one size first (data.image_size resizes after ingest, not mixed inputs)")
+    rel = [f.relative_to(root) for f in files]
+    dirs = _class_folders(root, rel)
 
     # 8-bit files stay, 16-bit files are scaled (or refused) file by file, by their own depth;
     # float files (TIFF mode F) share one range decision, so one dataset is scaled one way.
-    rel = [f.relative_to(root) for f in files]
     deep = [r.as_posix() for a, r in zip(arrays, rel) if a.dtype.kind in "iu" and a.itemsize == 2]
     if deep and cfg.high_bit_depth == "refuse":
         raise DataError(f"{root}: {len(deep)} 16-bit image file(s): {_listed(deep)}; set data.high_bit_depth: scale "
@@ -351,7 +411,7 @@ def load_folder(cfg: DataConfig) -> RawDataset:
             arrays[i] = scaled[j]
     arrays = [a if a.dtype.kind == "f" or a.dtype == np.uint8 else to_uint8(a, f"{root}/{r.as_posix()}", cfg)
               for a, r in zip(arrays, rel)]
-    dirs = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
+    arrays = _one_shape(root, rel, arrays, cfg)  # 8-bit by now, so a resize works on any of them
     names = sorted({d for d in dirs if d is not None})
     numeric = all(d.isdigit() for d in names)
     index = {d: (int(d) if numeric else i) for i, d in enumerate(names)}
