@@ -20,13 +20,11 @@ from __future__ import annotations
 import os
 import platform
 import re
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from aigc.errors import UserError
 
 # the flags that decide which PyTorch/oneDNN kernels run
 VECTOR_PREFIXES = ("avx", "fma", "amx")

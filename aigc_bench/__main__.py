@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from aigc import machine
+from aigc_bench import isa
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "aigc_bench"
 
@@ -29,9 +30,9 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (it compiles for ~1 min)")
     ap.add_argument("--stage-epochs", type=int, default=2,
                     help="epochs of the train stage timed against the in-process step (0: skip; default: %(default)s)")
-    machine.add_isa_argument(ap)
+    isa.add_isa_argument(ap)
     args = ap.parse_args()
-    machine.under_cap(args.isa, "aigc_bench")  # before torch is imported: the cap is read when it loads
+    isa.under_cap(args.isa, "aigc_bench")  # before torch is imported: the cap is read when it loads
     from aigc_bench import overhead, train_speed
 
     start, load0 = time.time(), os.getloadavg()

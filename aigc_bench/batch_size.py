@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from aigc import machine
+from aigc_bench import isa
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "aigc_bench"
 
@@ -28,7 +29,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,128,256", help="batch sizes, comma-separated (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: %(default)s)")
     ap.add_argument("--images", type=int, default=2560, help="images per timed run (default: %(default)s)")
-    machine.add_isa_argument(ap)
+    isa.add_isa_argument(ap)
     args = ap.parse_args()
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
@@ -37,7 +38,7 @@ def main() -> None:
     if any(b < 8 or b > args.images // 5 for b in sizes):
         sys.exit(f"error: --sizes {args.sizes!r}: each batch must be 8..{args.images // 5} "
                  f"(--images {args.images} must hold at least 5 batches of the largest)")
-    machine.under_cap(args.isa, "aigc_bench.batch_size")  # before torch is imported: the cap is read when it loads
+    isa.under_cap(args.isa, "aigc_bench.batch_size")  # before torch is imported: the cap is read when it loads
 
     import torch
 

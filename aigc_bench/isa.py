@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from aigc.errors import UserError
-from aigc.machine import ISA_CAPS, ISA_VARS, LEVELS, cap_of, cpu, describe, one_line
+from aigc import machine
+from aigc.machine import ISA_CAPS, ISA_VARS, LEVELS, cap_of
 
 
 def isa_cap_env(cap: str, cpu_isa: str | None = None) -> dict[str, str]:
@@ -28,10 +29,10 @@ def isa_cap_env(cap: str, cpu_isa: str | None = None) -> dict[str, str]:
     fall-back to other kernels."""
     if cap not in ISA_CAPS:
         raise UserError(f"--isa {cap!r} is not a known cap; use one of {', '.join(ISA_CAPS)}")
-    cpu_isa = cpu_isa or cpu()["isa"]
+    cpu_isa = cpu_isa or machine.cpu()["isa"]
     need = None if cap == "native" else cap  # the CPU level a cap needs: its own name
     if need and (cpu_isa not in LEVELS or LEVELS.index(cpu_isa) < LEVELS.index(need)):
-        raise UserError(f"--isa {cap}: this CPU ({cpu()['model']}) has {cpu_isa}, not {need}; a cap can only "
+        raise UserError(f"--isa {cap}: this CPU ({machine.cpu()['model']}) has {cpu_isa}, not {need}; a cap can only "
                         f"lower the instruction set: use --isa native"
                         + (" or --isa avx2" if cpu_isa in LEVELS[1:] else ""))
     return dict(ISA_CAPS[cap])
@@ -84,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_isa_argument(ap)
     args = ap.parse_args(argv)
     under_cap(args.isa, "aigc_bench.isa", argv)
-    d = describe()
-    print(one_line(d))
+    d = machine.describe()
+    print(machine.one_line(d))
     print(json.dumps(d, indent=2))
 
 

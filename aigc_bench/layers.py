@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from aigc import machine
+from aigc_bench import isa
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "aigc_bench"
 
@@ -354,12 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=30, help="calls per timing (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=30, help="steps per timed run of the whole step (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=OUT, help="report folder (default: reports/benchmarks)")
-    machine.add_isa_argument(ap)
+    isa.add_isa_argument(ap)
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.reps < 1 or args.steps < 3:
         sys.exit(f"error: --rounds {args.rounds} --reps {args.reps} --steps {args.steps}: rounds and reps must be "
                  "at least 1, steps at least 3")
-    machine.under_cap(args.isa, "aigc_bench.layers")  # before torch is imported: the cap is read when it loads
+    isa.under_cap(args.isa, "aigc_bench.layers")  # before torch is imported: the cap is read when it loads
 
     import torch
 

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from aigc import machine
+from aigc_bench import isa
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "aigc_bench"
 
@@ -27,9 +28,9 @@ def main() -> None:
     ap.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: all usable cores)")
     ap.add_argument("--top", type=int, default=15)
-    machine.add_isa_argument(ap)
+    isa.add_isa_argument(ap)
     args = ap.parse_args()
-    machine.under_cap(args.isa, "aigc_bench.profile_step")  # before torch is imported: the cap is read when it loads
+    isa.under_cap(args.isa, "aigc_bench.profile_step")  # before torch is imported: the cap is read when it loads
     from torch.profiler import ProfilerActivity, profile
 
     from aigc.runtime import usable_cores

@@ -22,8 +22,8 @@ def test_benchmark_labels_follow_the_net():
 
 def test_step_and_reference_loop_time_a_conditional_net():
     images = torch.rand(8 * 6, 1, 8, 8) * 2 - 1
-    cfg = TrainConfig(batch_size=8, channels_last=False, threads=1, ema_kimg=0.0)
-    assert project_step(images, NET, cfg, steps=6, threads=1) > 0
+    cfg = TrainConfig(batch_size=8, ema_kimg=0.0)
+    assert project_step(images, NET, cfg, steps=6, threads=1, channels_last=False) > 0  # runtime knobs too
     assert reference_loop(images, NET, steps=6, threads=1, batch=8) > 0
 
 

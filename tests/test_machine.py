@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from aigc import machine
+from aigc_bench import isa
 from aigc.errors import UserError
 from tests.conftest import ROOT
 
@@ -19,16 +20,16 @@ SPR_CPU = {"model": "Intel(R) Xeon(R) Processor", "flags": ["amx_tile", "avx2", 
 
 
 def test_a_cap_gives_its_variables_and_never_one_above_the_cpu():
-    assert machine.isa_cap_env("avx2", "avx512+amx") == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+    assert isa.isa_cap_env("avx2", "avx512+amx") == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
                                                         "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-    assert machine.isa_cap_env("avx512", "avx512+amx")["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"  # no AMX
-    assert machine.isa_cap_env("native", "avx2") == {}
+    assert isa.isa_cap_env("avx512", "avx512+amx")["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"  # no AMX
+    assert isa.isa_cap_env("native", "avx2") == {}
     with pytest.raises(UserError, match=r"--isa avx512: .* has avx2, not avx512; .* use --isa native or --isa avx2"):
-        machine.isa_cap_env("avx512", "avx2")
+        isa.isa_cap_env("avx512", "avx2")
     with pytest.raises(UserError, match="has pre-avx2, not avx2"):
-        machine.isa_cap_env("avx2", "pre-avx2")
+        isa.isa_cap_env("avx2", "pre-avx2")
     with pytest.raises(UserError, match="'sse' is not a known cap"):
-        machine.isa_cap_env("sse", "avx2")
+        isa.isa_cap_env("sse", "avx2")
 
 
 def test_which_cap_the_environment_sets_and_where_its_reports_go(monkeypatch):
@@ -62,7 +63,7 @@ def test_the_effective_level_is_the_cpus_lowered_by_the_lowest_cap(monkeypatch):
     assert machine.in_force()["level"] == ("avx512+amx" if native["aten"] == "AVX512" else native["level"])
 
 
-@pytest.mark.parametrize("module", ["aigc_bench.__main__", "aigc_bench.profile_step", "aigc.machine"])
+@pytest.mark.parametrize("module", ["aigc_bench.__main__", "aigc_bench.profile_step", "aigc_bench.isa"])
 def test_a_cap_the_cpu_lacks_is_one_error_line(module, monkeypatch):
     import importlib
 
@@ -77,7 +78,7 @@ def test_a_cap_the_cpu_lacks_is_one_error_line(module, monkeypatch):
 @pytest.mark.skipif(machine.cpu()["isa"] not in ("avx2", "avx512", "avx512+amx"), reason="the CPU has no AVX2")
 def test_a_capped_command_starts_again_with_torch_under_the_cap():
     env = {k: v for k, v in os.environ.items() if k not in machine.ISA_VARS}
-    out = subprocess.run([sys.executable, "-m", "aigc.machine", "--isa", "avx2"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "aigc_bench.isa", "--isa", "avx2"], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout
     first, _, rest = out.partition("\n")
     assert "kernels: ATen AVX2, oneDNN AVX2, MKL AVX2" in first

@@ -54,7 +54,7 @@ def vae_bits_per_dim(encoder: nn.Module, decoder: nn.Module, images: torch.Tenso
     :func:`bits_per_dim` only if the likelihood is discretised (e.g. a discretised Gaussian or
     logistic that integrates each of the 256 bins).
     """
-    from aigc.training.vae import recon_nll  # the ELBO's own reconstruction term
+    from aigc.models.vae import recon_nll  # the ELBO's own reconstruction term
 
     vae = vae or VAEConfig()
     enc_training, dec_training = encoder.training, decoder.training

@@ -17,6 +17,8 @@ flattened features in the encoder and beside z in the decoder.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,3 +90,13 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return torch.tanh(self.logits(z, y) / 2)  # = 2 sigmoid(o) - 1: images in [-1, 1]
+
+
+def recon_nll(logits: torch.Tensor, x: torch.Tensor, likelihood: str, sigma: float) -> torch.Tensor:
+    """-log p(x|z) per image (N,), nats; ``x`` in [-1, 1], ``logits`` the decoder's raw output."""
+    if likelihood == "bernoulli":
+        # The pixel intensity (x + 1) / 2 in [0, 1] as the Bernoulli target (the usual MNIST VAE).
+        return F.binary_cross_entropy_with_logits(logits, (x + 1) / 2, reduction="none").flatten(1).sum(1)
+    mean = torch.tanh(logits / 2)
+    d = x[0].numel()
+    return 0.5 * ((x - mean) / sigma).pow(2).flatten(1).sum(1) + d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))

@@ -35,21 +35,12 @@ from torch import nn
 from aigc.config import RuntimeConfig, TrainConfig, VAEConfig
 from aigc.errors import UserError
 from aigc.models import NetConfig, build_encoder, build_generator
+from aigc.models.vae import recon_nll
 from aigc.stats import Stats
 from aigc.training.loop import Batch, Hooks, Recipe, Setup, Stateful, TrainData, TrainResult, train
 
 VAE_KEYS = ("loss", "recon", "kl", "neg_elbo", "beta")
 IWAE_SAMPLES = 64  # samples of q(z|x) in the held-out likelihood bound (Burda et al. 2016 use 5000 at the end)
-
-
-def recon_nll(logits: torch.Tensor, x: torch.Tensor, likelihood: str, sigma: float) -> torch.Tensor:
-    """-log p(x|z) per image (N,), nats; ``x`` in [-1, 1], ``logits`` the decoder's raw output."""
-    if likelihood == "bernoulli":
-        # The pixel intensity (x + 1) / 2 in [0, 1] as the Bernoulli target (the usual MNIST VAE).
-        return F.binary_cross_entropy_with_logits(logits, (x + 1) / 2, reduction="none").flatten(1).sum(1)
-    mean = torch.tanh(logits / 2)
-    d = x[0].numel()
-    return 0.5 * ((x - mean) / sigma).pow(2).flatten(1).sum(1) + d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
 
 
 def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
