@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -94,3 +96,26 @@ def run_module(args: list[str], cwd: Path, env: dict[str, str] | None = None, ti
     full_env = os.environ | (env or {})
     cmd = [sys.executable, *args] if args[0] == "-m" else args
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# --- system engines the slow tests start for real: a missing one skips with one line saying what to install ---
+
+def _sshd() -> str | None:
+    return shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+
+
+def _initdb() -> str | None:
+    return shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+
+
+ENGINES = {
+    "sshd": (_sshd, "OpenSSH's sshd not found: apt-get install openssh-server (as .ci/run does)"),
+    "postgres": (_initdb, "PostgreSQL's initdb not found: apt-get install postgresql (as .ci/run does)"),
+}
+
+
+def require(engine: str) -> None:
+    """Skip the calling test (or fixture) when the system engine ``engine`` is not installed."""
+    find, why = ENGINES[engine]
+    if find() is None:
+        pytest.skip(why)

@@ -5,6 +5,7 @@ where they should."""
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -205,18 +206,29 @@ def sanity(request: pytest.FixtureRequest) -> dict[str, dict[str, float]]:
     return scores | {"source": source}
 
 
+def near_floor(s: dict, name: str, k: float = 4.0) -> bool:
+    """|score - floor| within k standard errors of the difference (the run's own spreads)."""
+    return abs(s[name] - s[f"{name}_floor"]) <= k * math.hypot(s[f"{name}_se"], s[f"{name}_floor_se"])
+
+
 def test_real_held_out_images_score_at_the_floor(sanity):
     s = sanity["fresh"]
     span = sanity["collapsed"]["fid"] - s["fid_floor"]
     assert abs(s["fid"] - s["fid_floor"]) < 0.05 * span  # relative to the floor-to-collapse span, no absolute slack
     assert abs(s["kid"] - s["kid_floor"]) < 0.05 * (sanity["collapsed"]["kid"] - s["kid_floor"])
+    # Within 4 standard errors of the difference, both spreads measured in this very run (the score's
+    # _se over its sets, the floor's _floor_se over its bootstrap): a fixed 0.05 was tighter than the
+    # noise (mnist5k's density: |1.020 - 0.964| = 0.056 with density_se 0.010, density_floor_se 0.033,
+    # i.e. 1.6 sigma; mnist14's dcr_score missed 0.15 by 0.01 with a floor spread of ~0.13).
     for name in ("precision", "recall", "coverage", "density"):
-        assert abs(s[name] - s[f"{name}_floor"]) < 0.05, name
+        assert near_floor(s, name), (name, s[name], s[f"{name}_floor"], s[f"{name}_se"], s[f"{name}_floor_se"])
     assert s["coverage"] > 0.9 and s["coverage_ceiling"] > 0.95
     assert abs(s["is"] - s["is_floor"]) < 0.05 * s["is_floor"]
     assert s["modes"] == s["modes_floor"] == 10
     assert s["class_kl"] < 0.05
-    assert abs(s["dcr_score"] - 1) < 0.15 and s["copy_share"] < 0.03
+    assert near_floor(s, "dcr_score") and s["copy_share"] < 0.03
+    # ... and the same band tells a bad model from the floor (the test can fail)
+    assert not near_floor(sanity["collapsed"], "coverage") and not near_floor(sanity["noise"], "precision")
 
 
 def test_is_is_good_only_up_to_the_floor_collapse_and_noise_fall_below_it(sanity):

@@ -28,7 +28,7 @@ import yaml
 from mlflow import MlflowClient
 
 from aigc.services import auth_setup, free_port, start_mlflow, start_postgres, start_prefect, start_sshd
-from tests.conftest import ROOT, tiny_project
+from tests.conftest import ROOT, require, tiny_project
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +46,7 @@ def sh(args: list[str], cwd: Path, env: dict[str, str] | None = None, ok: bool =
 
 @pytest.fixture(scope="module")
 def services():
+    require("postgres")
     # Not under pytest's tmp_path: as root (CI), PostgreSQL runs as the postgres user, who cannot
     # enter root's 0700 temp folders.
     root = Path(tempfile.mkdtemp(prefix="aigc-services-"))
@@ -233,6 +234,7 @@ def test_local_path_remote_round_trip(clones, tmp_path: Path):
 def test_ssh_remote_round_trip_through_sshd(clones, tmp_path: Path):
     import getpass
 
+    require("sshd")
     sshd, key = start_sshd(tmp_path / "sshd")
     try:
         origin = clones[1]
@@ -336,6 +338,7 @@ def test_a_worker_runs_the_deployment_and_refuses_an_overlapping_run(services, c
 
 def test_make_services_starts_and_stops_the_three(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`make services` / `make services-down` (python -m aigc.services up/down), on free ports."""
+    require("postgres")
     home = Path(tempfile.mkdtemp(prefix="aigc-make-services-"))
     ports = [f"--{name}-port={free_port()}" for name in ("postgres", "mlflow", "prefect")]
     cmd = [sys.executable, "-m", "aigc.services"]
