@@ -14,7 +14,7 @@ import torch
 from aigc import distributed
 from aigc.config import ModelConfig, PixelCNNConfig, RuntimeConfig, TrainConfig, VAEConfig, parse_params
 from aigc.errors import ConfigError, UserError
-from aigc.metrics.likelihood import bits_per_dim, vae_bits_per_dim
+from aigc.training.likelihood import bits_per_dim, vae_bits_per_dim
 from aigc.models import NetConfig, build_discriminator, build_generator, generator_payload, load_generator, net_config
 from aigc.stats import Stats
 from aigc.training import PixelCNNRecipe, Setup, neg_elbo, recipe_for, train_pixelcnn, train_vae

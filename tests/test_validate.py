@@ -171,7 +171,7 @@ def _too_few(tmp: Path) -> DataConfig:
     "make, where, expected",
     [
         (_corrupt_image, "ingest", r"1 unreadable image file\(s\): 1/broken.png"),
-        (_mixed_shapes, "ingest", r"mixed image shapes; most are \(8, 8, 1\).*2/odd.png \(10, 12, 1\)"),
+        (_mixed_shapes, "ingest", r"mixed image sizes: 8x8 \(20 file\(s\), e.g. 0/000.png\), 10x12 \(1 file\(s\), e.g. 2/odd.png\); set data.image_size"),
         (_nan_csv, "ingest", r"1 NaN pixel\(s\) \(float64\); first at \[3, 5\]"),
         (_values_1000, "ingest", r"integer pixels \(int64\) in 0..1000 are outside 0..255; first at \[4, 7\]"),
         (_empty, "ingest", "no images found"),

@@ -97,7 +97,7 @@ class PixelCNNRecipe(Recipe):
         self.opt.load_state_dict(state["opt"])
 
     def likelihood(self, data: TrainData) -> dict[str, Any]:
-        from aigc.metrics.likelihood import bits_per_dim
+        from aigc.training.likelihood import bits_per_dim
 
         return {"bits_per_dim": bits_per_dim(self.G, data.images, data.labels), "likelihood": "exact"}
 

@@ -130,7 +130,7 @@ class VAERecipe(Recipe):
         self.opt.load_state_dict(state["opt"])
 
     def likelihood(self, data: TrainData, k: int = IWAE_SAMPLES) -> dict[str, Any]:
-        from aigc.metrics.likelihood import vae_bits_per_dim
+        from aigc.training.likelihood import vae_bits_per_dim
 
         return {"bits_per_dim": vae_bits_per_dim(self.encoder, self.decoder, data.images, data.labels, k=k,
                                                  vae=self.vae),
