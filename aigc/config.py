@@ -32,7 +32,7 @@ class DataConfig(_Section):
     """Where the raw images come from (ingest) and how they are cleaned and split (preprocess)."""
 
     source: Literal["mnist5k", "digits", "idx", "npz", "csv", "folder"] = "mnist5k"
-    """Mnist5k | digits | idx | npz | csv | folder."""
+    """mnist5k | digits | idx | npz | csv | folder."""
     # File or folder for the local sources (idx, npz, csv, folder); ignored by the built-ins.
     path: str = "data/source"
     """File or folder for idx, npz, csv, folder (ignored by mnist5k, digits)."""
@@ -47,7 +47,7 @@ class DataConfig(_Section):
     image_size: int | None = Field(default=None, ge=4, le=1024)
     """Square side to resize/pad to; null keeps the source resolution."""
     resize_mode: Literal["pad", "resize"] = "pad"
-    """Pad (centre on black, never shrinks) | resize (Lanczos)."""
+    """pad (centre on black, never shrinks) | resize (Lanczos)."""
     test_size: float = Field(default=0.1, gt=0.0, lt=1.0)
     """Held-out share, stratified by label."""
     # Images whose pixel standard deviation (0..255 scale) is below this are blank/constant.
@@ -68,7 +68,7 @@ class ModelConfig(_Section):
     dataset.json."""
 
     family: Literal["dcgan", "mlp", "vae", "pixelcnn"] = "dcgan"
-    """Dcgan | mlp (GANs) | vae (variational autoencoder, trained with the vae section) | pixelcnn
+    """dcgan | mlp (GANs) | vae (variational autoencoder, trained with the vae section) | pixelcnn
     (gated PixelCNN, autoregressive, trained with the pixelcnn section)."""
     z_dim: int = Field(default=100, ge=1, le=4096)
     """Length of G's latent vector z (pixelcnn: ignored, one z per sub-pixel, C*H*W)."""
@@ -76,12 +76,13 @@ class ModelConfig(_Section):
     # before them keep the size), D's stride-2 convolutions, and the kernel of both.
     g_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [128, 64],
                                                                  min_length=2, max_length=8)
-    """Dcgan G: channels from the projection on; the last two layers double H and W."""
+    """dcgan G: channels from the projection on; sides above 4x the base (e.g. 32, 64) add doubling
+    blocks at the widest width."""
     d_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [64, 128],
                                                                  min_length=1, max_length=8)
-    """Dcgan D: one stride-2 convolution per width."""
+    """dcgan D: one stride-2 convolution per width."""
     kernel: int = Field(default=4, ge=2, le=9)
-    """Dcgan kernel side (even only with two g_widths)."""
+    """dcgan kernel side (even only with two g_widths)."""
     d_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # after each D convolution (0: none)
     """Dropout after each D convolution (0: none; off by default: measured 1.2x the img/s and a lower FID gap)."""
     spectral_norm: bool = True  # D's weights divided by their largest singular value (any family)
@@ -166,7 +167,7 @@ class TrainConfig(_Section):
     """Images in each sample grid."""
     # The adversarial loss (aigc/losses.py): bce (non-saturating) | hinge | wgan (needs gp_weight).
     loss: Literal["bce", "hinge", "wgan"] = "hinge"
-    """Bce (non-saturating) | hinge | wgan (needs gp_weight)."""
+    """bce (non-saturating) | hinge | wgan (needs gp_weight)."""
     # R1 penalty on real images (gamma/2 * ||dD(x)/dx||^2; 0 = off), applied lazily as its own D
     # step every r1_interval steps, with stylegan2-ada's lr/beta correction for the extra steps.
     r1_gamma: float = Field(default=0.0, ge=0.0, le=1e4)
@@ -208,7 +209,7 @@ class RuntimeConfig(_Section):
 
     # cuda when there is a GPU, else cpu; mixed precision (bf16) on CUDA only.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Auto (CUDA if present, else CPU) | cpu | cuda: the device of every stage."""
+    """auto (CUDA if present, else CPU) | cpu | cuda: the device of every stage."""
     # CPU threads: "auto" uses the cores other processes leave free (re-checked every epoch).
     threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
     """CPU threads: auto = the cores other processes leave free (and 1 if the probe measured it faster) | a number."""
@@ -335,7 +336,7 @@ class RegisterConfig(_Section):
     """The alias that marks the best version so far."""
     # Compared between versions; its direction (lower/higher is better) is fixed per metric.
     metric: Literal[REGISTRY_METRICS] = "fid"  # type: ignore[valid-type]
-    """Fid | kid | is | precision | recall | density | coverage | modes | class_kl | dcr_score | copy_share."""
+    """fid | kid | is | precision | recall | density | coverage | modes | class_kl | dcr_score | copy_share."""
     # Compare metric - metric_floor (the gap to real held-out images) rather than the raw score
     # (is and density are always compared by their distance to the floor).
     relative_to_floor: bool = True
@@ -451,7 +452,7 @@ class DPConfig(_Section):
     """Per-sample gradient clipping bound C over all of D's parameters."""
     # Opacus' accountant: rdp (Renyi DP, Mironov 2017) | prv (privacy random variables, tighter, slower).
     accountant: Literal["rdp", "prv"] = "rdp"
-    """Rdp (Renyi DP) | prv (privacy random variables: tighter, slower)."""
+    """rdp (Renyi DP) | prv (privacy random variables: tighter, slower)."""
 
 
 class PrivacyConfig(_Section):
@@ -460,7 +461,7 @@ class PrivacyConfig(_Section):
 
     # drop: remove the column | hash: salted SHA-256 (salt from $AIGC_PII_SALT) | keep: opt-in
     action: PrivacyAction = "drop"
-    """Drop | hash (salted SHA-256; salt from $AIGC_PII_SALT) | keep (opt-in)."""
+    """drop | hash (salted SHA-256; salt from $AIGC_PII_SALT) | keep (opt-in)."""
     # Per-column override, e.g. {author: hash, notes: keep}; drop/hash also apply unflagged.
     columns: dict[str, PrivacyAction] = Field(default_factory=dict)
     """Per-column override, e.g. {author: hash, notes: keep}."""
