@@ -5,6 +5,7 @@
     aigc generate --model models:/aigc-generator@champion -n 64 --seed 0 --label 3 --out grid.png
     aigc report [RUN_ID] [--out run.html]   the one-page run report, rebuilt from MLflow
     aigc doctor                              is this machine set up? (exit code 1 when not)
+    aigc example-data photos32 data/source/photos32    a folder of example images (digits | photos32 | digits64)
     aigc keygen --out ~/.config/aigc/data.key              a new data key (privacy.encrypt_at_rest)
     aigc rekey data/raw data/validated --new-key-file NEW  re-encrypt under a new key (rotation)
 
@@ -134,6 +135,15 @@ def _doctor(args: argparse.Namespace) -> int:
     failed = [c for c in checks if c.failed]
     print(f"{len(failed)} problem(s)" if failed else "all ok")
     return 1 if failed else 0
+def _example_data(args: argparse.Namespace) -> None:
+    from aigc.data.examples import write_example
+
+    counts = write_example(args.kind, args.out, args.n, args.seed)
+    where = ", ".join(f"{k}/ {v}" if k != "." else f"{v} flat" for k, v in counts.items())
+    print(f"wrote {sum(counts.values())} images to {args.out} ({where}); train on them with:\n"
+          f"  dvc exp run -S data.source=folder -S data.path={args.out}")
+
+
 def _keygen(args: argparse.Namespace) -> None:
     import os
 
@@ -208,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the MLflow store, DVC, disk; exit code 1 when something is wrong")
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     p.set_defaults(func=_doctor)
+    p = sub.add_parser("example-data", help="write a folder of example images to try data.source: folder "
+                                            "(digits: unlabelled grey 28x28; photos32: RGB 32x32 in china/ and "
+                                            "flower/; digits64: unlabelled RGB 64x64), made offline")
+    p.add_argument("kind", choices=["digits", "photos32", "digits64"])
+    p.add_argument("out", help="folder to create (must be new or empty)")
+    p.add_argument("-n", type=int, default=2000, help="number of images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="crops and colours follow from it (default: %(default)s)")
+    p.set_defaults(func=_example_data)
+
     p = sub.add_parser("keygen", help="write a new random data key (privacy.encrypt_at_rest) to a file outside the repository")
     p.add_argument("--out", required=True, help="key file to create (mode 600; never overwritten)")
     p.set_defaults(func=_keygen)

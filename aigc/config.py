@@ -251,9 +251,32 @@ class TrackingConfig(_Section):
     """A server that stops answering: metrics wait and are retried; after training, fail once an outage lasts this long."""
 
 
+class ContrastiveConfig(_Section):
+    """The self-supervised feature network (evaluate.features: auto on unlabelled data, or
+    contrastive): SimCLR's contrastive objective on two augmented views of each train image
+    (aigc/metrics/contrastive.py)."""
+
+    # Measured on the default data (aigc_bench/README.md): 20 epochs give a space whose FID ranks a
+    # generator's epochs as the classifier's does (tests/test_feature_spaces.py).
+    epochs: int = Field(default=20, ge=1, le=10_000)
+    """Passes over the train split (two augmented views of each image per pass)."""
+    batch_size: int = Field(default=256, ge=4, le=65_536)
+    """Images per step: each image's other view is its positive, the other 2(B-1) views its negatives."""
+    lr: float = Field(default=0.003, gt=0.0, le=1.0)
+    """Adam, peak of a one-cycle schedule."""
+    temperature: float = Field(default=0.2, gt=0.0, le=10.0)
+    """NT-Xent's softmax temperature."""
+    # SimCLR's views are resized crops; resizing blurs, and a space trained to match blurred and
+    # sharp views of one image cannot see blur in a generator's samples (measured: blurred real
+    # digits then scored better than a trained generator). So views shift by whole pixels instead.
+    shift: float = Field(default=0.125, ge=0.0, lt=0.5)
+    """Largest random shift of a view, as a share of the side, in whole pixels (no resampling)."""
+
+
 class EvaluatorConfig(_Section):
-    """The metrics' feature network: a small CNN classifier trained on the processed train split
-    (its size follows dataset.json; see aigc/models/evaluator.py)."""
+    """The metrics' feature network, trained on the processed train split (its size follows
+    dataset.json; see aigc/metrics/evaluator.py): a small CNN classifier on labelled data, the same
+    CNN trained self-supervised (contrastive) on unlabelled data (evaluate.features)."""
 
     # 5 epochs, one-cycle schedule peaking at lr: ~96% test accuracy on the default MNIST subset.
     epochs: int = Field(default=5, ge=1, le=1000)
@@ -268,6 +291,8 @@ class EvaluatorConfig(_Section):
     """Conv widths 16, 32, features, features (8x8 and 28x28 both work)."""
     features: int = Field(default=64, ge=2, le=4096)
     """Pooled width: the feature vector of FID, KID, PRDC and memorisation."""
+    contrastive: ContrastiveConfig = ContrastiveConfig()
+    """The self-supervised training (unlabelled data, or evaluate.features: contrastive)."""
 
 
 class EvaluateConfig(_Section):
@@ -298,11 +323,13 @@ class EvaluateConfig(_Section):
     """Samples in reports/eval/samples.png."""
     nearest_pairs: int = Field(default=16, ge=1, le=256)  # pairs in the nearest-neighbour grid
     """Generated/nearest-training pairs in reports/eval/nearest.png."""
-    # The feature space of FID, KID, precision/recall/density/coverage and DCR: the trained
-    # classifier's (default), or the FID InceptionV3's pool3 read from ``inception_weights``, a
-    # local copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (nothing downloads).
-    features: Literal["classifier", "inception"] = "classifier"
-    """Feature space of FID/KID/PRDC/DCR: classifier (models/evaluator.pt) | inception (needs inception_weights)."""
+    # The feature space of FID, KID, precision/recall/density/coverage and DCR, learnt from the data
+    # by the train_evaluator stage: "auto" = the classifier when every image is labelled (2+
+    # classes), else the self-supervised (contrastive) encoder; or the FID InceptionV3's pool3
+    # read from ``inception_weights``, a local copy of pytorch-fid's
+    # pt_inception-2015-12-05-6726825d.pth (nothing downloads), beside the learnt network's logits.
+    features: Literal["auto", "classifier", "contrastive", "inception"] = "auto"
+    """Feature space of FID/KID/PRDC/DCR: auto (classifier on labelled data, else contrastive) | classifier | contrastive (self-supervised, no labels used) | inception (needs inception_weights)."""
     inception_weights: str | None = Field(default=None, min_length=1)
     """Local pytorch-fid pt_inception-2015-12-05-6726825d.pth for features: inception (nothing downloads)."""
 
@@ -310,7 +337,7 @@ class EvaluateConfig(_Section):
     def _inception_needs_weights(self) -> "EvaluateConfig":
         if self.features == "inception" and self.inception_weights is None:
             raise ValueError("evaluate.features is inception but evaluate.inception_weights is not set: point it "
-                             "at pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or use features: classifier")
+                             "at pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or use features: auto")
         return self
 
     def scoring(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from aigc.errors import UserError
 from aigc.images import make_grid, save_png
 from aigc.io import file_sha256
 from aigc.metrics import protocol
-from aigc.metrics.figures import class_bars, nearest_grid
+from aigc.metrics.figures import class_bars, nearest_grid, notice
 from aigc.metrics.labels import label_bars, per_class_floor
 from aigc.metrics.memorisation import closest_pairs
 from aigc.metrics.modes import class_histogram
@@ -39,6 +39,7 @@ class Evaluation:
     lineage: dict[str, str]  # the generator, the evaluator's weights, the data and the settings, hashed
     seconds: float
     steps: dict[str, float]  # seconds per step: sampling, embedding, metrics, pictures
+    unavailable: dict[str, str]  # scores this feature space cannot give (unlabelled data), each with why
 
     @property
     def headline(self) -> dict[str, float]:
@@ -50,6 +51,8 @@ class Evaluation:
         scores, secs = self.scores, self.steps
         return ("  ".join(f"{k} {scores[k]:.4g}±{scores.get(f'{k}_se', float('nan')):.2g} (floor {scores[f'{k}_floor']:.4g})"
                           for k in scores if f"{k}_floor" in scores and not k.startswith("label_accuracy_"))
+                + ("".join(f"\n{', '.join(k for k, v in self.unavailable.items() if v == why)}: {why}"
+                           for why in dict.fromkeys(self.unavailable.values())))
                 + f"\n{self.cfg.num_samples} samples evaluated in {self.seconds:.1f} s (sampling {secs['sampling']:.1f} s, "
                 f"embedding {secs['embedding']:.1f} s, metrics {secs['metrics']:.1f} s, pictures {secs['pictures']:.1f} s)")
 
@@ -77,22 +80,28 @@ def evaluate_generator(cfg: EvaluateConfig, generator: str, evaluator: str, proc
     gen_idx, train_idx = closest_pairs(fake_emb, ref, min(cfg.nearest_pairs, len(fake)))
     save_png(nearest_grid(fake[gen_idx], torch.from_numpy(scorer.train["images"][train_idx.numpy()])), nearest)
     num_classes = ev.cfg.num_classes
-    save_png(class_bars(list(ev.cfg.classes), ref.class_share.numpy(),
-                        class_histogram(fake_emb, num_classes).numpy(),
-                        class_histogram(ref.floor, num_classes).numpy()), classes)
-    conditional = "label_accuracy" in scores
-    save_png(label_bars(list(ev.cfg.classes), scores if conditional else
-                        per_class_floor(scorer.test_emb, scorer.test_labels, list(ev.cfg.classes)),
-                        f"label accuracy {scores['label_accuracy']:.3f} (floor {scores['label_accuracy_floor']:.3f})"
-                        if conditional else "unconditional generator: no requested labels; the floor only"),
-             labels)
+    if num_classes:
+        save_png(class_bars(list(ev.cfg.classes), ref.class_share.numpy(),
+                            class_histogram(fake_emb, num_classes).numpy(),
+                            class_histogram(ref.floor, num_classes).numpy()), classes)
+        conditional = "label_accuracy" in scores
+        save_png(label_bars(list(ev.cfg.classes), scores if conditional else
+                            per_class_floor(scorer.test_emb, scorer.test_labels, list(ev.cfg.classes)),
+                            f"label accuracy {scores['label_accuracy']:.3f} (floor {scores['label_accuracy_floor']:.3f})"
+                            if conditional else "unconditional generator: no requested labels; the floor only"),
+                 labels)
+    else:  # a self-supervised feature space: no classes to count or to agree with
+        why = scorer.unavailable["modes"]
+        save_png(notice("class shares and mode coverage", why), classes)
+        save_png(notice("label accuracy", why), labels)
     t_pictures = time.perf_counter() - t
 
     sizes = protocol(ref, cfg, cfg.num_samples)
     seconds = time.perf_counter() - t_start
     lineage = {"generator_sha256": file_sha256(generator)} | scorer.lineage
     report: dict[str, Any] = {k: round(v, 6) for k, v in scores.items()} | {"classes": num_classes} | sizes | {
-        "seconds": round(seconds, 1), "lineage": lineage}
+        "features": ev.cfg.objective if cfg.features != "inception" else "inception",
+        "not_available": scorer.unavailable, "seconds": round(seconds, 1), "lineage": lineage}
     summary = {
         "protocol": (f"each score is the mean over {sizes['sets']} disjoint sets of {ref.sample_size} generated "
                      f"images, set i compared with reference subset i mod {len(ref.subsets)} ({len(ref.subsets)} "
@@ -106,10 +115,12 @@ def evaluate_generator(cfg: EvaluateConfig, generator: str, evaluator: str, proc
         "lineage": lineage,
         "generator": {"path": generator, "net": gnet.to_dict()},
         "evaluator": {"path": evaluator, "net": ev.cfg.to_dict()},
+        "not_available": scorer.unavailable,
         "seconds": {"total": round(seconds, 2), "real_embeddings": round(scorer.seconds_real, 2),
                     **{k: round(v, 2) for k, v in secs.items()}, "pictures": round(t_pictures, 2)},
     }
-    return Evaluation(cfg, scores, report, summary, sizes, lineage, seconds, secs | {"pictures": t_pictures})
+    return Evaluation(cfg, scores, report, summary, sizes, lineage, seconds, secs | {"pictures": t_pictures},
+                      scorer.unavailable)
 
 
 def log_evaluation(tracker: Run, ev: Evaluation, files: list[str]) -> None:
@@ -139,7 +150,9 @@ def log_evaluation(tracker: Run, ev: Evaluation, files: list[str]) -> None:
         tracker.set_tags({f"score.{k}": describe(scores, k) for k in shown}
                          | {"aigc.evaluator_weights_sha256": lineage["evaluator_weights_sha256"]}
                          | {f"eval.{k}": v for k, v in sizes.items()}
-                         | {"eval.features": cfg.features, "eval.evaluator_sha256": lineage["evaluator_weights_sha256"],
+                         | {f"score.{k}": why for k, why in ev.unavailable.items()}
+                         | {"eval.features": ev.report["features"],
+                            "eval.evaluator_sha256": lineage["evaluator_weights_sha256"],
                             "eval.data_sha256": lineage["data_sha256"], "eval.settings_sha256": lineage["settings_sha256"],
                             "eval.seed": cfg.seed})
         for path in files:

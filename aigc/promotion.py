@@ -162,7 +162,11 @@ def gates(candidate: dict[str, Any], cfg: RegisterConfig, data_gate_passed: bool
     if cfg.require_data_gate:
         out.append(Gate("data_gate", data_gate_passed is True, data_gate_passed, "passed (register.require_data_gate)"))
     modes, classes = candidate.get("modes"), candidate.get("classes")
-    if cfg.min_modes_covered > 0:
+    if cfg.min_modes_covered > 0 and "modes" in (candidate.get("not_available") or {}):
+        # unlabelled data: no classes to cover; said in the decision, not silently dropped
+        out.append(Gate("modes", True, candidate["not_available"]["modes"],
+                        f">= {cfg.min_modes_covered:g} x classes (register.min_modes_covered): skipped, no classes"))
+    elif cfg.min_modes_covered > 0:
         need = cfg.min_modes_covered * classes if _finite(classes) else None
         ok = _finite(modes) and need is not None and modes >= need - 1e-9
         out.append(Gate("modes", bool(ok), modes if _finite(modes) else repr(modes),
@@ -182,7 +186,8 @@ def gates(candidate: dict[str, Any], cfg: RegisterConfig, data_gate_passed: bool
         out.append(privacy_gate(privacy, cfg.max_epsilon))
     value = compared_value(candidate, cfg.metric, cfg.relative_to_floor)
     what = f"{cfg.metric} - {cfg.metric}_floor" if cfg.relative_to_floor else cfg.metric
-    out.append(Gate("metric", value is not None, value if value is not None else repr(candidate.get(cfg.metric)),
+    missing = (candidate.get("not_available") or {}).get(cfg.metric) or repr(candidate.get(cfg.metric))
+    out.append(Gate("metric", value is not None, value if value is not None else missing,
                     f"a finite {what}"))
     return out
 

@@ -85,7 +85,8 @@ def _charts(path: Path | None) -> list[dict[str, Any]]:
 
 def _score_rows(headline: dict[str, Any], metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per headline score (reports/scores.json's order): value, spread, floor and its
-    spread, ceiling, the gap to the floor, and which way is better."""
+    spread, ceiling, the gap to the floor, and which way is better; then one row per score the
+    feature space cannot give (unlabelled data), saying why in place of a value."""
     every = metrics | headline
     rows = []
     for key in headline:
@@ -96,6 +97,9 @@ def _score_rows(headline: dict[str, Any], metrics: dict[str, Any]) -> list[dict[
         rows.append({"key": key, "value": value, "se": every.get(f"{key}_se"), "floor": floor,
                      "floor_se": every.get(f"{key}_floor_se"), "ceiling": every.get(f"{key}_ceiling"), "gap": gap,
                      "better": DIRECTIONS.get(key, "—")})
+    for key, why in (metrics.get("not_available") or {}).items():
+        rows.append({"key": key, "value": why, "se": None, "floor": None, "floor_se": None, "ceiling": None,
+                     "gap": None, "better": DIRECTIONS.get(key, "—")})
     return rows
 
 

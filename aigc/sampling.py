@@ -45,6 +45,9 @@ def check_label(label: int, evaluator: Evaluator | None, cfg: NetConfig) -> int:
                         "Pass the evaluator file (--evaluator models/evaluator.pt, written by the train_evaluator "
                         "stage) or a registered model that carries one")
     ev = evaluator.cfg
+    if not ev.classes:
+        raise UserError(f"label {label} asked for, but the data has no labels: the generator is unconditional and "
+                        "the evaluator is self-supervised (no classes to tell apart); leave out the label")
     if (ev.channels, ev.height, ev.width) != cfg.image_shape:
         raise UserError(f"the evaluator classifies {ev.channels}x{ev.height}x{ev.width} images but the generator "
                         f"makes {cfg.channels}x{cfg.height}x{cfg.width}; use the evaluator trained on the same data")

@@ -104,7 +104,7 @@ def main() -> None:
     from aigc.config import TrackingConfig, load_params
     from aigc.tracking import Run
     from pipeline.evaluate import run_evaluate as evaluate
-    from pipeline.train_evaluator import train_evaluator
+    from pipeline.train_evaluator import run_train_evaluator as train_evaluator
 
     params = load_params(ROOT / "params.yaml")
     cfg = params.evaluate.model_copy(update={"num_samples": args.num_samples})
@@ -120,7 +120,7 @@ def main() -> None:
             paths["evaluator"] = str(work / "evaluator.pt")
             t = time.perf_counter()
             summary = train_evaluator(params.seed, params.evaluator, paths["processed"], paths["evaluator"],
-                                      str(work / "evaluator.json"))
+                                      str(work / "evaluator.json"), evaluate=params.evaluate)
             result["evaluator_training"] = summary | {"wall_seconds": round(time.perf_counter() - t, 2)}
         tracking = TrackingConfig(uri=f"sqlite:///{work / 'mlflow.db'}", experiment="bench",
                                   artifact_root=str(work / "art"))

@@ -77,8 +77,11 @@ def set_params(root: Path, values: dict[str, object]) -> None:
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     for dotted, value in values.items():
-        section, _, key = dotted.rpartition(".")
-        (params[section] if section else params)[key] = value
+        *sections, key = dotted.split(".")
+        node = params
+        for name in sections:  # nested sections too: evaluator.contrastive.epochs
+            node = node[name]
+        node[key] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

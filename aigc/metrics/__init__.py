@@ -12,6 +12,10 @@ Registered (module: names it returns):
 * ``inception_score`` (fid.py): is -- torchmetrics, evaluator logits
 * ``precision_recall`` (manifold.py): precision, recall, density, coverage -- Naeem et al. 2020
 * ``modes`` (modes.py): modes, class_kl -- predicted-class histogram vs the data's
+
+``inception_score`` and ``modes`` read the evaluator's class logits (``needs_classes``): with a
+self-supervised feature network (unlabelled data) they are not computed, and the evaluation says
+"not available: unlabelled" in their place.
 * ``memorisation`` (memorisation.py): dcr_score, dcr_closer_to_train, copy_share -- distance to
   the closest record (features) and the near-duplicate share (pixels)
 
@@ -29,7 +33,7 @@ import torch
 
 from aigc.config import EvaluateConfig
 from aigc.errors import UserError
-from aigc.metrics.base import Embedding, Reference, ceilings, metric, metric_names
+from aigc.metrics.base import Embedding, Reference, ceilings, metric, metric_names, needs_classes
 from aigc.metrics.evaluator import Evaluator, label_indices
 from aigc.metrics.features import embed, real_embedding
 
@@ -53,19 +57,24 @@ def reference(evaluator: Evaluator, train: Embedding, test: Embedding, train_lab
     if n < 2:
         raise UserError(f"evaluate.num_samples = {num_samples}: need at least 2 images to compare")
     k = evaluator.cfg.num_classes
-    counts = torch.bincount(label_indices(train_labels, evaluator.cfg), minlength=k).double()
+    if k:
+        counts = torch.bincount(label_indices(train_labels, evaluator.cfg), minlength=k).double()
+        class_share = counts / counts.sum()
+    else:  # a feature network without classes (contrastive): no class histogram to compare with
+        class_share = torch.zeros(0, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     floor_idx = torch.randperm(len(test), generator=g)[:n].sort().values
     order = torch.randperm(len(train), generator=g)
     subsets = tuple(train.take(order[i * n:(i + 1) * n].sort().values) for i in range(len(train) // n))
-    return Reference(evaluator=evaluator, train=train, test=test, class_share=counts / counts.sum(),
+    return Reference(evaluator=evaluator, train=train, test=test, class_share=class_share,
                      sample_size=n, subsets=subsets, floor=test.take(floor_idx))
 
 
 def calc_metrics(fake: Embedding, ref: Reference, cfg: EvaluateConfig,
                  names: list[str] | None = None) -> dict[str, float]:
     """Every registered metric (or ``names``) of the generated embedding, each score beside its
-    spread, floor and ceiling.
+    spread, floor and ceiling. Metrics of the predicted classes (``needs_classes``) are left out
+    when the feature network has no class logits (a contrastive one: ``unavailable`` says why).
 
     Seeded from ``cfg.seed`` (KID draws random subsets) without touching
     the caller's RNG state.
@@ -74,7 +83,8 @@ def calc_metrics(fake: Embedding, ref: Reference, cfg: EvaluateConfig,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for name in names or metric_names():
-            out.update(metric(name)(fake, ref, cfg))
+            if len(ref.class_share) or not needs_classes(name):
+                out.update(metric(name)(fake, ref, cfg))
     top = ceilings(ref.sample_size, cfg.prdc_k, len(ref.class_share))
     out |= {f"{key}_ceiling": value for key, value in top.items() if key in out}
     return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,10 +87,25 @@ MetricFn = Callable[[Embedding, Reference, EvaluateConfig], dict[str, float]]
 _METRICS: dict[str, MetricFn] = {}
 
 
-def register(fn: MetricFn) -> MetricFn:
-    """Add ``fn`` to the registry under its own name (stylegan2-ada's ``metric_main`` idea)."""
-    _METRICS[fn.__name__] = fn
-    return fn
+_NEEDS_CLASSES: set[str] = set()
+
+
+def register(fn: MetricFn | None = None, *, classes: bool = False) -> Any:
+    """Add ``fn`` to the registry under its own name (stylegan2-ada's ``metric_main`` idea);
+    ``@register(classes=True)``: it reads the evaluator's class logits, so a feature network
+    without classes (contrastive) cannot give it."""
+    def add(f: MetricFn) -> MetricFn:
+        _METRICS[f.__name__] = f
+        if classes:
+            _NEEDS_CLASSES.add(f.__name__)
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def needs_classes(name: str) -> bool:
+    """Whether metric ``name`` reads class logits (see :func:`register`)."""
+    return name in _NEEDS_CLASSES
 
 
 def metric_names() -> list[str]:

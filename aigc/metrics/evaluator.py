@@ -1,12 +1,17 @@
-"""The evaluator: a small CNN classifier whose features and logits the metrics are computed on.
+"""The evaluator: a small CNN whose features (and, as a classifier, logits) the metrics are computed on.
 
 FID's authors advise against Inception features for MNIST-like data and recommend a domain
 classifier's features instead; Inception weights cannot be downloaded here anyway. So the
-pipeline trains its own feature network on the processed train split:
+pipeline trains its own feature network on the processed train split (``evaluate.features``):
 
-* its penultimate activations (``features``) feed FID, KID, precision/recall/density/coverage
-  and the memorisation check;
-* its logits feed the Inception Score and mode coverage.
+* ``classifier`` (labelled data): cross-entropy on the labels; its penultimate activations
+  (``features``) feed FID, KID, precision/recall/density/coverage and the memorisation check, its
+  logits the Inception Score, mode coverage and label accuracy;
+* ``contrastive`` (unlabelled data, or asked for): the same CNN trained self-supervised
+  (SimCLR, aigc/metrics/contrastive.py); its features feed the same metrics, and it has no class
+  logits, so the class-based scores are "not available" (:func:`unavailable`);
+* ``auto`` (default): the classifier when every image is labelled and there are 2+ classes, else
+  the contrastive network.
 
 Like the generator, the file carries the network's config (``EvaluatorNet``), so
 ``load_evaluator(path)`` rebuilds it from the file alone, and its size follows the data
@@ -34,6 +39,7 @@ from aigc.io import load_net_file
 from aigc.runtime import resolve_device
 
 EVALUATOR_FORMAT = "aigc.evaluator/1"
+OBJECTIVES = ("classifier", "contrastive")
 
 
 @dataclass(frozen=True)
@@ -43,9 +49,11 @@ class EvaluatorNet:
     channels: int
     height: int
     width: int
-    classes: tuple[int, ...]  # the dataset's label values; output i of the network is classes[i]
+    classes: tuple[int, ...]  # the dataset's label values; output i of the network is classes[i] (() if contrastive)
     base_channels: int = 16
     features: int = 64
+    objective: str = "classifier"  # classifier (labels, cross-entropy) | contrastive (SimCLR, no labels)
+    projection: int = 32  # contrastive only: width of the projection head the loss sees
 
     @property
     def num_classes(self) -> int:
@@ -89,32 +97,83 @@ class Evaluator(nn.Module):
             *_conv(f, f, 1),  # (F, H/4, W/4)
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (F,): the feature vector
         )
-        # Dropout (training only: keeps the logits from leaning on a few features), then logits.
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(f, cfg.num_classes))  # (K,)
+        if cfg.objective == "contrastive":  # SimCLR's MLP projection head g(h): training only, scores use h
+            self.head = nn.Sequential(nn.Linear(f, f), nn.ReLU(), nn.Linear(f, cfg.projection))  # (P,)
+        else:  # Dropout (training only: keeps the logits from leaning on a few features), then logits.
+            self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(f, cfg.num_classes))  # (K,)
+
+    @property
+    def has_logits(self) -> bool:
+        """Class logits exist (a classifier); a contrastive network has none: (N, 0)."""
+        return self.cfg.objective == "classifier"
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the projection the contrastive loss compares (contrastive networks only)."""
+        return self.head(self.trunk(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images (N, C, H, W) -> penultimate features (N, F)."""
         return self.trunk(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> class logits (N, K)."""
-        return self.head(self.trunk(x))
+        """Images -> class logits (N, K); (N, 0) for a contrastive network."""
+        return self.embed_batch(x)[1]
 
     def embed_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (features, logits) in one pass (aigc/metrics/inception.py has the same interface)."""
         f = self.trunk(x)
-        return f, self.head(f)
+        return f, (self.head(f) if self.has_logits else f.new_zeros(len(f), 0))
 
 
-def evaluator_net(cfg: EvaluatorConfig, info: dict[str, Any]) -> EvaluatorNet:
-    """The network config from params' ``evaluator`` section and what dataset.json says of the data."""
-    classes = tuple(int(k) for k in info.get("classes", []))
+def labelled(info: dict[str, Any]) -> tuple[bool, str]:
+    """Whether every image of the processed data is labelled with 2+ classes, and in words what it is."""
+    classes = [int(k) for k in info.get("classes", [])]
+    counts = info.get("counts", {})
+    unlabelled = int(counts.get("train_per_class", {}).get("-1", 0))
     if len(classes) < 2:
+        return False, f"dataset.json lists {len(classes)} class(es)"
+    if unlabelled:
+        return False, f"{unlabelled} of {counts.get('train', '?')} training images have no label"
+    return True, f"every image labelled, {len(classes)} classes"
+
+
+def objective_for(features: str, info: dict[str, Any]) -> tuple[str, str]:
+    """How the evaluator is trained for ``evaluate.features`` on this data, and why in words:
+    "auto" (and "inception", whose class scores need the learnt network's logits) train the
+    classifier on labelled data, else the contrastive network; "classifier" on data it cannot
+    learn from is a UserError."""
+    ok, what = labelled(info)
+    if features == "contrastive":
+        return "contrastive", "evaluate.features = contrastive"
+    if features == "classifier":
+        if not ok:
+            raise UserError(f"evaluate.features = classifier needs every image labelled with at least 2 classes, "
+                            f"but {what}; set evaluate.features: auto (a self-supervised feature space) or label "
+                            "the data")
+        return "classifier", "evaluate.features = classifier"
+    if ok:
+        return "classifier", f"evaluate.features = {features} -> a classifier ({what})"
+    return "contrastive", f"evaluate.features = {features} -> self-supervised (contrastive): {what}"
+
+
+def evaluator_net(cfg: EvaluatorConfig, info: dict[str, Any], objective: str = "classifier") -> EvaluatorNet:
+    """The network config from params' ``evaluator`` section and what dataset.json says of the data."""
+    classes = tuple(int(k) for k in info.get("classes", [])) if objective == "classifier" else ()
+    if objective == "classifier" and len(classes) < 2:
         raise UserError(f"the evaluator is a classifier and needs labelled data with at least 2 classes; "
                         f"dataset.json lists {len(classes)} class(es). Use a source with labels")
     h, w = info["resolution"]
     return EvaluatorNet(channels=int(info["channels"]), height=int(h), width=int(w), classes=classes,
-                        base_channels=cfg.base_channels, features=cfg.features)
+                        base_channels=cfg.base_channels, features=cfg.features, objective=objective)
+
+
+def unavailable(net: EvaluatorNet, data_labelled: bool) -> dict[str, str]:
+    """The class-based scores a feature network without class logits cannot give, each with why."""
+    if net.objective == "classifier":
+        return {}
+    why = ("not available: unlabelled" if not data_labelled
+           else "not available: the feature space is self-supervised (evaluate.features: contrastive)")
+    return {"is": why, "modes": why, "class_kl": why, "label_accuracy": why}
 
 
 def label_indices(labels: np.ndarray, net: EvaluatorNet) -> torch.Tensor:
@@ -133,8 +192,52 @@ class EvaluatorResult:
     model: Evaluator
     steps: int
     seconds: float
-    train_accuracy: float
-    test_accuracy: float
+    train_accuracy: float | None  # classifier: on its own train split
+    test_accuracy: float | None  # classifier: on the test split (label accuracy's floor)
+    checks: dict[str, float] | None = None  # contrastive: view retrieval (and kNN accuracy where labels exist)
+
+    def summary(self) -> dict[str, Any]:
+        """reports/evaluator/metrics.json: how good the feature network is, and what it cost."""
+        out = {"objective": self.model.cfg.objective}
+        if self.test_accuracy is not None:
+            out |= {"test_accuracy": round(self.test_accuracy, 4), "train_accuracy": round(self.train_accuracy, 4)}
+        out |= {k: round(v, 4) for k, v in (self.checks or {}).items()}
+        return out | {"seconds": round(self.seconds, 1), "steps": self.steps}
+
+    def describe(self, test_images: int) -> str:
+        """The stage's one line."""
+        if self.test_accuracy is not None:
+            what = (f"test accuracy {self.test_accuracy:.4f} on {test_images} images "
+                    f"(train {self.train_accuracy:.4f})")
+        else:
+            what = "self-supervised; " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in (self.checks or {}).items())
+        return f"evaluator: {what}; {self.steps} steps in {self.seconds:.1f} s"
+
+
+def train_evaluator(cfg: EvaluatorConfig, net: EvaluatorNet, train: dict[str, np.ndarray],
+                    test: dict[str, np.ndarray], seed: int, progress: bool = True,
+                    device: str = "auto") -> EvaluatorResult:
+    """Train the feature network ``net`` on the ``train`` split (images, labels) by its objective and
+    check it on ``test``: the classifier's accuracy, or the contrastive network's view retrieval on
+    the test split (and a kNN vote's accuracy where every image has a label)."""
+    x, xt = torch.from_numpy(train["images"]), torch.from_numpy(test["images"])
+    if net.objective == "classifier":
+        return fit_evaluator(cfg, net, x, label_indices(train["labels"], net), xt,
+                             label_indices(test["labels"], net), seed, progress=progress, device=device)
+    from aigc.metrics.contrastive import fit_contrastive, knn_accuracy, view_retrieval, views
+
+    dev = resolve_device(device, "runtime.device")
+    torch.manual_seed(seed)  # the weights follow from the seed (fit_contrastive seeds again for the views)
+    model = Evaluator(net).to(dev)
+    steps, seconds = fit_contrastive(cfg.contrastive, model, x, seed, device=dev, progress=progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        checks = {"test_view_retrieval": view_retrieval(
+            model, xt, views(net.channels, net.height, net.width, cfg.contrastive.shift).to(dev))}
+    y, yt = train["labels"], test["labels"]
+    if len(y) and (y >= 0).all() and len(yt) and (yt >= 0).all() and len(np.unique(y)) > 1:
+        checks["test_knn_accuracy"] = knn_accuracy(model, x, torch.from_numpy(y), xt, torch.from_numpy(yt))
+    return EvaluatorResult(model.cpu().eval(), steps, seconds, None, None, checks)
 
 
 def fit_evaluator(cfg: EvaluatorConfig, net: EvaluatorNet, images: torch.Tensor, labels: torch.Tensor,

@@ -87,7 +87,7 @@ def kid(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float
     return score_and_floor(fake, ref, one)
 
 
-@register
+@register(classes=True)
 def inception_score(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float]:
     """exp E KL(p(y|x) || p(y)) on the evaluator's logits: confident and varied. Good up to the real
     data's own value (the floor) only: a generator scores above it by drawing every class in equal

@@ -43,3 +43,24 @@ def class_bars(classes: list[int], data_share: np.ndarray, generated: np.ndarray
 
     buf.seek(0)
     return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def notice(title: str, text: str) -> np.ndarray:
+    """A picture that says in words why a chart is not drawn (the stage's output file still exists:
+    a DVC output, and an empty one would look broken), as an RGB uint8 picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 1.4), dpi=100)
+    ax.axis("off")
+    ax.text(0.5, 0.62, title, ha="center", va="center", fontsize=10, weight="bold")
+    ax.text(0.5, 0.3, text, ha="center", va="center", fontsize=8, wrap=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    from PIL import Image
+
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))

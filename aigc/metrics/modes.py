@@ -28,7 +28,7 @@ def class_kl(share: torch.Tensor, data_share: torch.Tensor) -> float:
     return float((p[nz] * (p[nz] / q[nz]).log()).sum())
 
 
-@register
+@register(classes=True)
 def modes(fake: Embedding, ref: Reference, cfg: EvaluateConfig) -> dict[str, float]:
     """Covered modes (higher is better, up to the number of classes) and class KL (lower is better)."""
     k = len(ref.class_share)

@@ -21,7 +21,8 @@ from aigc.config import EvaluateConfig
 from aigc.data.preprocess import arrays_sha256, dataset_sha256, load_info, load_split
 from aigc.errors import UserError
 from aigc.metrics import Embedding, Reference, calc_metrics, embed, real_embedding, reference
-from aigc.metrics.evaluator import Evaluator, label_indices, load_evaluator, weights_sha256
+from aigc.metrics.evaluator import Evaluator, label_indices, labelled, load_evaluator, objective_for, unavailable, \
+    weights_sha256
 from aigc.metrics.inception import InceptionEvaluator, load_inception
 from aigc.metrics.labels import generated_label_accuracy
 from aigc.models import draw
@@ -74,7 +75,8 @@ class Scorer:
     ref: Reference
     train: dict[str, np.ndarray]
     test_emb: Embedding  # the test split, for label accuracy's floor (the evaluator's own test accuracy)
-    test_labels: torch.Tensor  # class indices of the test split
+    test_labels: torch.Tensor  # class indices of the test split (empty when the evaluator has no classes)
+    unavailable: dict[str, str]  # the class-based scores this feature space cannot give, each with why
     lineage: dict[str, str]  # the evaluator's weights, the data and the settings, hashed
     device: torch.device
     seconds_real: float
@@ -88,9 +90,14 @@ class Scorer:
         train, test = load_split(processed, "train"), load_split(processed, "test")
         ev = load_evaluator(evaluator)
         shape = (int(info["channels"]), *map(int, info["resolution"]))
-        if (ev.cfg.channels, ev.cfg.height, ev.cfg.width) != shape or list(ev.cfg.classes) != info["classes"]:
+        classes_differ = ev.cfg.objective == "classifier" and list(ev.cfg.classes) != info["classes"]
+        if (ev.cfg.channels, ev.cfg.height, ev.cfg.width) != shape or classes_differ:
             raise UserError(f"{evaluator} was trained on other data ({ev.cfg.channels}x{ev.cfg.height}x"
                             f"{ev.cfg.width}, classes {list(ev.cfg.classes)}); retrain it (dvc repro train_evaluator)")
+        objective, _ = objective_for(cfg.features, info)
+        if ev.cfg.objective != objective:
+            raise UserError(f"{evaluator} is a {ev.cfg.objective} network but evaluate.features = {cfg.features} "
+                            f"wants a {objective} one on this data; retrain it (dvc repro train_evaluator)")
         if cfg.features == "inception":
             ev = InceptionEvaluator(ev, load_inception(cfg.inception_weights))
         device = resolve_device(device, "runtime.device")
@@ -105,8 +112,9 @@ class Scorer:
         ref = reference(ev, embedded["train"], embedded["test"], train["labels"], cfg.num_samples, cfg.seed)
         lineage = {"evaluator_weights_sha256": weights_sha256(ev), "data_sha256": dataset_sha256(processed),
                    "settings_sha256": settings_sha256(cfg)}
-        test_labels = label_indices(test["labels"], ev.cfg)
-        return cls(cfg, ev, ref, train, embedded["test"], test_labels, lineage, device, time.perf_counter() - t)
+        test_labels = label_indices(test["labels"], ev.cfg) if ev.cfg.num_classes else torch.zeros(0, dtype=torch.long)
+        return cls(cfg, ev, ref, train, embedded["test"], test_labels, unavailable(ev.cfg, labelled(info)[0]),
+                   lineage, device, time.perf_counter() - t)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -130,7 +138,8 @@ class Scorer:
         t_embed = time.perf_counter() - t
         t = time.perf_counter()
         scores = calc_metrics(emb, self.ref, self.cfg)
-        if requested is not None:  # agreement with the requested class, beside the evaluator's test accuracy
+        if requested is not None and self.evaluator.cfg.num_classes:  # agreement with the requested class,
+            # beside the evaluator's test accuracy
             scores |= generated_label_accuracy(emb, requested, classes, self.evaluator.cfg, self.test_emb,
                                                self.test_labels)
         t_metrics = time.perf_counter() - t
