@@ -133,8 +133,8 @@ class VAEConfig(_Section):
 
 class PixelCNNConfig(_Section):
     """Training of the pixelcnn family (model.family: pixelcnn; aigc/models/pixelcnn.py): maximum
-    likelihood over 256 levels per sub-pixel; epochs, batch size and logging come from the train
-    section."""
+    likelihood over 256 levels per sub-pixel; its own epochs (a step costs ~15x a dcgan step), batch
+    size and logging from the train section."""
 
     # 6 x 32 (131k parameters), measured on 4,500 28x28 MNIST digits, batch 64, a shared 2-core
     # AMD EPYC: one epoch 130 s (35 img/s; 1.78 train bits/dim after it); sampling 10 img/s.
@@ -144,6 +144,9 @@ class PixelCNNConfig(_Section):
     """Channels of each stack (split into colour groups R, G, B on RGB data)."""
     lr: float = Field(default=1e-3, gt=0.0, le=1.0)  # Adam (betas 0.9, 0.999)
     """Adam learning rate (betas 0.9, 0.999)."""
+    # The family's own budget: train.epochs (20, set for the dcgan) would take ~40 min here.
+    epochs: int | None = Field(default=5, ge=1, le=10_000)
+    """Epochs of a pixelcnn training (null: train.epochs); set so that the pixelcnn run stays within ~15 min on a 2-core CPU (docs: Models)."""
 
 
 class TrainConfig(_Section):
@@ -499,7 +502,7 @@ class Params(_Section):
     vae: VAEConfig = VAEConfig()
     """Model.family: vae only; epochs and batch size come from train, device and logging from runtime."""
     pixelcnn: PixelCNNConfig = PixelCNNConfig()
-    """Model.family: pixelcnn only; epochs and batch size come from train, device and logging from runtime."""
+    """Model.family: pixelcnn only; its own epochs; batch size from train, device and logging from runtime."""
     tracking: TrackingConfig = TrackingConfig()
     """MLFLOW_TRACKING_URI in the environment overrides uri."""
     evaluator: EvaluatorConfig = EvaluatorConfig()

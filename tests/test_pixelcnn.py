@@ -17,7 +17,7 @@ from aigc.errors import ConfigError, UserError
 from aigc.training.likelihood import bits_per_dim, vae_bits_per_dim
 from aigc.models import NetConfig, build_discriminator, build_generator, generator_payload, load_generator, net_config
 from aigc.stats import Stats
-from aigc.training import PixelCNNRecipe, Setup, neg_elbo, recipe_for, train_pixelcnn, train_vae
+from aigc.training import PixelCNNRecipe, Setup, family_train, neg_elbo, recipe_for, train_pixelcnn, train_vae
 from aigc.training.loop import Batch
 from aigc.training.vae import VAERecipe
 
@@ -179,6 +179,24 @@ def test_recipe_for_builds_a_conditional_pixelcnn_with_one_z_per_sub_pixel():
     assert net_config(ModelConfig(family="pixelcnn", conditional=False), info, pixelcnn=PixelCNNConfig()).z_dim == 64
 
 
+def test_pixelcnn_epochs_are_the_familys_own_budget():
+    train = TrainConfig(epochs=20)
+    assert family_train(ModelConfig(family="pixelcnn"), train, PixelCNNConfig(epochs=4)).epochs == 4
+    assert family_train(ModelConfig(family="pixelcnn"), train, PixelCNNConfig(epochs=None)) == train  # null: train's
+    for family in ("dcgan", "vae"):  # the other families never read it
+        assert family_train(ModelConfig(family=family), train, PixelCNNConfig(epochs=4)) == train
+
+
+@pytest.mark.parametrize("value, rule", [(0, "greater than or equal to 1"), ("5", "must be a valid integer"),
+                                         (2.5, "must be a valid integer")])
+def test_bad_pixelcnn_epochs_is_one_line_naming_key_value_and_rule(value, rule):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"model": {"family": "pixelcnn"}, "pixelcnn": {"epochs": value}})
+    msg = str(err.value)
+    assert msg.startswith(f"params.yaml: pixelcnn.epochs = {value!r}: ") and rule in msg, msg
+    assert len(msg.splitlines()) == 1
+
+
 def test_dp_with_pixelcnn_is_one_config_error_line():
     with pytest.raises(ConfigError) as err:
         parse_params({"model": {"family": "pixelcnn"}, "privacy": {"dp": {"enabled": True}}})
@@ -220,11 +238,13 @@ def test_the_train_stage_trains_a_pixelcnn_and_its_file_samples(tmp_path):
     processed = tmp_path / "processed"
     save_processed(preprocess(load_source(DataConfig(source="digits")), DataConfig(), seed=0), processed)
     out = {k: str(tmp_path / "out" / k) for k in ("generator", "checkpoint", "run", "metrics", "losses", "samples")}
-    run_train(0, ModelConfig(family="pixelcnn"), TrainConfig(epochs=1, batch_size=256, grid_size=4),
+    run_train(0, ModelConfig(family="pixelcnn"), TrainConfig(epochs=3, batch_size=256, grid_size=4),
               TrackingConfig(enabled=False), str(processed), **out, runtime=RT,
-              pixelcnn=PixelCNNConfig(layers=2, width=8))
+              pixelcnn=PixelCNNConfig(layers=2, width=8, epochs=1))
     record, metrics = json.loads(open(out["run"]).read()), json.loads(open(out["metrics"]).read())
     assert record["params"]["pixelcnn.layers"] == 2 and "vae.lr" not in record["params"]
+    # the family's own budget: pixelcnn.epochs, not train.epochs (both recorded as params.yaml has them)
+    assert metrics["epochs"] == 1 and record["params"]["pixelcnn.epochs"] == 1 and record["params"]["train.epochs"] == 3
     assert record["net"]["pixel_width"] == 8 and record["net"]["conditional"] and record["net"]["z_dim"] == 64
     assert 0 < metrics["final_bits_per_dim"] < 8.5
     # the test split's exact likelihood, a dvc exp show column beside the scores
