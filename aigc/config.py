@@ -133,17 +133,21 @@ class VAEConfig(_Section):
 
 class PixelCNNConfig(_Section):
     """Training of the pixelcnn family (model.family: pixelcnn; aigc/models/pixelcnn.py): maximum
-    likelihood over 256 levels per sub-pixel; epochs, batch size and logging come from the train
-    section."""
+    likelihood over 256 levels per sub-pixel; its own epochs (a step costs ~15x a dcgan step), batch
+    size and logging from the train section."""
 
     # 6 x 32 (131k parameters), measured on 4,500 28x28 MNIST digits, batch 64, a shared 2-core
-    # AMD EPYC: one epoch 130 s (35 img/s; 1.78 train bits/dim after it); sampling 10 img/s.
+    # AMD EPYC: one epoch 130 s (35 img/s; 1.78 train bits/dim after it); sampling 10 img/s then, ~70-90 now
+    # (the cached sampler, one thread of a busy 2-core Xeon; python -m aigc_bench.sampling).
     layers: int = Field(default=6, ge=1, le=64)
     """Gated layers: the first 7x7 (mask A), the rest 3x3 (mask B); 6 see 9 rows above, 8 columns left."""
     width: int = Field(default=32, ge=3, le=1024)
     """Channels of each stack (split into colour groups R, G, B on RGB data)."""
     lr: float = Field(default=1e-3, gt=0.0, le=1.0)  # Adam (betas 0.9, 0.999)
     """Adam learning rate (betas 0.9, 0.999)."""
+    # The family's own budget: train.epochs (20, set for the dcgan) would take ~40 min here.
+    epochs: int | None = Field(default=5, ge=1, le=10_000)
+    """Epochs of a pixelcnn training (null: train.epochs); its whole run within ~15 min on a 2-core CPU (docs: Models)."""
 
 
 class TrainConfig(_Section):
@@ -526,7 +530,7 @@ class Params(_Section):
     vae: VAEConfig = VAEConfig()
     """Model.family: vae only; epochs and batch size come from train, device and logging from runtime."""
     pixelcnn: PixelCNNConfig = PixelCNNConfig()
-    """Model.family: pixelcnn only; epochs and batch size come from train, device and logging from runtime."""
+    """Model.family: pixelcnn only; its own epochs; batch size from train, device and logging from runtime."""
     tracking: TrackingConfig = TrackingConfig()
     """MLFLOW_TRACKING_URI in the environment overrides uri."""
     evaluator: EvaluatorConfig = EvaluatorConfig()

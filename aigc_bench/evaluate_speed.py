@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "aigc_bench"
+OUT = ROOT / "reports" / "benchmarks"
 sys.path.insert(0, str(ROOT))
 
 

@@ -39,7 +39,7 @@ from typing import Any
 from aigc import machine
 from aigc_bench import isa
 
-OUT = Path(__file__).resolve().parents[1] / "reports" / "aigc_bench"
+OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
 
 
 def subpixel_from_transposed(convt):

@@ -28,7 +28,7 @@ from aigc import machine
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "aigc_bench" / "orchestration.json"
+OUT = ROOT / "reports" / "benchmarks" / "orchestration.json"
 
 # The stage without Prefect: run_as_flow becomes a plain call whose "state" is never failed.
 PLAIN = """

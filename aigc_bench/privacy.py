@@ -29,7 +29,7 @@ from aigc.training import train_gan
 from aigc_bench.families import evaluator_setup
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "aigc_bench"
+OUT = ROOT / "reports" / "benchmarks"
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from aigc import machine
 from aigc_bench import isa
 
-OUT = Path(__file__).resolve().parents[1] / "reports" / "aigc_bench"
+OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
 
 
 def main() -> None:

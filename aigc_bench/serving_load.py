@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "aigc_bench"
+OUT = ROOT / "reports" / "benchmarks"
 MODEL = "aigc-generator"
 
 

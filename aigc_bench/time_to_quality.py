@@ -12,7 +12,8 @@ times. Afterwards every snapshot is scored with ONE evaluator file (FID and cove
 ``--samples`` images against the test split), so scoring never counts as training.
 
 Writes reports/benchmarks/time_to_quality.{json,md,png}: per candidate the FID gap at each mark,
-img/s, the CPU model and the load average sampled while they trained.
+img/s, samples/s, the test split's bits/dim for the pixelcnn (exact), the CPU model and the load
+average sampled while they trained.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "reports" / "aigc_bench"
+OUT = ROOT / "reports" / "benchmarks"
 
 LIGHT = {"g_widths": [128, 64], "d_widths": [64, 128], "kernel": 4}
 EMA = {"ema_kimg": 10.0, "ema_rampup": 0.05}
@@ -56,6 +57,8 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "conditional: light + hinge + SN + EMA, no dropout": (DEFAULT_M | {"conditional": True, "d_dropout": 0.0},
                                                           DEFAULT_T),
     "vae (bernoulli)": ({"family": "vae"}, {}),
+    "pixelcnn (6 x 32)": ({"family": "pixelcnn"}, {}),
+    "conditional pixelcnn (6 x 32)": ({"family": "pixelcnn", "conditional": True}, {}),
 }
 
 
@@ -75,19 +78,18 @@ def child(args: argparse.Namespace) -> None:
     """Train one candidate for ``--budget`` CPU seconds at one thread; save its snapshots."""
     from aigc.config import load_params
     from aigc.data.preprocess import load_info, load_split
-    from aigc.models import net_config
     from aigc.config import RuntimeConfig
-    from aigc.training import StepWindow, train_gan, train_vae
+    from aigc.training import Hooks, StepWindow, recipe_for, train as train_loop
 
     params = load_params(ROOT / "params.yaml")
     model, train = recipe(params, args.child)
-    net = net_config(model, load_info(args.processed))
-    split = load_split(args.processed, "train")
-    images = torch.from_numpy(split["images"])
-    labels = net.class_indices(split["labels"]) if net.conditional else None
     # One layout for every candidate (NCHW): the stage's per-machine probe would otherwise run inside
     # each candidate's clock, and the layout's own speed-up is the speed benchmark's business.
     cfg = train.model_copy(update={"epochs": 10_000, "guard_steps": 0})
+    # the family's recipe as the train stage builds it (vae: params' vae section; pixelcnn: its own)
+    family_recipe, data, _ = recipe_for(model, cfg, params.vae, params.privacy.dp, load_info(args.processed),
+                                        load_split(args.processed, "train"), params.pixelcnn)
+    net = family_recipe.net
     rt = RuntimeConfig(threads=1, log_every=5, device="cpu", channels_last=False)
     marks = [args.budget * (i + 1) / args.marks for i in range(args.marks)]
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -111,14 +113,10 @@ def child(args: argparse.Namespace) -> None:
     def abort() -> bool:
         return len(snaps) >= len(marks) or time.perf_counter() - wall0 > args.max_wall
 
-    if net.family == "vae":  # the VAE family: its own loop and losses (params' vae section), same clock
-        result = train_vae(cfg, params.vae, net, images, params.seed, on_steps=on_steps, progress=False,
-                           labels=labels, abort=abort, runtime=rt)
-    else:
-        result = train_gan(cfg, net, images, params.seed, on_steps=on_steps, progress=False, labels=labels,
-                           abort=abort, runtime=rt)
+    result = train_loop(cfg, family_recipe, data, Hooks(on_steps=on_steps, progress=False, abort=abort),
+                        seed=params.seed, runtime=rt)
     cpu = time.process_time() - cpu0
-    torch.save({"name": args.child, "net": net.to_dict(), "ema": net.family != "vae" and cfg.ema_kimg > 0,
+    torch.save({"name": args.child, "net": net.to_dict(), "ema": net.family in ("dcgan", "mlp") and cfg.ema_kimg > 0,
                 "snapshots": snaps,
                 "steps": result.steps, "cpu_seconds": cpu, "wall_seconds": time.perf_counter() - wall0,
                 "images_per_cpu_s": result.steps * cfg.batch_size / cpu, "last": result.last,
@@ -135,6 +133,7 @@ def score(runs: list[dict[str, Any]], args: argparse.Namespace, seed: int) -> No
     from aigc.metrics.evaluator import label_indices, load_evaluator
     from aigc.metrics.labels import generated_label_accuracy
     from aigc.models import NetConfig, build_generator, draw
+    from aigc.training.likelihood import bits_per_dim
 
     ev = load_evaluator(args.evaluator)
     train, test = load_split(args.processed, "train"), load_split(args.processed, "test")
@@ -149,18 +148,26 @@ def score(runs: list[dict[str, Any]], args: argparse.Namespace, seed: int) -> No
             G.load_state_dict(snap.pop("state"))
             if run["ema"]:
                 recompute_batchnorm(G, net.z_dim, "cpu", seed=seed)
-            fake, requested = draw(G, net.z_dim, args.samples, cfg.seed)
+            t = time.perf_counter()
+            fake, requested = draw(G, net.z_dim, args.samples, cfg.seed, batch_size=cfg.batch_size)
+            snap["samples_per_s"] = round(args.samples / (time.perf_counter() - t), 1)
             emb = embed(ev, fake)
             s = calc_metrics(emb, ref, cfg, names=["fid", "modes"])
             snap |= {"fid": round(s["fid"], 3), "fid_floor": round(s["fid_floor"], 3),
                      "fid_gap": round(s["fid"] - s["fid_floor"], 3), "modes": s["modes"],
                      "classes": len(ref.class_share)}
+            if net.family == "pixelcnn":  # its exact likelihood of the test split
+                snap["test_bits_per_dim"] = round(bits_per_dim(
+                    G, torch.from_numpy(test["images"]),
+                    net.class_indices(test["labels"]) if net.conditional else None), 4)
             if requested is not None:  # a conditional G: does it draw the class it is asked for?
                 la = generated_label_accuracy(emb, requested, net.classes, ev.cfg, test_emb, test_labels)
                 snap |= {"label_accuracy_ratio": round(la["label_accuracy_ratio"], 3),
                          "label_accuracy_worst_ratio": round(la["label_accuracy_worst_ratio"], 3)}
             print(f"{run['name']:40s} {snap['cpu_seconds']:6.0f} s  FID gap {snap['fid_gap']:7.2f}  "
-                  f"modes {snap['modes']}" + (f"  label accuracy {snap['label_accuracy_ratio']:.2f}x floor "
+                  f"modes {snap['modes']}  {snap['samples_per_s']:.0f} samples/s"
+                  + (f"  {snap['test_bits_per_dim']:.3f} bits/dim" if "test_bits_per_dim" in snap else "")
+                  + (f"  label accuracy {snap['label_accuracy_ratio']:.2f}x floor "
                                               f"(worst class {snap['label_accuracy_worst_ratio']:.2f}x)"
                                               if "label_accuracy_ratio" in snap else ""))
 
@@ -213,15 +220,19 @@ def markdown(report: dict[str, Any]) -> str:
              f"load average {report['load_average']['min']:.1f}-{report['load_average']['max']:.1f} "
              f"(mean {report['load_average']['mean']:.1f}) while training; {report['wall_seconds']:.0f} s wall in all. "
              f"FID on the evaluator `{report['evaluator']}` ({report['samples']} samples vs the test split); "
-             "gap = FID - floor; modes = classes covered of 10.", "",
-             f"| candidate | img/s (1 thread) | {head} | modes at the end | label accuracy / floor (worst class) |",
-             "| --- | --- | " + " | ".join("---" for _ in marks) + " | --- | --- |"]
+             "gap = FID - floor; modes = classes covered of 10; samples/s of drawing them (1 thread, batch 500); "
+             "bits/dim: the test split's exact -log2 p(x) per sub-pixel (pixelcnn only).", "",
+             f"| candidate | img/s (1 thread) | {head} | modes at the end | label accuracy / floor (worst class) "
+             "| samples/s | test bits/dim |",
+             "| --- | --- | " + " | ".join("---" for _ in marks) + " | --- | --- | --- | --- |"]
     for run in report["candidates"]:
         gaps = " | ".join(f"{s['fid_gap']:.2f}" for s in run["snapshots"])
         last = run["snapshots"][-1] if run["snapshots"] else {}
         label = (f"{last['label_accuracy_ratio']:.2f} ({last['label_accuracy_worst_ratio']:.2f})"
                  if "label_accuracy_ratio" in last else "-")
-        lines.append(f"| {run['name']} | {run['images_per_cpu_s']:.0f} | {gaps} | {last.get('modes', '-')} | {label} |")
+        bpd = f"{last['test_bits_per_dim']:.3f}" if "test_bits_per_dim" in last else "-"
+        lines.append(f"| {run['name']} | {run['images_per_cpu_s']:.0f} | {gaps} | {last.get('modes', '-')} | {label} "
+                     f"| {last.get('samples_per_s', float('nan')):.0f} | {bpd} |")
     return "\n".join(lines) + "\n"
 
 

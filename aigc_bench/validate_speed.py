@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "aigc_bench" / ".work" / "validate"
-OUT = ROOT / "reports" / "aigc_bench" / "validate.json"
+OUT = ROOT / "reports" / "benchmarks" / "validate.json"
 
 
 def import_seconds(module: str, repeats: int = 3) -> float:

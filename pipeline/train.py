@@ -25,7 +25,7 @@ from aigc.io import save_torch, write_json
 from aigc.models import generator_payload
 from aigc.tracking import Run, TrackingUnavailable
 from aigc.tracking.train_run import Recorder, TrainIdentity, log_training, open_train_run
-from aigc.training import Hooks, fingerprint, recipe_for, resumable, split_data
+from aigc.training import Hooks, family_train, fingerprint, recipe_for, resumable, split_data
 from aigc.training import train as train_loop  # the stage's own `train` is its params section
 from pipeline._stage import main
 
@@ -40,12 +40,14 @@ def run_train(seed: int, model: ModelConfig, train: TrainConfig, tracking: Track
     recipe, data, why = recipe_for(model, train, vae, privacy.dp, load_info(processed), load_split(processed, "train"),
                                    pixelcnn)
     print(why, flush=True)  # model.conditional = auto says what it chose and why
+    # The section as the family trains (pixelcnn: its own epochs); the run's params stay params.yaml's.
+    run_cfg = family_train(model, train, pixelcnn)
     ident = TrainIdentity.of(seed, model, train, vae, privacy.dp, recipe.net, dataset_sha256(processed), pixelcnn)
     if "aigc.machine.isa_caveat" in ident.tags:
         print(f"kernels capped by the environment: {ident.tags['aigc.machine.isa_caveat']} "
               f"({ident.tags['aigc.machine.kernels']})")
     fp = fingerprint(ident.params, ident.dataset_sha)
-    resume, previous, said = resumable(checkpoint, fp, train.epochs)  # only a checkpoint of this very run
+    resume, previous, said = resumable(checkpoint, fp, run_cfg.epochs)  # only a checkpoint of this very run
     if said:
         print(said)
     is_main = distributed.from_env().is_main  # under torchrun only rank 0 tracks and writes
@@ -61,11 +63,11 @@ def run_train(seed: int, model: ModelConfig, train: TrainConfig, tracking: Track
 
     def save_checkpoint(state: dict[str, Any]) -> None:
         save_torch(with_stage(state), checkpoint)  # atomic; a full disk is one clear error, the old file kept
-        print(f"checkpoint: epoch {state['epoch']}/{train.epochs}, step {state['step']} -> {checkpoint}")
+        print(f"checkpoint: epoch {state['epoch']}/{run_cfg.epochs}, step {state['step']} -> {checkpoint}")
 
     ok = False
     try:
-        result = train_loop(train, recipe, data, Hooks(rec.on_steps, rec.on_epoch, save_checkpoint), seed=seed,
+        result = train_loop(run_cfg, recipe, data, Hooks(rec.on_steps, rec.on_epoch, save_checkpoint), seed=seed,
                             runtime=runtime, resume=resume)
         if is_main:
             save_torch(generator_payload(result.generator, result.net), generator)  # a GAN's EMA G when on

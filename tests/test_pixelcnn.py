@@ -1,5 +1,5 @@
 """The pixelcnn family (fast, tiny nets on 8x8 images): causal masks over sub-pixels, the sampler
-(deterministic in z, cropped = full recompute, conditional), exact bits/dim, the recipe's step,
+(deterministic in z, cached = full recompute, conditional), exact bits/dim, the recipe's step,
 bitwise resume, the generator file round-trip, and the refusals."""
 
 from __future__ import annotations
@@ -17,12 +17,22 @@ from aigc.errors import ConfigError, UserError
 from aigc.training.likelihood import bits_per_dim, vae_bits_per_dim
 from aigc.models import NetConfig, build_discriminator, build_generator, generator_payload, load_generator, net_config
 from aigc.stats import Stats
-from aigc.training import PixelCNNRecipe, Setup, neg_elbo, recipe_for, train_pixelcnn, train_vae
+from aigc.training import PixelCNNRecipe, Setup, family_train, neg_elbo, recipe_for, train_pixelcnn, train_vae
 from aigc.training.loop import Batch
 from aigc.training.vae import VAERecipe
 
 RT = RuntimeConfig(log_every=2, threads=1, channels_last=False, checkpoint_every=1)
 CLASSES = dict(conditional=True, classes=(0, 1, 2), class_share=(0.5, 0.3, 0.2))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny nets gain nothing from a second thread, and on a busy shared machine every split op waits
+    for a descheduled one (the 3-channel full-recompute check: 65 s on 2 threads, 0.3 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pixel_net(channels: int = 1, size: int = 8, layers: int = 3, width: int = 12, **kw) -> NetConfig:
@@ -62,18 +72,22 @@ def test_masks_are_causal_over_sub_pixels(channels: int):
             assert moved[k, k + 1:].max() > 1e-6, f"sub-pixel {order[k]} moves no later logit"
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_sampling_is_deterministic_and_the_cropped_sampler_equals_a_full_recompute(channels: int):
+@pytest.mark.parametrize("channels,conditional", [(1, True), (3, True), (1, False)])
+def test_sampling_is_deterministic_and_the_cached_sampler_equals_a_full_recompute(channels: int, conditional: bool):
     torch.manual_seed(1)
-    G = build_generator(pixel_net(channels, layers=2, **CLASSES)).eval()
-    assert G.reach_left < 7  # the cropped sampler leaves columns out on this 8-wide image
+    # 3 layers: the first (mask A, no residual), a middle one (residual) and the last (skip only)
+    G = build_generator(pixel_net(channels, layers=3, **(CLASSES if conditional else {}))).eval()
     z = torch.randn(4, channels * 64, generator=torch.Generator().manual_seed(3))
-    y = torch.tensor([0, 1, 2, 1])
+    y = torch.tensor([0, 1, 2, 1]) if conditional else None
+    torch.set_num_threads(2)
     fast = G(z, y)
+    assert torch.get_num_threads() == 2  # the sampler's one thread is given back
+    torch.set_num_threads(1)
     assert torch.equal(fast, G(z, y))
-    assert torch.equal(fast, G(z, y, crop=False))
+    assert torch.equal(fast, G(z, y, cached=False))
     assert fast.shape == (4, channels, 8, 8) and fast.min() >= -1 and fast.max() <= 1
     assert torch.equal(fast, torch.round((fast + 1) * 127.5) / 127.5 - 1)  # on the 256 levels
+    assert fast.std() > 0.1  # not one flat level everywhere
     assert not torch.equal(fast, G(torch.randn(4, channels * 64), y))
 
 
@@ -165,6 +179,24 @@ def test_recipe_for_builds_a_conditional_pixelcnn_with_one_z_per_sub_pixel():
     assert net_config(ModelConfig(family="pixelcnn", conditional=False), info, pixelcnn=PixelCNNConfig()).z_dim == 64
 
 
+def test_pixelcnn_epochs_are_the_familys_own_budget():
+    train = TrainConfig(epochs=20)
+    assert family_train(ModelConfig(family="pixelcnn"), train, PixelCNNConfig(epochs=4)).epochs == 4
+    assert family_train(ModelConfig(family="pixelcnn"), train, PixelCNNConfig(epochs=None)) == train  # null: train's
+    for family in ("dcgan", "vae"):  # the other families never read it
+        assert family_train(ModelConfig(family=family), train, PixelCNNConfig(epochs=4)) == train
+
+
+@pytest.mark.parametrize("value, rule", [(0, "greater than or equal to 1"), ("5", "must be a valid integer"),
+                                         (2.5, "must be a valid integer")])
+def test_bad_pixelcnn_epochs_is_one_line_naming_key_value_and_rule(value, rule):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"model": {"family": "pixelcnn"}, "pixelcnn": {"epochs": value}})
+    msg = str(err.value)
+    assert msg.startswith(f"params.yaml: pixelcnn.epochs = {value!r}: ") and rule in msg, msg
+    assert len(msg.splitlines()) == 1
+
+
 def test_dp_with_pixelcnn_is_one_config_error_line():
     with pytest.raises(ConfigError) as err:
         parse_params({"model": {"family": "pixelcnn"}, "privacy": {"dp": {"enabled": True}}})
@@ -206,11 +238,13 @@ def test_the_train_stage_trains_a_pixelcnn_and_its_file_samples(tmp_path):
     processed = tmp_path / "processed"
     save_processed(preprocess(load_source(DataConfig(source="digits")), DataConfig(), seed=0), processed)
     out = {k: str(tmp_path / "out" / k) for k in ("generator", "checkpoint", "run", "metrics", "losses", "samples")}
-    run_train(0, ModelConfig(family="pixelcnn"), TrainConfig(epochs=1, batch_size=256, grid_size=4),
+    run_train(0, ModelConfig(family="pixelcnn"), TrainConfig(epochs=3, batch_size=256, grid_size=4),
               TrackingConfig(enabled=False), str(processed), **out, runtime=RT,
-              pixelcnn=PixelCNNConfig(layers=2, width=8))
+              pixelcnn=PixelCNNConfig(layers=2, width=8, epochs=1))
     record, metrics = json.loads(open(out["run"]).read()), json.loads(open(out["metrics"]).read())
     assert record["params"]["pixelcnn.layers"] == 2 and "vae.lr" not in record["params"]
+    # the family's own budget: pixelcnn.epochs, not train.epochs (both recorded as params.yaml has them)
+    assert metrics["epochs"] == 1 and record["params"]["pixelcnn.epochs"] == 1 and record["params"]["train.epochs"] == 3
     assert record["net"]["pixel_width"] == 8 and record["net"]["conditional"] and record["net"]["z_dim"] == 64
     assert 0 < metrics["final_bits_per_dim"] < 8.5
     # the test split's exact likelihood, a dvc exp show column beside the scores

@@ -15,12 +15,14 @@ by the data's class shares when no labels are given.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from aigc.errors import UserError
 
@@ -199,9 +201,15 @@ def draw(G: nn.Module, z_dim: int, n: int, seed: int, device: str | torch.device
              else torch.as_tensor(labels, dtype=torch.int64).expand(n))
     was_training = G.training
     G.eval()
-    out = torch.cat([(G(z[i:i + batch_size].to(device)) if y is None
-                      else G(z[i:i + batch_size].to(device), y[i:i + batch_size].to(device))).float().cpu()
-                     for i in range(0, n, batch_size)])
+    # A progress bar once sampling has taken 5 s (an autoregressive G: minutes for the evaluate stage's 10,000).
+    with tqdm(total=n, desc="sampling", unit="img", delay=5, leave=False, disable=n <= batch_size,
+              mininterval=1.0 if sys.stderr.isatty() else 15.0) as bar:
+        parts = []
+        for i in range(0, n, batch_size):
+            zb = z[i:i + batch_size].to(device)
+            parts.append((G(zb) if y is None else G(zb, y[i:i + batch_size].to(device))).float().cpu())
+            bar.update(len(zb))
+    out = torch.cat(parts)
     G.train(was_training)
     return out, y
 

@@ -34,3 +34,13 @@ def recipe_for(model: ModelConfig, train: TrainConfig, vae: VAEConfig, dp: DPCon
     recipe: Recipe = (VAERecipe(vae, net) if model.family == "vae" else PixelCNNRecipe(pixelcnn, net)
                       if model.family == "pixelcnn" else GANRecipe(train, net, dp))
     return recipe, split_data(split, recipe), why
+
+
+def family_train(model: ModelConfig, train: TrainConfig, pixelcnn: PixelCNNConfig | None = None) -> TrainConfig:
+    """The train section as ``model.family`` trains: the pixelcnn family runs its own
+    ``pixelcnn.epochs`` (null: ``train.epochs``); the other families the section as it is."""
+    epochs = (pixelcnn or PixelCNNConfig()).epochs
+    if model.family == "pixelcnn" and epochs is not None:
+        return train.model_copy(update={"epochs": epochs})
+    return train
+
