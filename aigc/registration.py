@@ -135,12 +135,13 @@ def register_generator(cfg: RegisterConfig, evaluate: EvaluateConfig, tracking: 
     problem = output_problem(sample(G, net.z_dim, cfg.check_samples, seed=0), cfg.min_output_std)
     numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     candidate = candidate_record(run_info, numbers, generator_sha, scorer)
+    judged = numbers | {"not_available": scorer.unavailable}  # the gates say why a class score is missing
     privacy = candidate["privacy"]
     record: dict[str, Any] = {"model_name": cfg.model_name, "alias": cfg.alias}
 
     tracker = Run.attach(run_info, tracking)
     if not tracker.active:
-        decision = decide(numbers, None, cfg, gate.get("passed"), problem, privacy=privacy)
+        decision = decide(judged, None, cfg, gate.get("passed"), problem, privacy=privacy)
         record |= {"outcome": "not registered", "promoted": False,
                    "reason": "tracking is off (tracking.enabled: false, or the training recorded no run): "
                              f"nothing registered. The gates alone would have {decision.outcome} it: {decision.reason}",
@@ -164,7 +165,7 @@ def register_generator(cfg: RegisterConfig, evaluate: EvaluateConfig, tracking: 
                 t = time.perf_counter()
                 rescored, champion_problem = rescore_champion(reg, champion, scorer)
                 seconds = time.perf_counter() - t
-            decision = decide(numbers, rescored, cfg, gate.get("passed"), problem,
+            decision = decide(judged, rescored, cfg, gate.get("passed"), problem,
                               champion_version=champion.version if champion else None, is_champion=is_champion,
                               champion_problem=champion_problem, privacy=privacy)
             return decision, rescored, champion_problem, seconds

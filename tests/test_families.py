@@ -213,9 +213,13 @@ def test_gaussian_likelihood_trains_too():
 # --- sampling, the CLI and serving --------------------------------------------------------------------
 
 
-@pytest.fixture
-def conditional_file(tmp_path: Path) -> Path:
-    net = NetConfig("dcgan", 8, 1, 8, 8, conditional=True, classes=(2, 4, 6), class_share=(0.5, 0.25, 0.25))
+@pytest.fixture(params=["dcgan", "pixelcnn"])
+def conditional_file(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A conditional generator file of each family that has its own conditioning (the pixelcnn's
+    z is one normal per sub-pixel, drawn and turned into levels inside G like any family's)."""
+    shape = dict(z_dim=64, pixel_layers=2, pixel_width=6) if request.param == "pixelcnn" else dict(z_dim=8)
+    net = NetConfig(request.param, channels=1, height=8, width=8, conditional=True, classes=(2, 4, 6),
+                    class_share=(0.5, 0.25, 0.25), **shape)
     torch.manual_seed(0)
     torch.save(generator_payload(build_generator(net), net), tmp_path / "cg.pt")
     return tmp_path / "cg.pt"
