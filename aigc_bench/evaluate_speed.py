@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-samples", type=int, default=10_000)
     for name in ("generator", "evaluator", "processed"):
-        parser.add_argument(f"--{name}", help=f"default: the evaluate stage's, from dvc.yaml")
+        parser.add_argument(f"--{name}", help="default: the evaluate stage's, from dvc.yaml")
     args = parser.parse_args()
 
     import torch

@@ -3,7 +3,6 @@ Params or a ConfigError whose every line names file, key and value; never anothe
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aigc.config import RuntimeConfig, TrainConfig, VAEConfig
