@@ -49,8 +49,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def exp_run(project: Path, kind: str) -> dict:
     """``dvc exp run`` on the example folder ``kind``; what the workspace then holds."""
-    sh(["dvc", "exp", "run", "--name", kind, "-S", "data.source=folder", "-S", f"data.path=data/source/{kind}"],
-       project)
+    # under one Prefect server for the run's stages, as `make run` does (each stage would start its own)
+    sh(["-m", "aigc.services.prefect_server", "dvc", "exp", "run", "--name", kind, "-S", "data.source=folder",
+        "-S", f"data.path=data/source/{kind}"], project)
     read = lambda f: json.loads((project / f).read_text())  # noqa: E731
     return {"info": read("data/processed/dataset.json"), "evaluator": read("reports/evaluator/metrics.json"),
             "metrics": read("reports/metrics.json"), "registry": read("reports/registry.json"),
