@@ -67,8 +67,8 @@ def test_weights_load_through_the_config_and_embed_28x28_digits(weights):
     assert weights_sha256(ev) != weights_sha256(classifier)  # the lineage and cache key see the features
 
 
-def test_features_default_to_the_classifier_and_inception_needs_weights(tmp_path: Path):
-    assert EvaluateConfig().features == "classifier"
+def test_features_default_to_auto_and_inception_needs_weights(tmp_path: Path):
+    assert EvaluateConfig().features == "auto"  # the classifier on labelled data, else self-supervised
     params = tmp_path / "params.yaml"
     params.write_text(Path("params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     with pytest.raises(ConfigError, match="inception_weights is not set"):
