@@ -101,6 +101,15 @@ def run_module(args: list[str], cwd: Path, env: dict[str, str] | None = None, ti
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def sh(args: list[str], cwd: Path, ok: bool = True, timeout: int = 900):
+    """``run_module`` with the venv's tools first on PATH (dvc, aigc); asserts success unless ``ok=False``."""
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    res = run_module(args, cwd=cwd, env=env, timeout=timeout)
+    if ok:
+        assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
 # --- system engines the slow tests start for real: a missing one skips with one line saying what to install ---
 
 def _sshd() -> str | None:

@@ -154,3 +154,34 @@ def test_asking_an_unlabelled_model_for_a_label_is_one_line():
     ev = Evaluator(evaluator_net(EvaluatorConfig(base_channels=4, features=8), UNLABELLED, "contrastive"))
     with pytest.raises(UserError, match="the data has no labels: .* leave out the label"):
         generate(build_generator(net), net, 4, seed=0, label=1, evaluator=ev)
+
+
+def test_more_views_per_batch_than_images_is_one_line():
+    cfg = EvaluatorConfig(base_channels=4, features=8, contrastive=ContrastiveConfig(epochs=1, batch_size=128))
+    with pytest.raises(UserError, match=r"the train split has 64 images, fewer than evaluator.contrastive.batch_size "
+                                        r"= 128; lower the batch size"):
+        train_evaluator(cfg, evaluator_net(cfg, UNLABELLED, "contrastive"), _data(), _data(8), seed=0,
+                        progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("n", [1, 5001])
+def test_an_example_folder_of_a_count_outside_the_digits_is_one_line(tmp_path: Path, n: int):
+    with pytest.raises(UserError, match=rf"-n {n}: choose 2 to 5000 images"):
+        write_example("digits", tmp_path / "d", n=n)
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_scorer_refuses_an_evaluator_of_the_other_kind(tmp_path: Path):
+    """A classifier file scored with evaluate.features: contrastive (or the reverse) is one line
+    asking to retrain it, never a silent mix of feature spaces."""
+    from aigc.data.preprocess import preprocess, save_processed
+    from aigc.metrics.scorer import Scorer
+
+    save_processed(preprocess(load_source(DataConfig(source="digits")), DataConfig(), seed=0), tmp_path / "p")
+    info = {"resolution": [8, 8], "channels": 1, "classes": list(range(10))}
+    ev = Evaluator(evaluator_net(EvaluatorConfig(base_channels=4, features=8), info, "classifier"))
+    torch.save(evaluator_payload(ev), tmp_path / "e.pt")
+    with pytest.raises(UserError, match=r"is a classifier network but evaluate.features = contrastive wants a "
+                                        r"contrastive one on this data; retrain it \(dvc repro train_evaluator\)"):
+        Scorer.open(EvaluateConfig(num_samples=50, features="contrastive"), str(tmp_path / "e.pt"),
+                    str(tmp_path / "p"), None, "cpu")

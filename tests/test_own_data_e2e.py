@@ -8,27 +8,17 @@ the right feature space and says what it cannot score."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from aigc.data.examples import write_example
-from tests.conftest import run_module, tiny_project
+from tests.conftest import sh, tiny_project
 
 pytestmark = pytest.mark.slow
 
 N = 160  # >= validate.min_records (100) after the 10% test split is taken
-
-
-def sh(args: list[str], cwd: Path, ok: bool = True, timeout: int = 900):
-    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    res = run_module(args, cwd=cwd, env=env, timeout=timeout)
-    if ok:
-        assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res
 
 
 @pytest.fixture(scope="module")
