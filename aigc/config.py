@@ -83,6 +83,9 @@ class ModelConfig(_Section):
     """dcgan D: one stride-2 convolution per width."""
     kernel: int = Field(default=4, ge=2, le=9)
     """dcgan kernel side (even only with two g_widths)."""
+    upsample: Literal["transposed", "nearest"] = "transposed"
+    """dcgan G's doubling layers: transposed (a stride-2 transposed convolution) | nearest (nearest-
+    neighbour upsampling, then a stride-1 convolution: no checkerboard with any kernel, ~2x G's FLOPs)."""
     d_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # after each D convolution (0: none)
     """Dropout after each D convolution (0: none; off by default: measured 1.2x the img/s and a lower FID gap)."""
     spectral_norm: bool = True  # D's weights divided by their largest singular value (any family)

@@ -55,6 +55,17 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "conditional: light + hinge + SN + EMA": (DEFAULT_M | {"conditional": True}, DEFAULT_T),
     "conditional: light + hinge + SN + EMA, no dropout": (DEFAULT_M | {"conditional": True, "d_dropout": 0.0},
                                                           DEFAULT_T),
+    # issue 26's levers, each one change to the conditional default above (params.yaml's recipe)
+    **{f"cond. default{tag}": (DEFAULT_M | {"conditional": True, "d_dropout": 0.0} | m, DEFAULT_T | t) for tag, (m, t) in {
+        "": ({}, {}),
+        ", batch 128 (lr x sqrt 2)": ({}, {"batch_size": 128, "lr_g": 2.83e-4, "lr_d": 2.83e-4}),
+        ", wide (G 256-128, D 128-256)": ({"g_widths": [256, 128], "d_widths": [128, 256]}, {}),
+        ", narrow (G 64-32, D 32-64)": ({"g_widths": [64, 32], "d_widths": [32, 64]}, {}),
+        ", TTUR (lr_d 4e-4)": ({}, {"lr_d": 4e-4}),
+        ", EMA half-life 2.5 kimg": ({}, {"ema_kimg": 2.5}),
+        ", DiffAugment translation": ({}, {"augment": ["translation"]}),
+        ", 3x3 + nearest upsample": ({"kernel": 3, "upsample": "nearest"}, {}),
+    }.items()},
     "vae (bernoulli)": ({"family": "vae"}, {}),
     "pixelcnn (6 x 32)": ({"family": "pixelcnn"}, {}),
     "conditional pixelcnn (6 x 32)": ({"family": "pixelcnn", "conditional": True}, {}),
@@ -91,6 +102,7 @@ def child(args: argparse.Namespace) -> None:
     net = family_recipe.net
     rt = RuntimeConfig(threads=1, log_every=5, device="cpu", channels_last=False)
     marks = [args.budget * (i + 1) / args.marks for i in range(args.marks)]
+    n_train = len(load_split(args.processed, "train")["images"])
     cpu0, wall0 = time.process_time(), time.perf_counter()
     snaps: list[dict[str, Any]] = []
     sep = {"run": 0, "longest": 0, "steps": 0}  # D separating every real from every fake (the guard's signal)
@@ -104,6 +116,7 @@ def child(args: argparse.Namespace) -> None:
         while len(snaps) < len(marks) and cpu >= marks[len(snaps)]:
             snaps.append({"cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - wall0, 1),
                           "step": w.steps[-1], "images_seen": w.steps[-1] * cfg.batch_size,
+                          "epochs": round(w.steps[-1] * cfg.batch_size / n_train, 1),
                           "state": copy.deepcopy(w.G.state_dict())})
 
     # Stop at the last mark, or when the wall-clock cap runs out on a busy machine (the marks
@@ -225,7 +238,8 @@ def markdown(report: dict[str, Any]) -> str:
              "| samples/s | test bits/dim |",
              "| --- | --- | " + " | ".join("---" for _ in marks) + " | --- | --- | --- | --- |"]
     for run in report["candidates"]:
-        gaps = " | ".join(f"{s['fid_gap']:.2f}" for s in run["snapshots"])
+        gaps = " | ".join(f"{s['fid_gap']:.2f}" + (f" ({s['epochs']:.0f} ep.)" if "epochs" in s else "")
+                          for s in run["snapshots"])
         last = run["snapshots"][-1] if run["snapshots"] else {}
         label = (f"{last['label_accuracy_ratio']:.2f} ({last['label_accuracy_worst_ratio']:.2f})"
                  if "label_accuracy_ratio" in last else "-")

@@ -306,3 +306,24 @@ def test_vae_at_32_and_64_halves_to_4x4(side, enc_chans, channels):
     mu, logvar = enc(x)
     assert mu.shape == logvar.shape == (3, 16)
     assert dec.logits(mu).shape == (3, channels, side, side) and dec(mu).abs().max() <= 1
+
+
+@pytest.mark.parametrize("side", [28, 32, 64])
+@pytest.mark.parametrize("kernel", [3, 4])
+@pytest.mark.parametrize("conditional", [False, True], ids=["uncond", "cond"])
+def test_nearest_upsample_doubles_with_a_size_keeping_convolution(side: int, kernel: int, conditional: bool):
+    """model.upsample: nearest -- every doubling layer of G is nearest-neighbour upsampling and a
+    stride-1 convolution (odd or even kernel), no transposed convolution is left, and G still draws
+    the data's shape; D is the one transposed G would meet."""
+    cfg = NetConfig(family="dcgan", z_dim=16, channels=3, height=side, width=side, g_widths=(32, 16),
+                    d_widths=(16, 32), kernel=kernel, upsample="nearest", conditional=conditional,
+                    classes=(0, 1, 2) if conditional else (), class_share=(1 / 3,) * 3 if conditional else ())
+    G = build_generator(cfg)
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in G.modules())
+    ups = [m for m in G.modules() if isinstance(m, nn.Upsample)]
+    assert len(ups) == dcgan.blocks(side, side, "dcgan") and all(u.mode == "nearest" for u in ups)
+    z = torch.randn(2, 16)
+    x = G(z, torch.tensor([0, 2])) if conditional else G(z)
+    assert x.shape == (2, 3, side, side) and x.abs().max() <= 1
+    transposed = build_discriminator(NetConfig(**{**cfg.to_dict(), "upsample": "transposed"}))
+    assert [p.shape for p in build_discriminator(cfg).parameters()] == [p.shape for p in transposed.parameters()]

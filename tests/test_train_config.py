@@ -24,6 +24,7 @@ from aigc.errors import ConfigError
         ({"model": {"g_widths": [64]}}, "model.g_widths", "at least 2 items"),
         ({"model": {"kernel": 4, "g_widths": [256, 128, 64]}}, "model", "need an odd kernel"),
         ({"model": {"d_dropout": 1.0}}, "model.d_dropout", "less than 1"),
+        ({"model": {"upsample": "bilinear"}}, "model.upsample", "'transposed' or 'nearest'"),
         ({"model": {"spectral_norm": "yes"}}, "model.spectral_norm", "must be a valid boolean"),
     ],
 )

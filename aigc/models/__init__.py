@@ -40,6 +40,7 @@ class NetConfig:
     g_widths: tuple[int, ...] = (256, 128, 64)  # G's channels from the projection on; the last two layers upsample
     d_widths: tuple[int, ...] = (64, 128, 256)  # D's stride-2 convolutions
     kernel: int = 5
+    upsample: str = "transposed"  # G's doubling layers: "transposed" | "nearest" (upsample, then a convolution)
     d_dropout: float = 0.3
     spectral_norm: bool = False  # D's conv/linear weights divided by their largest singular value
     # pixelcnn only (0 in files of the other families, so older files load unchanged):
@@ -271,7 +272,7 @@ def net_config(model: Any, info: dict[str, Any], conditional: bool | None = None
     """
     h, w = info["resolution"]
     base = dict(family=model.family, z_dim=model.z_dim, channels=int(info["channels"]), height=int(h), width=int(w),
-                g_widths=tuple(model.g_widths), d_widths=tuple(model.d_widths), kernel=model.kernel,
+                g_widths=tuple(model.g_widths), d_widths=tuple(model.d_widths), kernel=model.kernel, upsample=model.upsample,
                 d_dropout=model.d_dropout, spectral_norm=model.spectral_norm)
     if model.family == "pixelcnn":
         if pixelcnn is None:

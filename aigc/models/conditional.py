@@ -54,7 +54,7 @@ class Generator(nn.Module):
         self.ups = nn.ModuleList()
         self.bns = nn.ModuleList()
         for layer in plan.layers:  # the last one to C channels in [-1, 1], without a norm
-            self.ups.append(dcgan.g_conv(layer, cfg.kernel))
+            self.ups.append(dcgan.g_conv(layer, cfg.kernel, cfg.upsample))
             if not layer.last:
                 self.bns.append(ConditionalBatchNorm(layer.c_out, cfg.num_classes, 2))
         self.act = nn.LeakyReLU(0.2, inplace=True)

@@ -99,8 +99,13 @@ def _up2(c_in: int, c_out: int, k: int, bias: bool) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(c_in, c_out, k, stride=2, padding=pad, output_padding=2 - k + 2 * pad, bias=bias)
 
 
-def g_conv(layer: Layer, k: int) -> nn.ConvTranspose2d:
-    """The (transposed) convolution of one planned layer."""
+def g_conv(layer: Layer, k: int, upsample: str = "transposed") -> nn.Module:
+    """The (transposed) convolution of one planned layer; with ``upsample="nearest"`` a doubling
+    layer is nearest-neighbour upsampling followed by a size-keeping convolution (Odena et al.,
+    "Deconvolution and checkerboard artifacts", 2016)."""
+    if layer.up and upsample == "nearest":  # (N, c_in, s, s) -> (N, c_in, 2s, 2s) -> (N, c_out, 2s, 2s)
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                             nn.Conv2d(layer.c_in, layer.c_out, k, padding="same", bias=layer.last))
     if layer.up:  # (N, c_in, s, s) -> (N, c_out, 2s, 2s)
         return _up2(layer.c_in, layer.c_out, k, bias=layer.last)
     return nn.ConvTranspose2d(layer.c_in, layer.c_out, k, stride=1, padding=_same(k), bias=False)  # size kept
@@ -119,7 +124,7 @@ class Generator(nn.Module):
         )
         layers: list[nn.Module] = []
         for layer in plan.layers:
-            layers.append(g_conv(layer, cfg.kernel))
+            layers.append(g_conv(layer, cfg.kernel, cfg.upsample))
             layers += [nn.Tanh()] if layer.last else [nn.BatchNorm2d(layer.c_out), nn.LeakyReLU(0.2, inplace=True)]
         self.net = nn.Sequential(*layers)  # -> (N, C, h, w) in [-1, 1]
 
