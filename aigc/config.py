@@ -74,11 +74,11 @@ class ModelConfig(_Section):
     """Length of G's latent vector z (pixelcnn: ignored, one z per sub-pixel, C*H*W)."""
     # dcgan only. G's channels from the projection on (the last two layers double H and W; any
     # before them keep the size), D's stride-2 convolutions, and the kernel of both.
-    g_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [128, 64],
+    g_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [64, 32],
                                                                  min_length=2, max_length=8)
     """dcgan G: channels from the projection on; sides above 4x the base (e.g. 32, 64) add doubling
     blocks at the widest width."""
-    d_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [64, 128],
+    d_widths: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [32, 64],
                                                                  min_length=1, max_length=8)
     """dcgan D: one stride-2 convolution per width."""
     kernel: int = Field(default=4, ge=2, le=9)
@@ -153,9 +153,18 @@ class PixelCNNConfig(_Section):
     """Epochs of a pixelcnn training (null: train.epochs); its whole run within ~15 min on a 2-core CPU (docs: Models)."""
 
 
+# train.preset: knobs that replace params.yaml's train values, each set measured as a whole
+# (aigc_bench/README.md, "Models and training"). "standard" replaces nothing.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {"standard": {}, "long": {"epochs": 150}}
+
+
 class TrainConfig(_Section):
-    epochs: int = Field(default=20, ge=1, le=10_000)
-    """Set so that make run stays within 15 min on a 2-core AVX2 EPYC (README, 'Models and training')."""
+    preset: Literal["standard", "long"] = "standard"
+    """standard: the values below | long: for users who can wait, the measured longer recipe
+    replaces them (epochs and what else aigc.config.TRAIN_PRESETS lists; the train stage says which)."""
+    epochs: int = Field(default=60, ge=1, le=10_000)
+    """Set so that training stays within 8 min on the slowest 2-core CPU measured (an AVX2 EPYC), by
+    FLOPs: ``python -m aigc_bench.budget`` (README, 'Training time')."""
     batch_size: int = Field(default=64, ge=2, le=65_536)
     """Images per step (the global batch under torchrun)."""
     # The DCGAN paper's recipe (Radford et al. 2015): lr 2e-4, beta1 0.5.
@@ -204,7 +213,16 @@ class TrainConfig(_Section):
             raise ValueError("loss = 'wgan' needs a Lipschitz critic: set gp_weight (10 in WGAN-GP)")
         if len(set(self.augment)) != len(self.augment):
             raise ValueError(f"augment = {self.augment} lists a policy twice")
+        for key, value in TRAIN_PRESETS[self.preset].items():  # the preset's recipe, as measured
+            object.__setattr__(self, key, value)
         return self
+
+    def preset_note(self) -> str | None:
+        """The line the train stage prints when a preset replaced params.yaml's values, else None."""
+        if not TRAIN_PRESETS[self.preset]:
+            return None
+        return f"train.preset {self.preset}: " + ", ".join(f"train.{k} = {v}" for k, v in TRAIN_PRESETS[self.preset].items()) \
+            + " (in place of params.yaml's values)"
 
 
 class RuntimeConfig(_Section):

@@ -66,6 +66,14 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         ", DiffAugment translation": ({}, {"augment": ["translation"]}),
         ", 3x3 + nearest upsample": ({"kernel": 3, "upsample": "nearest"}, {}),
     }.items()},
+    # the narrow net (the default since issue 26) and the levers left on it
+    **{f"narrow{tag}": (DEFAULT_M | {"conditional": True, "d_dropout": 0.0, "g_widths": [64, 32], "d_widths": [32, 64]}
+                        | m, DEFAULT_T | t) for tag, (m, t) in {
+        " (G 64-32, D 32-64)": ({}, {}),
+        ", narrower (G 32-16, D 16-32)": ({"g_widths": [32, 16], "d_widths": [16, 32]}, {}),
+        ", TTUR (lr_d 4e-4)": ({}, {"lr_d": 4e-4}),
+        ", batch 128 (lr x sqrt 2)": ({}, {"batch_size": 128, "lr_g": 2.83e-4, "lr_d": 2.83e-4}),
+    }.items()},
     "vae (bernoulli)": ({"family": "vae"}, {}),
     "pixelcnn (6 x 32)": ({"family": "pixelcnn"}, {}),
     "conditional pixelcnn (6 x 32)": ({"family": "pixelcnn", "conditional": True}, {}),

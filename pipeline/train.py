@@ -40,6 +40,8 @@ def run_train(seed: int, model: ModelConfig, train: TrainConfig, tracking: Track
     recipe, data, why = recipe_for(model, train, vae, privacy.dp, load_info(processed), load_split(processed, "train"),
                                    pixelcnn)
     print(why, flush=True)  # model.conditional = auto says what it chose and why
+    if train.preset_note():
+        print(train.preset_note(), flush=True)
     # The section as the family trains (pixelcnn: its own epochs); the run's params stay params.yaml's.
     run_cfg = family_train(model, train, pixelcnn)
     ident = TrainIdentity.of(seed, model, train, vae, privacy.dp, recipe.net, dataset_sha256(processed), pixelcnn)

@@ -87,7 +87,7 @@ def test_layers_benchmark_reports_every_layer_of_the_stage_nets(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "layers.json").read_text())
     as_is = [r["layer"] for r in report["layers"] if r["variant"] == "as is"]
-    # params.yaml's default: conditional dcgan, G [128, 64] (project + 2 transposed convs), D [64, 128] + head
+    # params.yaml's default: conditional dcgan, G [64, 32] (project + 2 transposed convs), D [32, 64] + head
     assert as_is == ["G.project", "G.ups.0", "G.ups.1", "D.features.0", "D.features.2", "D.head"], as_is
     assert all(r["gflop_fwd_bwd"] > r["gflop_fwd"] > 0 and r["ms_fwd_bwd"] > 0 for r in report["layers"])
     text = (tmp_path / "layers.md").read_text()
@@ -114,3 +114,26 @@ def test_thin_layers_as_im2col_keeps_the_function_and_restores_the_layers():
     assert nn.Conv2d.forward is forward
     for a, b in zip(before, during):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_budget_estimate_scales_the_slow_machines_rate_by_flops_and_efficiency():
+    """aigc_bench.budget: the slow machine's GFLOP/s on the reference step, scaled by the FLOPs per
+    image and by the two steps' achieved GFLOP/s measured here, is the reference's img/s there times
+    the speed ratio measured here; the FLOPs-only figure assumes equal efficiency; whole epochs only."""
+    from aigc_bench.budget import epochs_within, estimate
+
+    e = estimate(slow_img_s=106, ref_flops_per_image=681e6, ref_img_s=400, default_flops_per_image=147.5e6,
+                 default_img_s=900)
+    assert e["slow_gflops"] == pytest.approx(106 * 0.681)
+    assert e["img_s"] == pytest.approx(106 * 900 / 400)
+    assert e["flops_only_img_s"] == pytest.approx(106 * 681 / 147.5)
+    assert e["efficiency_ratio"] == pytest.approx(900 * 147.5 / (400 * 681))
+    assert epochs_within(8, e["img_s"], 4480) == 25  # 480 s x 238.5 img/s = 114,480 images = 25.55 epochs
+    assert epochs_within(8, 1.0, 4480) == 0
+
+
+def test_budget_benchmark_refuses_bad_arguments_in_one_line():
+    from tests.conftest import ROOT, run_module
+
+    res = run_module(["-m", "aigc_bench.budget", "--minutes", "0"], cwd=ROOT)
+    assert res.returncode != 0 and res.stderr.strip() == "error: --minutes must be > 0 and --rounds >= 1", res.stderr

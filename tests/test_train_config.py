@@ -20,6 +20,7 @@ from aigc.errors import ConfigError
         ({"train": {"augment": ["flip"]}}, "train.augment.0", "'translation', 'cutout' or 'color'"),
         ({"train": {"augment": ["cutout", "cutout"]}}, "train", "lists a policy twice"),
         ({"train": {"guard_steps": -1}}, "train.guard_steps", "greater than or equal to 0"),
+        ({"train": {"preset": "longer"}}, "train.preset", "'standard' or 'long'"),
         ({"model": {"kernel": 1}}, "model.kernel", "greater than or equal to 2"),
         ({"model": {"g_widths": [64]}}, "model.g_widths", "at least 2 items"),
         ({"model": {"kernel": 4, "g_widths": [256, 128, 64]}}, "model", "need an odd kernel"),
@@ -41,3 +42,16 @@ def test_good_combinations_load():
                       "train": {"loss": "wgan", "gp_weight": 10.0, "ema_kimg": 10.0, "ema_rampup": None,
                                 "augment": ["translation", "cutout"], "r1_gamma": 0.1}})
     assert p.model.kernel == 4 and p.train.augment == ["translation", "cutout"] and p.train.ema_rampup is None
+
+
+def test_the_long_preset_replaces_what_it_lists_and_says_so():
+    """train.preset: long trains the measured longer recipe whatever params.yaml's epochs say, and the
+    stage's line names each replaced knob; standard leaves every value as written."""
+    from aigc.config import TRAIN_PRESETS
+
+    long = parse_params({"train": {"preset": "long", "epochs": 3}}).train
+    assert TRAIN_PRESETS["long"] and all(getattr(long, k) == v for k, v in TRAIN_PRESETS["long"].items())
+    assert long.epochs != 3 and all(f"train.{k} = {v}" in long.preset_note() for k, v in TRAIN_PRESETS["long"].items())
+    standard = parse_params({"train": {"epochs": 3}}).train
+    assert standard.epochs == 3 and standard.preset_note() is None
+    assert parse_params({"train": long.model_dump()}).train == long  # a round trip keeps it
