@@ -116,11 +116,9 @@ def main() -> None:
 
 def markdown(r: dict[str, Any], command: str) -> str:
     m, s, e = r["machine"], r["steps"], r["estimate"]
-    kernels = m["isa_in_force"]
     lines = [f"# The default's training budget on the slow machine (`{command}`)", "",
-             f"Measured here: {m['cpu_model']} ({m['isa']}), {r['cores']} cores, torch {m['torch']}; kernels: ATen "
-             f"{kernels['aten']}, oneDNN {kernels['onednn']}, MKL {kernels['mkl']}{' -- ' + kernels['caveat'] if kernels['caveat'] else ''}; "
-             f"NCHW, {r['cores']} threads; {r['rounds']} interleaved rounds, medians; load average {r['load_average_before'][0]:.2f} "
+             f"Measured here: {m['cpu_model']}, {m['isa']} (flags: {' '.join(m['vector_flags'])}), {r['cores']} cores, "
+             f"torch {m['torch']}; {machine.kernels_line(m)}; NCHW, {r['cores']} threads; {r['rounds']} interleaved rounds, medians; load average {r['load_average_before'][0]:.2f} "
              f"before, {r['load_average_after'][0]:.2f} after.", "",
              "| step | batch | MFLOP per image | img/s here | achieved GFLOP/s here |", "| --- | --- | --- | --- | --- |"]
     for k, v in s.items():
