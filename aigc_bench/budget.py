@@ -38,10 +38,18 @@ OUT = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
 # The slowest 2-core CPU without AVX-512 the project has measured (issue 9's fresh-clone `make run`).
 SLOW = {"cpu": "2-core AMD EPYC (Zen 3), AVX2, no AVX-512", "images_per_s": 106.0,
         "recipe": "today (dcgan 5x5, BCE)", "measured": "the train stage's img/s in a fresh clone's make run (issue 9)"}
-TRAIN_IMAGES = 4480  # images per epoch of the default data: 4,500 in the train split, 70 whole batches of 64
+def epoch_images(batch_size: int, seed: int) -> int:
+    """Images one epoch of the default data trains on: its train split (preprocessed as the stage
+    does), in whole batches (4,500 -> 70 x 64 = 4,480 at batch 64)."""
+    from aigc.config import DataConfig
+    from aigc.data.preprocess import preprocess
+    from aigc.data.sources import load_source
+
+    n = len(preprocess(load_source(DataConfig()), DataConfig(), seed=seed).train["images"])
+    return n // batch_size * batch_size
 
 
-def epochs_within(minutes: float, images_per_s: float, train_images: int = TRAIN_IMAGES) -> int:
+def epochs_within(minutes: float, images_per_s: float, train_images: int) -> int:
     """Whole epochs of ``train_images`` that fit in ``minutes`` at ``images_per_s`` (at least 0)."""
     return max(0, math.floor(minutes * 60 * images_per_s / train_images))
 
@@ -92,19 +100,20 @@ def main() -> None:
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in speed.items()) + " img/s",
               file=sys.stderr)
     img_s = {k: statistics.median(v) for k, v in speed.items()}
+    per_epoch = epoch_images(default_cfg.batch_size, params.seed)
     est = estimate(SLOW["images_per_s"], flops["reference"], img_s["reference"], flops["default"], img_s["default"])
-    epochs = epochs_within(args.minutes, est["img_s"])
+    epochs = epochs_within(args.minutes, est["img_s"], per_epoch)
     report: dict[str, Any] = {
         "machine": machine.describe(), "cores": cores, "rounds": args.rounds, "images_per_run": args.images,
         "load_average_before": load0, "load_average_after": os.getloadavg(), "minutes": args.minutes,
-        "slow_machine": SLOW, "train_images": TRAIN_IMAGES, "configured_epochs": default_cfg.epochs,
+        "slow_machine": SLOW, "train_images": per_epoch, "configured_epochs": default_cfg.epochs,
         "steps": {k: {"mflop_per_image": round(flops[k] / 1e6, 1), "images_per_s": round(img_s[k], 1),
                       "all_images_per_s": [round(x, 1) for x in speed[k]],
                       "achieved_gflops": round(flops[k] * img_s[k] / 1e9, 1), "batch_size": steps[k][1].batch_size}
                   for k in steps},
         "estimate": {k: round(v, 3) for k, v in est.items()},
-        "epochs_within": epochs, "flops_only_epochs_within": epochs_within(args.minutes, est["flops_only_img_s"]),
-        "configured_minutes_there": round(default_cfg.epochs * TRAIN_IMAGES / est["img_s"] / 60, 2),
+        "epochs_within": epochs, "flops_only_epochs_within": epochs_within(args.minutes, est["flops_only_img_s"], per_epoch),
+        "configured_minutes_there": round(default_cfg.epochs * per_epoch / est["img_s"] / 60, 2),
     }
     suffix = machine.report_suffix()
     OUT.mkdir(parents=True, exist_ok=True)
