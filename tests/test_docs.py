@@ -68,7 +68,7 @@ def test_the_params_reference_lists_every_key_of_params_yaml_with_its_default():
 
 def test_the_site_builds_offline_with_strict(tmp_path: Path):
     res = subprocess.run([sys.executable, "-m", "aigc.environment", sys.executable, "-m", "mkdocs", "build",
-                          "--strict", "-q", "-d", str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
+                          "--strict", "-d", str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     html = (tmp_path / "site" / "reference" / "params" / "index.html").read_text(encoding="utf-8")
