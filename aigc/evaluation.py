@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from aigc.config import EvaluateConfig
+from aigc.data.preprocess import is_encrypted
 from aigc.errors import UserError
 from aigc.images import make_grid, save_png
 from aigc.io import file_sha256
@@ -78,7 +79,11 @@ def evaluate_generator(cfg: EvaluateConfig, generator: str, evaluator: str, proc
     t = time.perf_counter()
     save_png(make_grid(fake[:cfg.grid_size]), samples)
     gen_idx, train_idx = closest_pairs(fake_emb, ref, min(cfg.nearest_pairs, len(fake)))
-    save_png(nearest_grid(fake[gen_idx], torch.from_numpy(scorer.train["images"][train_idx.numpy()])), nearest)
+    # With the data encrypted at rest the grid may not hold a record in clear: its training images are
+    # withheld (a grey checkerboard), the generated images and the distances' scores stay.
+    withheld = is_encrypted(processed)
+    save_png(nearest_grid(fake[gen_idx], torch.from_numpy(scorer.train["images"][train_idx.numpy()]),
+                          redact=withheld), nearest)
     num_classes = ev.cfg.num_classes
     if num_classes:
         save_png(class_bars(list(ev.cfg.classes), ref.class_share.numpy(),
@@ -101,7 +106,8 @@ def evaluate_generator(cfg: EvaluateConfig, generator: str, evaluator: str, proc
     lineage = {"generator_sha256": file_sha256(generator)} | scorer.lineage
     report: dict[str, Any] = {k: round(v, 6) for k, v in scores.items()} | {"classes": num_classes} | sizes | {
         "features": ev.cfg.objective if cfg.features != "inception" else "inception",
-        "not_available": scorer.unavailable, "seconds": round(seconds, 1), "lineage": lineage}
+        "not_available": scorer.unavailable, "records_withheld": withheld, "seconds": round(seconds, 1),
+        "lineage": lineage}
     summary = {
         "protocol": (f"each score is the mean over {sizes['sets']} disjoint sets of {ref.sample_size} generated "
                      f"images, set i compared with reference subset i mod {len(ref.subsets)} ({len(ref.subsets)} "

@@ -143,6 +143,7 @@ def context(files: RunFiles) -> dict[str, Any]:
         "headline": _headline(figures, headline, registry),
         "samples": _png(files.samples),
         "nearest": _png(files.nearest),
+        "records_withheld": bool(metrics.get("records_withheld")),  # encrypted at rest: no record shown
         "charts": _charts(files.losses),
         "training": {k: figures[k] for k in ("images_per_s", "seconds", "epochs", "steps", "threads",
                                              "tracking_seconds") if k in figures},

@@ -55,7 +55,8 @@ def run_validate(data: DataConfig, validate: ValidateConfig, privacy: PrivacyCon
             write_json(metrics, result.headline())
         with atomic_path(report) as tmp:
             tmp.write_text(render_html(result, min_class_share=validate.min_class_share, max_examples=validate.examples,
-                                       source=raw, gx_version=version("great-expectations")), encoding="utf-8")
+                                       source=raw, gx_version=version("great-expectations"),
+                                       withheld=key is not None), encoding="utf-8")
         for note in result.notes():
             print(note)
         tracker.log_metrics(result.metrics(seconds))

@@ -221,6 +221,20 @@ def test_label_11_names_both_failures_and_shows_examples(stage: Stage):
     assert 'alt="record 7"' in page and 'alt="record 42"' in page  # example images of the failing kind
 
 
+def test_encrypted_at_rest_the_report_shows_no_picture_of_a_record(stage: Stage, monkeypatch: pytest.MonkeyPatch):
+    from aigc.encryption import KEY_ENV, KEY_FILE_ENV, generate_key
+
+    monkeypatch.setenv(KEY_ENV, generate_key())
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+    stage.ingest(_label_11(stage.tmp))
+    with pytest.raises(DataError, match=r"first offending records \(id\): 7, 42"):  # the ids still name them
+        stage.run(privacy=PrivacyConfig(encrypt_at_rest=True))
+    page = stage.report.read_text()
+    assert "data:image/png" not in page and 'alt="record' not in page  # no example, no sample strip
+    # in place of each failed expectation's examples and of the sample strip
+    assert page.count("Pictures withheld: <code>privacy.encrypt_at_rest</code> is on") == page.count("<h3><code>") + 1
+
+
 def test_a_declared_class_list_catches_label_11_and_missing_classes(stage: Stage):
     stage.ingest(_label_11(stage.tmp))
     with pytest.raises(DataError, match=r"labels: .*bound in \[0, 1, 2, 3, 4\] \(validate.classes\)") as err:

@@ -4,11 +4,16 @@ The processed folder holds ``train.npz`` and ``test.npz`` (``images`` float32 (N
 in [-1, 1], ``labels`` int64, ``ids`` of the raw records) and ``dataset.json``: what the
 data is (resolution, channels, classes, counts, what cleaning removed). Training reads
 ``dataset.json`` instead of repeating any of it in params.
+
+With ``privacy.encrypt_at_rest`` the splits are written as ``train.npz.enc``/``test.npz.enc``
+(AES-256-GCM, aigc/encryption.py) and every reader decrypts them in memory (:func:`load_split`);
+``dataset.json`` (shape, counts, class names: no record) stays in clear.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from aigc import encryption
 from aigc.config import DataConfig
 from aigc.data.sources import RawDataset, resize
 from aigc.errors import DataError
@@ -138,19 +144,31 @@ def preprocess(ds: RawDataset, cfg: DataConfig, seed: int) -> Processed:
     )
 
 
-def save_processed(p: Processed, folder: Path) -> None:
-    """Write the splits and ``dataset.json`` into ``folder`` (which must be new)."""
+def save_processed(p: Processed, folder: Path, key: bytes | None = None) -> None:
+    """Write the splits and ``dataset.json`` into ``folder`` (which must be new); with a ``key``
+    each split AES-GCM encrypted as ``<split>.npz.enc``, never in clear on disk."""
     folder.mkdir(parents=True)
-    np.savez(folder / "train.npz", **p.train)
-    np.savez(folder / "test.npz", **p.test)
+    for split, arrays in (("train", p.train), ("test", p.test)):
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        encryption.write_file(folder / f"{split}.npz", buf.getvalue(), key)
     (folder / DATASET_JSON).write_text(json.dumps(p.info, indent=2) + "\n", encoding="utf-8")
 
 
+def is_encrypted(folder: str | Path) -> bool:
+    """Whether the processed splits in ``folder`` are encrypted at rest (``privacy.encrypt_at_rest``):
+    then no picture of a record may leave in clear either (the evaluation's nearest-neighbour grid)."""
+    return (Path(folder) / f"train.npz{encryption.SUFFIX}").exists()
+
+
 def load_split(folder: str | Path, split: str) -> dict[str, np.ndarray]:
+    """One split's arrays; an encrypted split is decrypted in memory with the key from the environment."""
     path = Path(folder) / f"{split}.npz"
-    if not path.exists():
-        raise DataError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)")
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        blob = encryption.read_file(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)") from None
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 

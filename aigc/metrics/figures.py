@@ -10,9 +10,21 @@ import torch
 from aigc.images import make_grid
 
 
-def nearest_grid(fake: torch.Tensor, train: torch.Tensor, pairs_per_row: int = 4) -> np.ndarray:
+def withheld_like(images: torch.Tensor, cell: int = 2) -> torch.Tensor:
+    """A grey checkerboard of ``images``' shape: what a picture shows in place of a training record
+    it may not hold in clear (``privacy.encrypt_at_rest``). Nothing of the record is in it."""
+    _, _, h, w = images.shape
+    yy, xx = torch.meshgrid(torch.arange(h) // cell, torch.arange(w) // cell, indexing="ij")
+    board = ((yy + xx) % 2).float() * 0.5 - 0.25  # two greys, -0.25 and 0.25 in [-1, 1]
+    return board.expand_as(images).clone()
+
+
+def nearest_grid(fake: torch.Tensor, train: torch.Tensor, pairs_per_row: int = 4, redact: bool = False) -> np.ndarray:
     """Generated images each followed by its nearest training image: rows of
-    ``[fake_1, nearest_1, fake_2, nearest_2, ...]`` ([-1, 1] (N, C, H, W) each, same N)."""
+    ``[fake_1, nearest_1, fake_2, nearest_2, ...]`` ([-1, 1] (N, C, H, W) each, same N). With
+    ``redact`` the training images are replaced by a grey checkerboard (:func:`withheld_like`)."""
+    if redact:
+        train = withheld_like(train)
     interleaved = torch.stack([fake, train], dim=1).flatten(0, 1)
     return make_grid(interleaved, nrow=2 * pairs_per_row)
 

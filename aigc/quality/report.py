@@ -4,7 +4,9 @@ great-expectations' Data Docs load their CSS and JavaScript from CDNs and come o
 offline (stack.md), so the page is rendered here, from the Jinja2 template
 ``aigc/templates/data_quality.html.j2``: inline CSS, images as data: URIs, no scripts, no
 external fonts. This module only gathers what the page shows. It never shows a metadata value
-(they may be personal data): columns, kinds, counts and record ids only.
+(they may be personal data): columns, kinds, counts and record ids only. With ``withheld``
+(``privacy.encrypt_at_rest``) it shows no picture of a record either: the page is git-tracked
+and logged to MLflow, where a record would sit in clear.
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ def _examples(result: GateResult, max_examples: int) -> list[dict[str, Any]]:
 
 
 def render_html(result: GateResult, *, min_class_share: float | None = None, max_examples: int = 8,
-                source: str = "", gx_version: str = "") -> str:
-    """The whole page, as a string."""
+                source: str = "", gx_version: str = "", withheld: bool = False) -> str:
+    """The whole page, as a string; ``withheld``: no thumbnail of a record (encryption at rest)."""
     s = result.summary
     c = s["counts"]
     h, w, ch = s["dataset"]["shape"]
@@ -104,7 +106,11 @@ def render_html(result: GateResult, *, min_class_share: float | None = None, max
              (c["failed_critical"], "critical failures"), (c["warnings"], "warnings")]
     n = len(result.frame)
     sample_ids = [int(result.frame["id"].iloc[k]) for k in np.linspace(0, n - 1, min(n, 16)).astype(int)] if n else []
+    examples = _examples(result, max_examples)
+    if withheld:  # dropped before rendering: the page must not hold a picture of a record
+        sample_ids = []
+        examples = [ex | {"thumbs": []} for ex in examples]
     return render(TEMPLATE, title="Data-quality gate " + verdict.upper(), verdict=verdict, headline=headline,
-                  cards=cards, expectations=_expectations(result), examples=_examples(result, max_examples),
+                  cards=cards, expectations=_expectations(result), examples=examples, withheld=withheld,
                   class_bars=_class_bars(result, min_class_share), privacy=_privacy(result),
                   sample=_thumbs(result, sample_ids), source=source, gx_version=gx_version, format=s["format"])
