@@ -7,7 +7,7 @@
     aigc doctor                              is this machine set up? (exit code 1 when not)
     aigc example-data photos32 data/source/photos32    a folder of example images (digits | photos32 | digits64)
     aigc keygen --out ~/.config/aigc/data.key              a new data key (privacy.encrypt_at_rest)
-    aigc rekey data/raw data/validated --new-key-file NEW  re-encrypt under a new key (rotation)
+    aigc rekey data/raw data/validated data/processed --new-key-file NEW  re-encrypt under a new key
 
 ``--label`` on a conditional model (model.conditional: true) uses its own conditioning; on an
 unconditional one it rejection-samples with the evaluator classifier (aigc/sampling.py).

@@ -523,10 +523,11 @@ class PrivacyConfig(_Section):
     # DP-SGD on the discriminator (train stage).
     dp: DPConfig = DPConfig()
     """Differential privacy (DP-SGD, Opacus) for D, the only network that sees real images."""
-    # ingest and validate write data/raw and data/validated AES-GCM encrypted with the key in
-    # $AIGC_DATA_KEY (or the file $AIGC_DATA_KEY_FILE names); readers decrypt in memory (aigc/encryption.py).
+    # ingest, validate and preprocess write data/raw, data/validated and data/processed AES-GCM
+    # encrypted with the key in $AIGC_DATA_KEY (or the file $AIGC_DATA_KEY_FILE names); readers decrypt
+    # in memory (aigc/encryption.py); the reports withhold their pictures of records (docs/privacy.md).
     encrypt_at_rest: bool = False
-    """Ingest/validate write data/raw, data/validated AES-GCM encrypted; key in $AIGC_DATA_KEY or $AIGC_DATA_KEY_FILE."""
+    """Every copy of a record AES-GCM encrypted, no picture of one in the reports; key in $AIGC_DATA_KEY(_FILE)."""
 
 
 # The section is called "validate", like its stage; pydantic warns that the name hides the

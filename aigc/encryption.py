@@ -1,8 +1,10 @@
-"""Encryption at rest for the data snapshots (``data/raw``, ``data/validated``): AES-256-GCM.
+"""Encryption at rest for every copy of a record (``data/raw``, ``data/validated``,
+``data/processed``): AES-256-GCM.
 
-With ``privacy.encrypt_at_rest: true`` ingest and validate write each file of their output folder
-as ``<name>.enc``; the stages that read them decrypt in memory, so the DVC cache and any DVC
-remote hold only ciphertext of the records with personal data.
+With ``privacy.encrypt_at_rest: true`` ingest, validate and preprocess write each data file of
+their output folder as ``<name>.enc``; the stages that read them decrypt in memory, so the DVC cache
+and any DVC remote hold only ciphertext of the records (the reports withhold their pictures of
+records: docs/privacy.md has the table).
 
 The key is 32 random bytes, base64-encoded, read from the environment and never written anywhere:
 

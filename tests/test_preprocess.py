@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aigc.config import DataConfig
+from aigc.config import DataConfig, PrivacyConfig
 from aigc.data.preprocess import load_info, load_split, preprocess, resize
 from aigc.data.sources import RawDataset
 from aigc.errors import DataError
@@ -77,7 +77,8 @@ def test_stage_writes_splits_and_dataset_json(tmp_path: Path):
 
     images, labels = digit_images(40)
     save_raw(raw(images, labels), tmp_path / "raw")
-    info = preprocess_stage(0, DataConfig(image_size=12), str(tmp_path / "raw"), str(tmp_path / "processed"))
+    info = preprocess_stage(0, DataConfig(image_size=12), PrivacyConfig(), str(tmp_path / "raw"),
+                            str(tmp_path / "processed"))
     on_disk = load_info(tmp_path / "processed")
     assert on_disk == json.loads(json.dumps(info))
     assert on_disk["resolution"] == [12, 12] and on_disk["channels"] == 1 and on_disk["classes"] == [0, 1, 2, 3]

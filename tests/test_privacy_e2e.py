@@ -1,26 +1,33 @@
 """The data-quality and privacy gate end to end: a real ``dvc repro`` in a throwaway copy of the
-project, on a folder of 8x8 digits whose metadata.csv carries planted personal data.
+project, on a folder of 8x8 digits whose metadata.csv carries planted personal data and half of
+whose images carry a planted row of pixels (a byte pattern no digit has).
 
-No planted value may appear anywhere under the validated and processed data, the models, the
-reports or the MLflow store; then a bad label stops ``dvc repro`` at the gate with one line and
-nothing downstream changes. Last, with ``privacy.encrypt_at_rest`` the raw and validated snapshots
-are re-written encrypted, and the DVC cache (after ``dvc gc``) holds none of the planted values in
-clear -- where without encryption it held them in the raw snapshot's metadata.csv. (A missing or
-wrong key and a tampered file: tests/test_encryption.py.)
+No planted metadata value may appear anywhere under the validated and processed data, the models,
+the reports or the MLflow store; then a bad label stops ``dvc repro`` at the gate with one line and
+nothing downstream changes. Last, every copy of a record: without encryption the planted pixels
+are found in clear in the processed splits, the DVC cache, a DVC remote, the reports (git's
+objects) and MLflow's artifacts; in a second project run with ``privacy.encrypt_at_rest`` from the
+start, neither they nor the planted metadata are found anywhere: the workspace (but the user's
+own source folder), ``.dvc/cache``, the remote, ``mlartifacts/``, ``mlflow.db`` and git's objects,
+searched as bytes, as float32 pixels and inside every PNG (decoded, also the ones inlined in HTML
+pages). (A missing or wrong key and a tampered file: tests/test_encryption.py.)
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -39,15 +46,24 @@ PLANTED = {
     "ssn": "078-05-1120",
 }
 SCANNED = ["data/validated", "data/processed", "models", "reports", "mlflow.db", "mlartifacts"]
+# The bottom row of every other image: 8 distinct grey levels, none a multiple of 16 (the digits'
+# own levels are), so neither a digit nor one epoch of a generator draws it by chance.
+PATTERN = np.array([7, 250, 33, 201, 90, 163, 12, 229], np.uint8)
+NEEDLES = {"uint8 pixels": PATTERN.tobytes(),  # raw snapshots (images.npy), decoded PNG rows
+           "float32 pixels": ((PATTERN.astype(np.float32) / 127.5) - 1.0).tobytes()}  # processed splits
 
 
 def write_digits_folder(root: Path) -> None:
-    """scikit-learn's digits as PNGs in label folders, and a metadata.csv with planted PII."""
+    """scikit-learn's digits as PNGs in label folders (every other one with the planted pixel row),
+    and a metadata.csv with planted PII."""
     ds = load_source(DataConfig(source="digits"))
     rows = []
     for i, (im, y) in enumerate(zip(ds.images[..., 0], ds.labels)):
         rel = f"{y}/{i:04d}.png"
         (root / str(y)).mkdir(parents=True, exist_ok=True)
+        if i % 2 == 0:
+            im = im.copy()
+            im[-1] = PATTERN
         Image.fromarray(im).save(root / rel)
         rows.append({"file": rel,
                      "contributor_email": PLANTED["email"] if i % 50 == 0 else "",
@@ -58,23 +74,26 @@ def write_digits_folder(root: Path) -> None:
     pd.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pii-project")
+def build(root: Path, env: dict[str, str] | None = None, **values: object) -> Path:
+    """A project copy at ``root`` on the planted folder, one epoch, run with ``dvc repro`` (``env``: extra
+    environment, the data key); then its reports committed to git and its DVC outputs pushed to a remote."""
     copy_project(root)
     write_digits_folder(root / "data/source/planted")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"].update(source="folder", path="data/source/planted")
-    params["train"]["epochs"] = 1
-    for section, key, value in (("evaluator", "epochs", 1), ("evaluate", "num_samples", 400)):
-        if section in params:  # the evaluation stages, when present: as small as tests/test_e2e.py has them
-            params[section][key] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["git", "init", "-q"], root)
-    sh(["dvc", "init", "-q"], root)
-    sh(["dvc", "config", "core.analytics", "false"], root)
-    sh(["dvc", "repro"], root)
+    set_params(root, {"data.source": "folder", "data.path": "data/source/planted", "train.epochs": 1,
+                      "evaluator.epochs": 1, "evaluate.num_samples": 400, **values})
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    for args in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                 ["dvc", "repro"], ["dvc", "remote", "add", "-d", "store", str(root.parent / f"{root.name}-remote")],
+                 ["dvc", "push", "-q"], ["git", "add", "-A"],
+                 ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "run"]):
+        res = run_module(args, root, env=env)
+        assert res.returncode == 0, f"{' '.join(args)}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("pii-project") / "p")
 
 
 def scanned_text(project: Path) -> str:
@@ -138,28 +157,93 @@ def test_a_failing_expectation_stops_repro_and_nothing_downstream_changes(projec
         (project / "data/validated/metadata.csv").read_bytes() == before["data/validated/metadata.csv"])
 
 
-def cache_text(project: Path) -> str:
-    files = [f for f in (project / ".dvc/cache").rglob("*") if f.is_file()]
-    assert files
-    return "\n".join(f.read_bytes().decode("utf-8", "replace") for f in files).lower()
+# --- every copy of a record: found in clear without encryption, nowhere with it ----------------------
+
+def _png_has_pattern(blob: bytes) -> bool:
+    """Whether a PNG shows the planted row: any row of any channel, runs of equal pixels collapsed
+    (the grids and thumbnails scale records up by whole factors)."""
+    try:
+        im = np.asarray(Image.open(io.BytesIO(blob)))
+    except Exception:
+        return False
+    im = im.reshape(*im.shape[:2], -1)
+    for c in range(im.shape[2]):
+        for row in im[..., c].astype(np.uint8):
+            if NEEDLES["uint8 pixels"] in row[np.r_[True, row[1:] != row[:-1]]].tobytes():
+                return True
+    return False
 
 
-def test_encrypted_at_rest_the_dvc_cache_holds_no_planted_value(project: Path, tmp_path: Path):
+def found_in(blob: bytes) -> list[str]:
+    """What of the planted records ``blob`` holds in clear: the pixel row (as bytes, as float32, in a
+    PNG, in a PNG inlined in an HTML page) or a planted metadata value."""
+    found = [name for name, needle in NEEDLES.items() if needle in blob]
+    pngs = [blob] if blob.startswith(b"\x89PNG") else []
+    pngs += [base64.b64decode(m) for m in re.findall(rb"data:image/png;base64,([A-Za-z0-9+/=]+)", blob)]
+    if any(_png_has_pattern(p) for p in pngs):
+        found.append("pixels in a picture")
+    text = blob.decode("utf-8", "replace").lower()
+    return found + [f"metadata {v!r}" for v in [*PLANTED.values(), "hopper", "555 0147"] if v.lower() in text]
+
+
+def git_objects(root: Path) -> list[tuple[str, bytes]]:
+    """Every object in git's store, decompressed (loose and packed alike)."""
+    out = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=root, capture_output=True,
+                         check=True).stdout
+    objects, at = [], 0
+    while at < len(out):
+        end = out.index(b"\n", at)
+        sha, _, size = out[at:end].split()
+        objects.append((f"git object {sha.decode()}", out[end + 1:end + 1 + int(size)]))
+        at = end + 1 + int(size) + 1
+    return objects
+
+
+def search(root: Path) -> dict[str, list[str]]:
+    """{place: what of the planted records it holds in clear} over the workspace (but the user's own
+    source folder and git's compressed store), .dvc/cache, the DVC remote and git's objects."""
+    remote = root.parent / f"{root.name}-remote"
+    files = [f for f in [*root.rglob("*"), *remote.rglob("*")] if f.is_file()
+             and not f.is_relative_to(root / "data/source") and not f.is_relative_to(root / ".git")]
+    assert any(f.is_relative_to(remote) for f in files) and any(f.is_relative_to(root / ".dvc/cache") for f in files)
+    assert any(f.is_relative_to(root / "mlartifacts") for f in files) and (root / "mlflow.db").is_file()
+    blobs = [(str(f.relative_to(root.parent)), f.read_bytes()) for f in files] + git_objects(root)
+    return {where: hit for where, blob in blobs if (hit := found_in(blob))}
+
+
+def test_without_encryption_every_copy_of_a_record_is_in_clear(project: Path):
     shutil.rmtree(project / "data/source/planted/11", ignore_errors=True)  # the bad class of the test above
-    # encryption off: the raw snapshot's metadata.csv sits in the DVC cache (and any remote) in clear
-    assert PLANTED["email"].lower() in cache_text(project)
+    places = search(project)
+    # the search can find them: the pixel row in every kind of copy, the metadata in the raw snapshot
+    for where, what in (("p/data/processed/train.npz", "float32 pixels"), ("p/data/raw/images.npy", "uint8 pixels"),
+                        ("p/reports/data_quality/report.html", "pixels in a picture")):
+        assert what in places.get(where, []), (where, places.get(where))
+    for prefix in ("p/.dvc/cache/", "p-remote/", "p/mlartifacts/", "git object"):
+        assert any(w.startswith(prefix) and any("pixels" in h for h in hit) for w, hit in places.items()), prefix
+    assert any(w.startswith("p-remote/") and any("metadata" in h for h in hit) for w, hit in places.items())
 
-    key_file = tmp_path / "data.key"  # outside the project
+
+@pytest.fixture(scope="module")
+def encrypted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same run with ``privacy.encrypt_at_rest`` from the start; the key file outside the project."""
+    key_file = tmp_path_factory.mktemp("key") / "data.key"
     key_file.write_text(generate_key() + "\n")
-    set_params(project, {"privacy.encrypt_at_rest": True})
-    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", KEY_FILE_ENV: str(key_file)}
-    for args in (["dvc", "repro", "validate"], ["dvc", "gc", "--workspace", "--force"]):
-        res = run_module(args, project, env=env)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    for folder in ("data/raw", "data/validated"):
-        assert sorted(p.name for p in (project / folder).iterdir()) == [
-            "images.npy.enc", "labels.npy.enc", "metadata.csv.enc"], folder
-    text = cache_text(project)
-    for value in [*PLANTED.values(), "hopper", "555 0147"]:
-        assert value.lower() not in text, value
-    assert key_file.read_text().strip().lower() not in text + (project / "dvc.lock").read_text().lower()
+    root = build(tmp_path_factory.mktemp("encrypted-project") / "p", env={KEY_FILE_ENV: str(key_file)},
+                 **{"privacy.encrypt_at_rest": True})
+    return root, key_file
+
+
+def test_encrypted_at_rest_no_copy_of_a_record_is_in_clear_anywhere(encrypted: tuple[Path, Path]):
+    root, key_file = encrypted
+    for folder, names in (("data/raw", ["images.npy.enc", "labels.npy.enc", "metadata.csv.enc"]),
+                          ("data/validated", ["images.npy.enc", "labels.npy.enc", "metadata.csv.enc"]),
+                          ("data/processed", ["dataset.json", "test.npz.enc", "train.npz.enc"])):
+        assert sorted(p.name for p in (root / folder).iterdir()) == names, folder
+    assert search(root) == {}
+    key = key_file.read_text().strip().encode()
+    assert not [f for f in root.rglob("*") if f.is_file() and key in f.read_bytes()]
+    # what stands in for the records: the pictures say so, the scores are still there
+    assert "Pictures withheld" in (root / "reports/data_quality/report.html").read_text()
+    assert "the grey checkerboard stands in for each training image" in (root / "reports/run.html").read_text()
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert metrics["records_withheld"] is True and 0 <= metrics["copy_share"] <= 1
