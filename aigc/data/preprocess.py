@@ -164,11 +164,14 @@ def is_encrypted(folder: str | Path) -> bool:
 def load_split(folder: str | Path, split: str) -> dict[str, np.ndarray]:
     """One split's arrays; an encrypted split is decrypted in memory with the key from the environment."""
     path = Path(folder) / f"{split}.npz"
-    try:
-        blob = encryption.read_file(path)
-    except FileNotFoundError:
-        raise DataError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)") from None
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+    if path.exists():  # in clear: read from the file, without a second copy of it in memory
+        source: Path | io.BytesIO = path
+    else:
+        try:
+            source = io.BytesIO(encryption.read_file(path))
+        except FileNotFoundError:
+            raise DataError(f"{path} not found; run the preprocess stage first (dvc repro preprocess)") from None
+    with np.load(source, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
