@@ -92,26 +92,31 @@ def test_an_image_at_the_bound_is_accepted_and_one_above_it_is_refused(tmp_path:
     assert message.startswith(f"{root}: b.png is 9000x9000x3 (243,000,000 pixel values), over the 67,108,864")
 
 
-def _child_peak_rss_mb(code: str) -> float:
-    """Peak resident memory (MiB) of a fresh Python running ``code`` (which may raise DataError)."""
-    probe = ("import resource, sys\nfrom aigc.errors import DataError\ntry:\n" + "".join(f"    {line}\n" for line in
-             code.splitlines()) + "except DataError as e:\n    print('refused:', e, file=sys.stderr)\n"
+def _child_peak_rss_mb(root: Path) -> tuple[float, str]:
+    """Peak resident memory (MiB) of a fresh Python loading the folder ``root``, and what it printed."""
+    probe = ("import resource, sys\nfrom aigc.config import DataConfig\nfrom aigc.data.sources import load_source\n"
+             "from aigc.errors import DataError\ntry:\n    load_source(DataConfig(source='folder', path=sys.argv[1]))\n"
+             "    print('loaded')\nexcept DataError as e:\n    print('refused:', e)\n"
              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+    res = subprocess.run([sys.executable, "-c", probe, str(root)], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0 and "refused:" in res.stderr, res.stderr
-    return float(res.stdout.strip().splitlines()[-1])
+    assert res.returncode == 0, res.stderr
+    said, peak = res.stdout.strip().splitlines()[-2:]
+    return float(peak), said
 
 
 def test_the_png_bomb_costs_no_decoding_memory(tmp_path: Path):
     """9000x9000 RGB is 243 MB decoded, which PIL's own check lets through (81 M pixels < 89 M): refused from
-    the header, the process's peak stays at what its imports cost (~150 MB here), not that plus 243 MB."""
-    root = tmp_path / "big"
-    root.mkdir()
-    bomb_png(root / "b.png", 9000, 9000, colour=2)
-    peak = _child_peak_rss_mb("from aigc.config import DataConfig\nfrom aigc.data.sources import load_source\n"
-                              f"load_source(DataConfig(source='folder', path={str(root)!r}))")
-    assert peak < 230, peak
+    the header, the process peaks where one loading a valid 40x40 image does, not 243 MB above it."""
+    (tmp_path / "valid").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)).save(tmp_path / "valid" / "a.png")
+    (tmp_path / "big").mkdir()
+    bomb_png(tmp_path / "big" / "b.png", 9000, 9000, colour=2)
+    baseline, said = _child_peak_rss_mb(tmp_path / "valid")
+    assert said == "loaded"
+    peak, said = _child_peak_rss_mb(tmp_path / "big")
+    assert said.startswith("refused: ") and "refused before decoding" in said
+    assert peak < baseline + 50, (peak, baseline)
 
 
 # --- 2. symbolic links that leave the folder -------------------------------------------------------
