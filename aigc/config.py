@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from aigc.errors import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
+MAX_IMAGE_SIZE = 1024  # the largest data.image_size; source images may be up to 4x larger (aigc.data.sources)
 
 
 class _Section(BaseModel):
@@ -44,7 +45,7 @@ class DataConfig(_Section):
     label_column: str = "label"
     """Csv only."""
     # Square side to resize/pad to; null keeps the source resolution.
-    image_size: int | None = Field(default=None, ge=4, le=1024)
+    image_size: int | None = Field(default=None, ge=4, le=MAX_IMAGE_SIZE)
     """Square side to resize/pad to; null keeps the source resolution."""
     resize_mode: Literal["pad", "resize"] = "pad"
     """pad (centre on black, never shrinks) | resize (Lanczos)."""
@@ -61,6 +62,10 @@ class DataConfig(_Section):
     # 0..255) and refuses anything else with the range found; or declare the range.
     float_range: Literal["auto", "0..1", "-1..1", "0..255"] = "auto"
     """Float pixels: auto ([0,1], [-1,1] or whole 0..255; else refused) | 0..1 | -1..1 | 0..255."""
+    # folder (and an idx folder): a symbolic link whose target lies outside data.path is refused,
+    # naming the link and its target, unless this is true; links that stay inside are followed.
+    follow_symlinks: bool = False
+    """Follow symbolic links in a folder source that lead outside it (false: refused, naming each)."""
 
 
 class ModelConfig(_Section):

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -140,3 +141,49 @@ def params_sha256(params: dict[str, Any]) -> str:
     training's run is tagged with it (and named with its first characters); the registry tags each
     version with it."""
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --- CSV: every CSV the project writes goes through these (tests/test_hostile_files.py checks) ---------
+
+# A cell a spreadsheet would run as a formula (OWASP, "CSV injection"): = + - @, tab, carriage return.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # "-5", "+1.5e3": a number, never a formula
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as it may go into a CSV file: a string that a spreadsheet would run as a formula
+    (starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) gets a leading ``'``, which
+    spreadsheets show as text. Numbers, and strings that are a plain number ("-5"), are left alone."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _NUMBER.match(value):
+        return "'" + value
+    return value
+
+
+def csv_safe(df: Any) -> Any:
+    """A copy of the DataFrame ``df`` with every string cell and column name passed through
+    :func:`csv_cell`; numeric columns are untouched (a negative number stays a number)."""
+    from pandas.api.types import is_object_dtype, is_string_dtype
+
+    out = df.copy()
+    out.columns = [csv_cell(c) for c in df.columns]
+    for i in range(out.shape[1]):
+        col = out.iloc[:, i]
+        if is_object_dtype(col.dtype) or is_string_dtype(col.dtype):  # text (or mixed): numbers are never touched
+            out.isetitem(i, col.map(csv_cell).astype(object))
+    return out
+
+
+def write_csv(df: Any, path: str | Path | None = None) -> str | None:
+    """``df.to_csv`` (no index) of :func:`csv_safe` ``(df)``: to ``path``, or returned as text when ``path``
+    is None. The one place the project writes a DataFrame as CSV."""
+    return csv_safe(df).to_csv(path, index=False)
+
+
+def write_csv_rows(f: Any, fieldnames: list[str], rows: Any, restval: Any = "") -> None:
+    """``csv.DictWriter(f, fieldnames, restval).writeheader()`` and ``writerows(rows)``, with the header and
+    every cell through :func:`csv_cell`: the one place the project writes CSV rows by hand."""
+    import csv
+
+    writer = csv.writer(f)
+    writer.writerow([csv_cell(k) for k in fieldnames])
+    writer.writerows([csv_cell(r.get(k, restval)) for k in fieldnames] for r in rows)

@@ -9,10 +9,16 @@ data gate decides what to scrub). A loader either returns a consistent dataset o
 
 from __future__ import annotations
 
+import bz2
+import csv
 import gzip
 import io
+import lzma
+import os
 import re
 import struct
+import warnings
+import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,12 +28,33 @@ import numpy as np
 import pandas as pd
 
 from aigc import encryption
-from aigc.config import DataConfig
+from aigc.config import MAX_IMAGE_SIZE, DataConfig
 from aigc.errors import DataError
-from aigc.io import save_npy
+from aigc.io import save_npy, write_csv
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 MAX_LISTED = 5  # offending files named in an error message
+
+# Bounds on what a user's file may decode to, checked before it is decoded (a hostile file -- a
+# decompression bomb, a header that lies -- is refused with one line, never with the machine's memory):
+# - one image of a folder: 4x the largest data.image_size a side (a photo to be shrunk), 4 bands;
+MAX_IMAGE_SIDE = 4 * MAX_IMAGE_SIZE
+MAX_IMAGE_VALUES = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE * 4  # 67,108,864 (64 MiB of 8-bit pixels)
+# - an IDX body, the arrays of an NPZ together: 2 GiB (2.7 million 28x28 grey images; far more than a
+#   training here sees: 60 epochs of 4,480 images);
+MAX_SOURCE_BYTES = 2 << 30
+# - a CSV's text (after decompression): an eighth of that (256 MiB; MNIST's 60,000 training digits
+#   are 110 MB), since pandas parses each value ("0,": 2 bytes) into 8 (int64 or float64) and holds
+#   the text meanwhile.
+MAX_CSV_BYTES = MAX_SOURCE_BYTES // 8
+
+
+def _size(n: int) -> str:
+    """A byte count for a message: 2 GiB, 47.0 MiB, 512 bytes."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}".replace(".0 ", " ")
+    return f"{n} bytes"
 
 
 @dataclass
@@ -165,27 +192,54 @@ IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (plain or .gz), of any of the format's data types (big-endian)."""
+    """Read one IDX file (plain or .gz), of any of the format's data types (big-endian).
+
+    The header states the dimensions, so the body's size is known after its first bytes: a body over
+    :data:`MAX_SOURCE_BYTES` is refused from the header, and a .gz is decompressed into a buffer of
+    exactly that size, refused as soon as it holds one byte more (a gzip bomb costs what its header
+    promises, never what it would inflate to)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+            head = f.read(4)
+            zero, dtype_code, ndim = struct.unpack(">HBB", head)
+            if zero != 0 or ndim == 0:
+                raise DataError(f"{path}: not an IDX file (bad magic number)")
+            if dtype_code not in IDX_DTYPES:
+                raise DataError(f"{path}: IDX data type 0x{dtype_code:02x} is not one of the format's types "
+                                f"({', '.join(f'0x{c:02x}' for c in IDX_DTYPES)})")
+            dtype = np.dtype(IDX_DTYPES[dtype_code])
+            dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+            count = 1
+            for d in dims:
+                count *= d
+            expected = count * dtype.itemsize
+            if expected > MAX_SOURCE_BYTES:
+                raise DataError(f"{path}: header says {dims} = {count:,} values of {dtype.itemsize} byte(s) "
+                                f"({_size(expected)}), over the {_size(MAX_SOURCE_BYTES)} a source file may decode to; "
+                                "refused before reading it: split it into smaller files or use fewer images")
+            if opener is open and path.stat().st_size != 4 + 4 * ndim + expected:
+                body = path.stat().st_size - 4 - 4 * ndim
+                raise DataError(f"{path}: header says {dims} = {count} values of {dtype.itemsize} byte(s), file holds "
+                                f"{body} bytes ({'truncated?' if body < expected else 'more than the header says'})")
+            buf = np.empty(expected, dtype=np.uint8)
+            got = f.readinto(memoryview(buf)) if expected else 0
+            while 0 < got < expected:  # a stream may return less than asked before its end
+                n = f.readinto(memoryview(buf)[got:])
+                if not n:
+                    break
+                got += n
+            extra = f.read(1)
     except (OSError, EOFError, struct.error) as exc:
         raise DataError(f"{path}: not a readable IDX file ({exc})") from None
-    if zero != 0 or ndim == 0:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    if dtype_code not in IDX_DTYPES:
-        raise DataError(f"{path}: IDX data type 0x{dtype_code:02x} is not one of the format's types "
-                        f"({', '.join(f'0x{c:02x}' for c in IDX_DTYPES)})")
-    dtype = np.dtype(IDX_DTYPES[dtype_code])
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    count = int(np.prod(dims))
-    body_bytes = len(raw) - 4 - 4 * ndim
-    if body_bytes != count * dtype.itemsize:
+    if got != expected:
         raise DataError(f"{path}: header says {dims} = {count} values of {dtype.itemsize} byte(s), file holds "
-                        f"{body_bytes} bytes (truncated?)")
-    return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(dims).astype(dtype.newbyteorder("="))
+                        f"{got} bytes (truncated?)")
+    if extra:
+        raise DataError(f"{path}: header says {dims} = {count:,} values of {dtype.itemsize} byte(s) "
+                        f"({_size(expected)}), but the file decompresses to more; refused after reading "
+                        f"{_size(expected + 1)} (a gzip bomb or a wrong header): recreate the file from its source")
+    return buf.view(dtype).reshape(dims).astype(dtype.newbyteorder("="), copy=False)
 
 
 def _idx_labels_beside(images_path: Path) -> Path | None:
@@ -201,6 +255,8 @@ def load_idx(cfg: DataConfig) -> RawDataset:
     path = _existing(cfg.path, "idx")
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if re.search(r"images.*ubyte(\.gz)?$", p.name))
+        if found and found[0].is_symlink() and not cfg.follow_symlinks and _leaves(path, found[0]):
+            _refuse_leaving_links(path, found[:1])
         if not found:
             raise DataError(f"{path}: no '*images*-ubyte[.gz]' IDX file in this folder")
         path = found[0]
@@ -220,10 +276,45 @@ def load_idx(cfg: DataConfig) -> RawDataset:
     return _finish(images, labels, origin, None, str(path), cfg)
 
 
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse an NPZ whose arrays would decode to more than :data:`MAX_SOURCE_BYTES`, from its zip
+    directory and each array's .npy header, before any array is read: the directory's sizes bound what
+    is decompressed (Python's zipfile reads no more), and a header claiming more than its member holds
+    (np.load would allocate the claim first) is refused too."""
+    from numpy.lib import format as npy
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = [i for i in z.infolist() if not i.is_dir()]
+            total = sum(i.file_size for i in members)
+            if total > MAX_SOURCE_BYTES:
+                big = max(members, key=lambda i: i.file_size)
+                raise DataError(f"{path}: its arrays decompress to {_size(total)} ({big.filename}: {_size(big.file_size)}, "
+                                f"{_size(big.compress_size)} compressed), over the {_size(MAX_SOURCE_BYTES)} a source file "
+                                "may decode to; refused before reading it (a zip bomb?): split it into smaller files")
+            for info in members:
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as f:
+                    version = npy.read_magic(f)
+                    read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                    claim = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                    if claim > info.file_size:
+                        raise DataError(f"{path}: array {info.filename} says it holds {shape} {dtype} "
+                                        f"({_size(claim)}), but its member is {_size(info.file_size)}; refused before "
+                                        "reading it (a forged header or a truncated file): recreate the file")
+    except DataError:
+        raise
+    except Exception:
+        return  # not a zip, or an unreadable header: np.load below says so in its own words
+
+
 def load_npz(cfg: DataConfig) -> RawDataset:
     """A ``.npz`` with ``images`` (or ``x``/``X``), optional ``labels`` (or ``y``), and optional
     1-D per-record arrays, kept as metadata columns."""
     path = _existing(cfg.path, "npz")
+    _check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -243,20 +334,124 @@ def load_npz(cfg: DataConfig) -> RawDataset:
 _PIXEL_COLUMN = re.compile(r"^(pixel|px|p)?[_ ]?\d+(x\d+)?$", re.IGNORECASE)
 
 
+CSV_DELIMITERS = ",;\t|"
+_DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # what pandas infers from the suffix, .zip aside
+
+
+def _csv_text_size(path: Path) -> int:
+    """The size of a CSV's text, compressed or not, refused over :data:`MAX_CSV_BYTES` as soon as it is
+    known to be: a plain file by its size, a .zip by its directory, a .gz/.bz2/.xz by decompressing
+    it in 1 MiB steps that are counted, not kept (memory stays at one step whatever it inflates to)."""
+    def refuse(size: str, how: str) -> DataError:
+        return DataError(f"{path}: its text {size} the {_size(MAX_CSV_BYTES)} a CSV source may hold; refused {how}: "
+                         "split it into smaller files, or store the images as NPZ or IDX")
+
+    opener = _DECOMPRESS.get(path.suffix.lower())
+    try:
+        if path.suffix.lower() == ".zip":
+            with zipfile.ZipFile(path) as z:
+                total = sum(i.file_size for i in z.infolist())
+            if total > MAX_CSV_BYTES:
+                raise refuse(f"is {_size(total)}, over", "from its zip directory, before decompressing it (a zip bomb?)")
+            return total
+        if opener is None:
+            total = path.stat().st_size
+            if total > MAX_CSV_BYTES:
+                raise refuse(f"is {_size(total)}, over", "before reading it")
+            return total
+        total = 0
+        with opener(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+                if total > MAX_CSV_BYTES:
+                    raise refuse("decompresses to more than", f"after decompressing {_size(total)}, none of it kept "
+                                                                    "(a decompression bomb?)")
+        return total
+    except (OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError) as exc:
+        raise DataError(f"{path}: not a readable CSV file ({type(exc).__name__}: {exc})") from None
+
+
+def _csv_head(path: Path, size: int = 64 << 10) -> str:
+    """The first ``size`` bytes of a CSV's text (decompressed), as text."""
+    opener = _DECOMPRESS.get(path.suffix.lower())
+    try:
+        if path.suffix.lower() == ".zip":
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                if len(names) != 1:
+                    raise DataError(f"{path}: a zipped CSV must hold exactly one file, found {len(names)}")
+                with z.open(names[0]) as f:
+                    raw = f.read(size)
+        else:
+            with (opener or open)(path, "rb") as f:
+                raw = f.read(size)
+    except (OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError) as exc:
+        raise DataError(f"{path}: not a readable CSV file ({type(exc).__name__}: {exc})") from None
+    return raw.decode("utf-8", errors="replace")
+
+
+def _pixel_columns(names: list[str], label_column: str) -> list[str]:
+    return [c for c in names if _PIXEL_COLUMN.match(str(c)) and c != label_column]
+
+
+def _csv_delimiter(path: Path, head: str, label_column: str) -> str:
+    """The delimiter (one of :data:`CSV_DELIMITERS`) under which the header names the most pixel
+    columns (a comma on a tie); a DataError naming what the header looks like when none does."""
+    lines = head.splitlines()
+    header = lines[0] if lines else ""
+    found = {d: len(_pixel_columns(next(csv.reader([header], delimiter=d), []), label_column)) for d in CSV_DELIMITERS}
+    best = max(CSV_DELIMITERS, key=lambda d: found[d])  # max keeps the first (the comma) on a tie
+    if found[best]:
+        return best
+    try:
+        sniffed = csv.Sniffer().sniff("\n".join(lines[:20]), delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        sniffed = ","
+    shown = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
+    looks = f"; the file looks {shown[sniffed]}-delimited" if sniffed != "," else ""
+    preview = header[:80] + ("..." if len(header) > 80 else "")
+    raise DataError(f"{path}: no pixel columns under any delimiter ({', '.join(shown.values())}){looks}; its header "
+                    f"reads {preview!r}; expected names like pixel0, pixel1, ... or 0, 1, ...")
+
+
+def _csv_labels(path: Path, col: pd.Series) -> np.ndarray:
+    """The label column as int64: integers, or floats that are all whole numbers (``0.0``, ``1.0``);
+    anything else refused, naming the column and its first offending row."""
+    name = col.name
+    if pd.api.types.is_integer_dtype(col):
+        return col.to_numpy(np.int64)
+    if pd.api.types.is_float_dtype(col):
+        v = col.to_numpy(np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(v) | (v != np.round(v)) | (np.abs(v) > 2 ** 53)
+        if not bad.any():
+            return v.astype(np.int64)
+        i = int(np.argmax(bad))
+        what = "an empty cell" if np.isnan(v[i]) else f"{v[i]:g}"
+        raise DataError(f"{path}: label column {name!r} must hold whole numbers; row {i} (line {i + 2} of the file) "
+                        f"holds {what} ({int(bad.sum())} such row(s)); fix those labels or remove the rows")
+    raise DataError(f"{path}: label column {name!r} must hold integers, got {col.dtype} (e.g. {col.iloc[0]!r} in "
+                    "row 0); fix the labels or set data.label_column to the column that holds them")
+
+
 def load_csv(cfg: DataConfig) -> RawDataset:
     """A CSV with a label column and one column per pixel (``pixel0``.. or ``0``.. or ``1x1``..).
 
     Square images: P pixel columns make sqrt(P) x sqrt(P) grey, or sqrt(P/3)^2 x 3 RGB.
-    Any other column is metadata and is kept.
+    Any other column is metadata and is kept. Delimited by ``,``, ``;``, tab or ``|`` (the one under
+    which the header names pixel columns); plain or compressed (.gz, .bz2, .xz, .zip), its text at most
+    :data:`MAX_CSV_BYTES`.
     """
     path = _existing(cfg.path, "csv")
+    _csv_text_size(path)
+    sep = _csv_delimiter(path, _csv_head(path), cfg.label_column)
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, sep=sep)
     except Exception as exc:
         raise DataError(f"{path}: not a readable CSV file ({type(exc).__name__}: {exc})") from None
     if df.empty:
         raise DataError(f"{path}: no images found (the source is empty)")
-    pixel_cols = [c for c in df.columns if _PIXEL_COLUMN.match(str(c)) and c != cfg.label_column]
+    pixel_cols = _pixel_columns(list(df.columns), cfg.label_column)
     if not pixel_cols:
         raise DataError(f"{path}: no pixel columns (expected names like pixel0, pixel1, ... or 0, 1, ...)")
     p = len(pixel_cols)
@@ -271,12 +466,7 @@ def load_csv(cfg: DataConfig) -> RawDataset:
         raise DataError(f"{path}: non-numeric values in pixel columns {_listed(bad_cols)}")
     values = pixels.to_numpy()  # int64 when every cell is a whole number, else float64
     images = to_uint8(values, f"{path} (row, pixel column)", cfg).reshape(-1, side, side, channels)
-    labels = None
-    if cfg.label_column in df.columns:
-        col = df[cfg.label_column]
-        if not pd.api.types.is_integer_dtype(col):
-            raise DataError(f"{path}: label column {cfg.label_column!r} must hold integers, got {col.dtype}")
-        labels = col.to_numpy(np.int64)
+    labels = _csv_labels(path, df[cfg.label_column]) if cfg.label_column in df.columns else None
     extra = df.drop(columns=pixel_cols + ([cfg.label_column] if labels is not None else []))
     origin = [f"{path.name}:{i}" for i in range(len(df))]
     return _finish(images, labels, origin, extra, str(path), cfg)
@@ -361,6 +551,65 @@ def _one_shape(root: Path, rel: list[Path], arrays: list[np.ndarray], cfg: DataC
             for a in arrays]
 
 
+def _leaves(root: Path, p: Path) -> bool:
+    """Whether the symbolic link ``p`` (inside ``root``) leads outside ``root``, through any chain of links."""
+    return not p.resolve().is_relative_to(root.resolve())
+
+
+def _refuse_leaving_links(root: Path, links: list[Path]) -> None:
+    if links:
+        shown = [f"{p.relative_to(root).as_posix()} -> {os.readlink(p)}" for p in links]
+        raise DataError(f"{root}: {len(links)} symbolic link(s) lead outside the folder: {_listed(shown)}; they are "
+                        "not followed: copy what they point at into the folder, remove them, or set "
+                        "data.follow_symlinks: true")
+
+
+def _image_files(root: Path, follow_symlinks: bool) -> list[Path]:
+    """The image files under ``root``, sorted. A symbolic link (file or folder) that leads outside ``root``
+    is refused (naming it and its target) unless ``follow_symlinks``; links that stay inside are followed,
+    each real folder walked once (a link to a parent folder is no loop)."""
+    files: list[Path] = []
+    leaving: list[Path] = []
+    seen = {root.resolve()}
+    todo = [root]
+    while todo:
+        folder = todo.pop()
+        for p in sorted(folder.iterdir()):
+            if p.is_symlink() and not follow_symlinks and _leaves(root, p):
+                leaving.append(p)
+            elif p.is_dir():
+                if (real := p.resolve()) not in seen:
+                    seen.add(real)
+                    todo.append(p)
+            elif p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                files.append(p)
+    _refuse_leaving_links(root, sorted(leaving))
+    return sorted(files)
+
+
+def _open_image(root: Path, f: Path):
+    """``Image.open(f)`` (which reads the header only), refused before decoding when its pixels would
+    exceed :data:`MAX_IMAGE_VALUES` (a decompression bomb: a 30000x30000 PNG of zeros is ~1 MB on disk,
+    900 MB decoded). PIL's own bomb check, at a looser bound, is left to this one while opening."""
+    from PIL import Image
+
+    rel = f.relative_to(root).as_posix()
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # this process's ingest: the check below, from the same header, names the file
+    try:
+        im = Image.open(f)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    (w, h), bands = im.size, len(im.getbands())
+    if w * h * bands > MAX_IMAGE_VALUES:
+        im.close()
+        raise DataError(f"{root}: {rel} is {w}x{h}x{bands} ({w * h * bands:,} pixel values), over the "
+                        f"{MAX_IMAGE_VALUES:,} ({MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}x4) an image may hold; refused before "
+                        f"decoding it (a decompression bomb?): shrink it to at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} "
+                        "or remove it from the folder")
+    return im
+
+
 def load_folder(cfg: DataConfig) -> RawDataset:
     """A folder of PNG/JPEG/TIFF/BMP/WebP images; the sub-folder name is the label (``cats/001.png``).
 
@@ -377,7 +626,7 @@ def load_folder(cfg: DataConfig) -> RawDataset:
     root = _existing(cfg.path, "folder")
     if not root.is_dir():
         raise DataError(f"data.path = {cfg.path!r} is not a folder (data.source = folder)")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = _image_files(root, cfg.follow_symlinks)
     if not files:
         raise DataError(f"{root}: no images found (the source is empty; expected "
                         f"{', '.join('*' + x for x in sorted(IMAGE_SUFFIXES))})")
@@ -386,9 +635,14 @@ def load_folder(cfg: DataConfig) -> RawDataset:
     unreadable: list[str] = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                im.load()
-                arr = _pixels(ImageOps.exif_transpose(im))  # EXIF-rotated photos come upright
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with _open_image(root, f) as im:
+                    im.load()
+                    arr = _pixels(ImageOps.exif_transpose(im))  # EXIF-rotated photos come upright
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DataError(f"{root}: {f.relative_to(root).as_posix()}: refused while decoding it ({exc}); shrink it "
+                            f"to at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} or remove it from the folder") from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             unreadable.append(f"{f.relative_to(root)} ({type(exc).__name__})")
             continue
@@ -420,6 +674,8 @@ def load_folder(cfg: DataConfig) -> RawDataset:
     if names and not numeric:
         extra["class_name"] = [d if d is not None else "" for d in dirs]
     meta_csv = root / "metadata.csv"
+    if meta_csv.is_symlink() and not cfg.follow_symlinks and _leaves(root, meta_csv):
+        _refuse_leaving_links(root, [meta_csv])
     if meta_csv.exists():
         try:
             side = pd.read_csv(meta_csv)
@@ -456,13 +712,13 @@ def save_raw(ds: RawDataset, folder: Path, key: bytes | None = None) -> None:
     if key is None:
         save_npy(folder / "images.npy", ds.images)
         save_npy(folder / "labels.npy", ds.labels)
-        ds.metadata.to_csv(folder / "metadata.csv", index=False)
+        write_csv(ds.metadata, folder / "metadata.csv")  # formula-like cells neutralised (aigc.io.csv_cell)
         return
     for name, array in (("images.npy", ds.images), ("labels.npy", ds.labels)):
         buf = io.BytesIO()
         np.save(buf, array, allow_pickle=False)
         encryption.write_file(folder / name, buf.getvalue(), key)
-    encryption.write_file(folder / "metadata.csv", ds.metadata.to_csv(index=False).encode("utf-8"), key)
+    encryption.write_file(folder / "metadata.csv", write_csv(ds.metadata).encode("utf-8"), key)
 
 
 def load_raw(folder: str | Path) -> RawDataset:

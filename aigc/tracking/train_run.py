@@ -7,7 +7,6 @@ The training loop knows nothing of this: it reports windows and grids to plain h
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 import zlib
@@ -21,7 +20,7 @@ import torch
 from aigc import machine
 from aigc.config import DPConfig, ModelConfig, PixelCNNConfig, TrackingConfig, TrainConfig, VAEConfig
 from aigc.io import params_sha256
-from aigc.io import atomic_path
+from aigc.io import atomic_path, write_csv_rows
 from aigc.models import NetConfig
 from aigc.tracking import Run, git_commit
 from aigc.training import EpochEnd, StepWindow, TrainResult
@@ -101,9 +100,8 @@ class Recorder:
     def write_losses(self, path: str) -> None:
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             # A name reported only on some steps (R1 every r1_interval) leaves the others blank.
-            writer = csv.DictWriter(f, fieldnames=["step", "epoch", *self.keys], restval="")
-            writer.writeheader()
-            writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows)
+            write_csv_rows(f, ["step", "epoch", *self.keys],
+                           ({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows))
 
 
 
