@@ -7,7 +7,8 @@ engines: PostgreSQL, an MLflow tracking server on it with proxied artifacts, a P
     python -m aigc.services status
 
 Their data lives under ``.services/`` (git-ignored): ``pg/`` the database cluster,
-``mlartifacts/`` the artifacts MLflow proxies, ``prefect/`` the Prefect server's home, ``*.log``.
+``mlartifacts/`` the artifacts MLflow proxies, ``prefect/`` the Prefect server's home, ``tls/``
+the local CA, ``*.log``.
 The tests start the same engines through the functions here, each in its own folder.
 
 The MLflow server runs MLflow's basic-auth app (``mlflow server --app-name basic-auth``): a
@@ -15,6 +16,17 @@ client without a user name and password is refused (HTTP 401). The first start w
 ``auth.json`` (mode 0600: the admin's and the team user's passwords, the server's secret key),
 ``basic_auth.ini`` (the auth app's settings; its users live in ``basic_auth.db``) and
 ``mlflow.env`` (0600), which a shell sources to become the team user.
+
+All three speak TLS only (``tls=True``, the default of every ``start_*`` here and the tests'):
+MLflow and Prefect serve HTTPS (their uvicorn with ``--ssl-certfile``/``--ssl-keyfile``),
+PostgreSQL runs with ``ssl=on`` and accepts TCP as ``hostssl`` only, and MLflow reaches it with
+``sslmode=verify-full&sslrootcert=<CA>``. The certificates are a team's own (``AIGC_TLS_CA``,
+``AIGC_TLS_CERT``, ``AIGC_TLS_KEY``) or those of a local CA made on first use in ``tls/``
+(:mod:`aigc.services.tls`); the health checks and the auth app's user creation verify against the
+CA. ``up`` writes ``services.env`` beside ``mlflow.env``: the ``https://`` URLs and the CA
+variables MLflow's and Prefect's clients verify with (``MLFLOW_TRACKING_SERVER_CERT_PATH``,
+``PREFECT_API_SSL_CERT_FILE``). ``make run``'s own short-lived Prefect server
+(:mod:`aigc.services.prefect_server`) stays plain HTTP on loopback.
 
 PostgreSQL refuses to run as root; run as root (CI), the cluster belongs to the ``postgres``
 system user the Debian package creates (``apt-get install postgresql``).

@@ -1,6 +1,6 @@
 """``python -m aigc.services up|down|status``: ``make services`` and ``make services-down``.
 
-Starts, stops or lists the team services of ``aigc.services`` (PostgreSQL, MLflow, Prefect) on
+Starts, stops or lists the team services of ``aigc.services`` (PostgreSQL, MLflow, Prefect; TLS) on
 loopback, their data under ``--home`` (default ``.services/``).
 """
 
