@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -146,6 +147,11 @@ def test_postgres_refuses_plain_tcp_and_verifies_with_the_ca(services):
     import psycopg2
 
     assert "sslmode=verify-full" in services.backend and f"sslrootcert={services.tls.ca}" in services.backend
+    # the server's copy of the key: its own user's (postgres, when run as root), mode 0600
+    key = Path(services.pg.pgdata) / "server.key"
+    owner = pwd.getpwnam("postgres").pw_uid if os.geteuid() == 0 else os.geteuid()
+    assert key.stat().st_uid == owner and oct(key.stat().st_mode & 0o777) == oct(0o600)
+    assert key.read_bytes() == services.tls.key.read_bytes()
     where = {"host": "127.0.0.1", "port": services.pg.port, "user": "aigc", "dbname": "mlflow"}
     with pytest.raises(psycopg2.OperationalError, match="no encryption"):  # pg_hba: hostnossl ... reject
         psycopg2.connect(**where, sslmode="disable")
