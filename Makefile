@@ -88,7 +88,7 @@ CRON ?= 0 3 * * 1
 schedule: install dvc-init  ## retrain on a cron schedule (CRON="0 3 * * 1"), until Ctrl-C
 	python -m pipeline.retrain serve --cron "$(CRON)"
 
-services: install  ## start PostgreSQL + an MLflow server on it + a Prefect server, on loopback (README, "Team setup")
+services: install  ## start PostgreSQL + an MLflow server on it + a Prefect server, on loopback, over TLS with a local CA (docs/team.md)
 	python -m aigc.services up
 
 services-down: install  ## stop what `make services` started (the data stays in .services/)

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 environment.apply()
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
+for _key in ("AIGC_TLS_CA", "AIGC_TLS_CERT", "AIGC_TLS_KEY"):  # the services' tests make their own local CA
+    os.environ.pop(_key, None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -42,9 +42,14 @@ STEPS_PER_EPOCH = 1617 // 64  # the 8x8 digits' train split at batch 64
 
 @pytest.fixture(scope="module")
 def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # over HTTPS (the default), its CA made in its folder: the stages get it in start_stage
     service = start_prefect(tmp_path_factory.mktemp("prefect"))
+    PREFECT_CA["path"] = service.ca
     yield service.url
     service.stop()
+
+
+PREFECT_CA: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,8 @@ def stage_cmd(params: Path, processed: Path, out: Path) -> list[str]:
 
 
 def start_stage(cmd: list[str], prefect: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    full = os.environ | {"PREFECT_API_URL": prefect, "AIGC_TEST_WINDOW_PAUSE": "0.2"} | (env or {})
+    full = os.environ | {"PREFECT_API_URL": prefect, "PREFECT_API_SSL_CERT_FILE": PREFECT_CA["path"],
+                         "AIGC_TEST_WINDOW_PAUSE": "0.2"} | (env or {})
     return subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -192,15 +198,17 @@ def test_kill_9_three_times_then_resume_gives_the_uninterrupted_run(tmp_path: Pa
 
 
 def _mlflow(tmp_path: Path, port: int) -> Service:
-    # a plain server: this test is about outages (the auth app has its own test in test_team.py)
+    # no auth app: this test is about outages (the auth app has its own test in test_team.py); over
+    # HTTPS (the default), the restarted server with the same certificate from tmp_path/tls
     return start_mlflow(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-art", tmp_path, port=port, auth=False)
 
 
 def test_tracking_server_killed_mid_run(tmp_path: Path, prefect: str, processed: Path,
-                                        capsys: pytest.CaptureFixture):
+                                        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
     server = _mlflow(tmp_path, port)
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", server.ca)  # this process's and the stage's clients
     client = MlflowClient(url)
     try:
         # A. The server dies mid-run and is back within tracking.retry_seconds: nothing is lost. The stage

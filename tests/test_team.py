@@ -28,6 +28,7 @@ import yaml
 from mlflow import MlflowClient
 
 from aigc.services import auth_setup, free_port, start_mlflow, start_postgres, start_prefect, start_sshd
+from aigc.services.tls import server_tls
 from tests.conftest import ROOT, require, tiny_project
 
 pytestmark = pytest.mark.slow
@@ -52,6 +53,7 @@ def services():
     root = Path(tempfile.mkdtemp(prefix="aigc-services-"))
     started = []
     try:
+        # over TLS (the default): the local CA is made in root/tls; PostgreSQL verify-full, HTTPS
         pg, backend = start_postgres(root)
         started.append(pg)
         mlflow = start_mlflow(backend, root / "mlartifacts", root)  # with MLflow's basic-auth app
@@ -59,12 +61,18 @@ def services():
         prefect = start_prefect(root)
         started.append(prefect)
         creds, _ = auth_setup(root)
+        tls = server_tls(root)
         # every client here (the clones' stages, `mlflow models serve`, this process's MlflowClient)
-        # signs in as the team user, the way `source .services/mlflow.env` does
-        saved = {k: os.environ.get(k) for k in creds.env}
-        os.environ.update(creds.env)
-        yield SimpleNamespace(root=root, backend=backend, mlflow=mlflow.url, prefect=prefect.url,
-                              artifacts=root / "mlartifacts", creds=creds)
+        # signs in as the team user and trusts the CA, the way `source .services/services.env` and
+        # `source .services/mlflow.env` do
+        saved = {k: os.environ.get(k) for k in creds.env | tls.client_env}
+        os.environ.update(creds.env | tls.client_env)
+        # this process's Prefect clients: Prefect read its settings from the environment when it was imported
+        from prefect.settings import PREFECT_API_SSL_CERT_FILE, temporary_settings
+
+        with temporary_settings({PREFECT_API_SSL_CERT_FILE: str(tls.ca)}):
+            yield SimpleNamespace(root=root, backend=backend, mlflow=mlflow.url, prefect=prefect.url,
+                                  artifacts=root / "mlartifacts", creds=creds, tls=tls)
     finally:
         for k, v in locals().get("saved", {}).items():
             if v is None:
@@ -138,14 +146,17 @@ def test_the_server_refuses_anonymous_clients_and_wrong_passwords(services, tmp_
     from mlflow.exceptions import MlflowException
 
     api = f"{services.mlflow}/api/2.0/mlflow/experiments/search"
-    assert httpx.get(api, params={"max_results": 1}).status_code == 401
-    assert httpx.get(api, params={"max_results": 1}, auth=(services.creds.user, "wrong-password")).status_code == 401
-    assert httpx.get(api, params={"max_results": 1}, auth=(services.creds.user, services.creds.password)).status_code == 200
+    ca = services.tls.client_context()
+    assert httpx.get(api, params={"max_results": 1}, verify=ca).status_code == 401
+    assert httpx.get(api, params={"max_results": 1}, auth=(services.creds.user, "wrong-password"),
+                     verify=ca).status_code == 401
+    assert httpx.get(api, params={"max_results": 1}, auth=(services.creds.user, services.creds.password),
+                     verify=ca).status_code == 200
     for key in services.creds.env:
         monkeypatch.delenv(key)
     with pytest.raises(MlflowException, match="401"):
         MlflowClient(services.mlflow).search_experiments()
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    base = {k: v for k, v in os.environ.items() if k not in services.creds.env}  # the CA variable stays
     for creds, says in (({}, "no user name and password were given"),
                         ({"MLFLOW_TRACKING_USERNAME": "aigc", "MLFLOW_TRACKING_PASSWORD": "wrong-password"},
                          "user 'aigc' and its password were refused")):
@@ -344,11 +355,20 @@ def test_make_services_starts_and_stops_the_three(tmp_path: Path, monkeypatch: p
     cmd = [sys.executable, "-m", "aigc.services"]
     try:
         res = sh([*cmd, "up", "--home", str(home), *ports], ROOT, timeout=300)
-        assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:" in res.stdout
-        assert f"source {home / 'mlflow.env'}" in res.stdout
+        # over TLS, with the local CA made in home/tls (no AIGC_TLS_* here)
+        ca = home / "tls" / "ca.pem"
+        for line in ("export MLFLOW_TRACKING_URI=https://127.0.0.1:", "export PREFECT_API_URL=https://127.0.0.1:",
+                     f"export MLFLOW_TRACKING_SERVER_CERT_PATH={ca}", f"export PREFECT_API_SSL_CERT_FILE={ca}",
+                     f"source {home / 'mlflow.env'}", f"source {home / 'services.env'}"):
+            assert line in res.stdout, res.stdout
         uri = next(line.split("=", 1)[1] for line in res.stdout.splitlines() if "MLFLOW_TRACKING_URI=" in line)
-        assert oct((home / "mlflow.env").stat().st_mode & 0o777) == oct(0o600)
-        assert oct((home / "auth.json").stat().st_mode & 0o777) == oct(0o600)
+        exports = dict(line.removeprefix("export ").split("=", 1)
+                       for line in (home / "services.env").read_text().splitlines())
+        assert exports["MLFLOW_TRACKING_URI"] == uri and exports["MLFLOW_TRACKING_SERVER_CERT_PATH"] == str(ca)
+        for private in ("mlflow.env", "auth.json", "tls/ca.key", "tls/server.key"):
+            assert oct((home / private).stat().st_mode & 0o777) == oct(0o600), private
+        for key, value in exports.items():  # what `source .services/services.env` does
+            monkeypatch.setenv(key, value)
         creds = dict(line.removeprefix("export ").split("=", 1)
                      for line in (home / "mlflow.env").read_text().splitlines())
         assert creds["MLFLOW_TRACKING_USERNAME"] == "aigc"

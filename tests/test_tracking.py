@@ -239,7 +239,8 @@ def test_a_queued_experiments_copy_uses_the_projects_local_store(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_a_server_that_dies_under_evaluate_or_register_ends_the_stage_in_one_line(tmp_path: Path):
+def test_a_server_that_dies_under_evaluate_or_register_ends_the_stage_in_one_line(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch):
     """evaluate and register call MLflow directly (no outbox): a real `mlflow server` that goes
     away after the stage attached to its run turns the next call into one TrackingUnavailable
     line -- the server, what the stage was doing, what is safe and what to run -- and a server
@@ -247,7 +248,8 @@ def test_a_server_that_dies_under_evaluate_or_register_ends_the_stage_in_one_lin
     from aigc.tracking import TrackingUnavailable
     from aigc.services import start_mlflow
 
-    server = start_mlflow(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art", tmp_path, auth=False)
+    server = start_mlflow(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "art", tmp_path, auth=False)  # HTTPS
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", server.ca)
     try:
         cfg = TrackingConfig(uri=server.url)
         run = Run.start(cfg, "dies", {"a": 1}, {})

@@ -7,7 +7,8 @@ engines: PostgreSQL, an MLflow tracking server on it with proxied artifacts, a P
     python -m aigc.services status
 
 Their data lives under ``.services/`` (git-ignored): ``pg/`` the database cluster,
-``mlartifacts/`` the artifacts MLflow proxies, ``prefect/`` the Prefect server's home, ``*.log``.
+``mlartifacts/`` the artifacts MLflow proxies, ``prefect/`` the Prefect server's home, ``tls/``
+the local CA, ``*.log``.
 The tests start the same engines through the functions here, each in its own folder.
 
 The MLflow server runs MLflow's basic-auth app (``mlflow server --app-name basic-auth``): a
@@ -15,6 +16,17 @@ client without a user name and password is refused (HTTP 401). The first start w
 ``auth.json`` (mode 0600: the admin's and the team user's passwords, the server's secret key),
 ``basic_auth.ini`` (the auth app's settings; its users live in ``basic_auth.db``) and
 ``mlflow.env`` (0600), which a shell sources to become the team user.
+
+All three speak TLS only (``tls=True``, the default of every ``start_*`` here and the tests'):
+MLflow and Prefect serve HTTPS (their uvicorn with ``--ssl-certfile``/``--ssl-keyfile``),
+PostgreSQL runs with ``ssl=on`` and accepts TCP as ``hostssl`` only, and MLflow reaches it with
+``sslmode=verify-full&sslrootcert=<CA>``. The certificates are a team's own (``AIGC_TLS_CA``,
+``AIGC_TLS_CERT``, ``AIGC_TLS_KEY``) or those of a local CA made on first use in ``tls/``
+(:mod:`aigc.services.tls`); the health checks and the auth app's user creation verify against the
+CA. ``up`` writes ``services.env`` beside ``mlflow.env``: the ``https://`` URLs and the CA
+variables MLflow's and Prefect's clients verify with (``MLFLOW_TRACKING_SERVER_CERT_PATH``,
+``PREFECT_API_SSL_CERT_FILE``). ``make run``'s own short-lived Prefect server
+(:mod:`aigc.services.prefect_server`) stays plain HTTP on loopback.
 
 PostgreSQL refuses to run as root; run as root (CI), the cluster belongs to the ``postgres``
 system user the Debian package creates (``apt-get install postgresql``).
@@ -27,6 +39,7 @@ import glob
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -35,8 +48,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from aigc import environment
+from aigc.services.errors import ServiceError
+from aigc.services.tls import TLS, server_tls
 
 environment.apply()  # the offline/quiet environment (aigc/environment.py): the servers inherit it
 
@@ -45,10 +61,6 @@ STATE = "state.json"
 PG_USER = "aigc"
 PG_DB = "mlflow"
 PORTS = {"postgres": 5433, "mlflow": 5002, "prefect": 4200}  # `make services` defaults, loopback only
-
-
-class ServiceError(RuntimeError):
-    """A service could not start; the message says which, and where its log is."""
 
 
 def free_port() -> int:
@@ -72,12 +84,28 @@ def _wait(ok, proc: subprocess.Popen | None, what: str, log: Path, timeout_s: fl
         time.sleep(0.2)
 
 
-def _healthy(url: str) -> bool:
+def _verify(tls: TLS | None):
+    """httpx's ``verify=`` for a service: a context trusting only its CA (plain HTTP: unused)."""
+    return tls.client_context() if tls is not None else True
+
+
+def _healthy(url: str, tls: TLS | None = None) -> bool:
+    """The server answers ``url`` with 200, its certificate verified against ``tls.ca``. A
+    certificate the CA does not vouch for is not "not up yet": it raises ServiceError at once."""
+    import ssl
+
     import httpx
 
     try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
+        return httpx.get(url, timeout=2, verify=_verify(tls)).status_code == 200
+    except httpx.HTTPError as exc:
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            trusted = tls.ca if tls else "the system CAs"
+            raise ServiceError(f"{url}: the server's certificate does not verify against {trusted} "
+                               f"({cause.verify_message})") from None
         return False
 
 
@@ -91,6 +119,7 @@ class Service:
     url: str
     log: str
     pgdata: str | None = None  # PostgreSQL is stopped with pg_ctl, not a signal to a child
+    ca: str | None = None  # the CA bundle its clients verify it with (None: no TLS)
 
     def stop(self) -> None:
         if self.pgdata:
@@ -140,15 +169,40 @@ def _give_to_postgres(path: Path) -> None:
         shutil.chown(path, "postgres", "postgres")
 
 
-def start_postgres(root: Path, port: int | None = None, timeout_s: float = 60) -> tuple[Service, str]:
+def _resolve_tls(tls: TLS | bool, root: Path) -> TLS | None:
+    """``True``: the team's certificates (AIGC_TLS_*) or the local CA in ``root/tls``; ``False``: none."""
+    if tls is True:
+        return server_tls(root)
+    return tls or None
+
+
+def _pg_hba(tls: TLS | None) -> str:
+    """Who may connect: the local socket (pg_ctl, as the cluster's owner) and, over TCP, loopback
+    with TLS only (``hostssl``); a TCP connection without TLS is rejected outright."""
+    tcp = "hostssl" if tls else "host"
+    lines = ["# written by aigc.services on every start", "local all all trust",
+             f"{tcp} all all 127.0.0.1/32 trust", f"{tcp} all all ::1/128 trust"]
+    if tls:
+        lines += ["hostnossl all all 0.0.0.0/0 reject", "hostnossl all all ::/0 reject"]
+    return "\n".join(lines) + "\n"
+
+
+def start_postgres(root: Path, port: int | None = None, timeout_s: float = 60,
+                   tls: TLS | bool = True) -> tuple[Service, str]:
     """A PostgreSQL cluster in ``root/pg`` on 127.0.0.1:``port`` with an ``mlflow`` database;
     returns the service and the SQLAlchemy URI MLflow takes (``postgresql+psycopg2://...``).
 
+    ``tls`` (default): ``ssl=on`` with the certificate and key of :func:`aigc.services.tls.server_tls`
+    (copied into the cluster, the key mode 0600 and owned by the server's user), TCP clients
+    accepted over TLS only (``hostssl``), and a URI that verifies the server
+    (``sslmode=verify-full&sslrootcert=<CA>``). ``False``: plain TCP, for nothing but loopback.
+
     Trust authentication on loopback only: it is a local development/test cluster. A team's
-    server has its own users and passwords (README, "Team setup").
+    server has its own users and passwords (docs/team.md).
     """
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
+    tls = _resolve_tls(tls, root)
     pgdata, log = root / "pg", root / "postgres.log"
     if os.geteuid() == 0:
         # the postgres user must reach its folder: root's temp folders are often 0700
@@ -164,7 +218,17 @@ def start_postgres(root: Path, port: int | None = None, timeout_s: float = 60) -
             raise ServiceError(f"initdb {pgdata} failed: {done.stderr.strip()[-800:]}")
     log.touch()
     _give_to_postgres(log)
+    hba = pgdata / "pg_hba.conf"
+    hba.write_text(_pg_hba(tls))
+    _give_to_postgres(hba)
     opts = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={pgdata.resolve()}"
+    if tls:
+        # PostgreSQL refuses a key others can read, and must own it: copies in its own data folder
+        # (relative names there: no path for pg_ctl's shell to split)
+        for src, name in ((tls.cert, "server.crt"), (tls.key, "server.key")):
+            _write_private(pgdata / name, src.read_text())
+            _give_to_postgres(pgdata / name)
+        opts += " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
     done = subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-l", str(log), "-o", opts, "-w",
                                         "-t", str(int(timeout_s)), "start"]),
                           capture_output=True, text=True, timeout=timeout_s + 10)
@@ -172,18 +236,26 @@ def start_postgres(root: Path, port: int | None = None, timeout_s: float = 60) -
         raise ServiceError(f"PostgreSQL did not start on 127.0.0.1:{port} (log: {log}): "
                            f"{(done.stderr or done.stdout).strip()[-800:]}")
     pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-    service = Service("postgres", pid, port, f"postgresql://{PG_USER}@127.0.0.1:{port}/{PG_DB}", str(log),
-                      pgdata=str(pgdata))
+    host = tls.host if tls else "127.0.0.1"
+    ssl_args = {"sslmode": "verify-full", "sslrootcert": str(tls.ca)} if tls else {}
+    query = ("?" + "&".join(f"{k}={quote(v, safe='/')}" for k, v in ssl_args.items())) if tls else ""
+    service = Service("postgres", pid, port, f"postgresql://{PG_USER}@{host}:{port}/{PG_DB}{query}", str(log),
+                      pgdata=str(pgdata), ca=str(tls.ca) if tls else None)
     import psycopg2
 
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user=PG_USER, dbname="postgres")
+    try:
+        conn = psycopg2.connect(host=host, port=port, user=PG_USER, dbname="postgres", **ssl_args)
+    except psycopg2.OperationalError as exc:
+        service.stop()
+        raise ServiceError(f"PostgreSQL on {host}:{port} refused a verifying client "
+                           f"(log: {log}): {str(exc).strip()}") from None
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DB,))
         if cur.fetchone() is None:
             cur.execute(f"CREATE DATABASE {PG_DB}")
     conn.close()
-    return service, f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{port}/{PG_DB}"
+    return service, f"postgresql+psycopg2://{PG_USER}@{host}:{port}/{PG_DB}{query}"
 
 
 # --- MLflow and Prefect servers ----------------------------------------------------------------
@@ -248,30 +320,39 @@ def auth_setup(root: Path) -> tuple[Credentials, Path]:
     return creds, ini
 
 
-def _ensure_user(url: str, creds: Credentials) -> None:
-    """Create the team user through the auth app's REST API, as the admin (once)."""
+def _ensure_user(url: str, creds: Credentials, tls: TLS | None = None) -> None:
+    """Create the team user through the auth app's REST API, as the admin (once), verifying the
+    server's certificate against ``tls.ca``."""
     import httpx
 
     res = httpx.post(f"{url}/api/2.0/mlflow/users/create", json={"username": creds.user, "password": creds.password},
-                     auth=("admin", creds.admin_password), timeout=30)
+                     auth=("admin", creds.admin_password), timeout=30, verify=_verify(tls))
     if res.status_code != 200 and "RESOURCE_ALREADY_EXISTS" not in res.text:
         raise ServiceError(f"the MLflow auth app refused to create user {creds.user!r}: "
                            f"HTTP {res.status_code} {res.text[:300]}")
 
 
 def start_mlflow(backend_uri: str, artifacts: Path, root: Path, port: int | None = None,
-                 timeout_s: float = 120, auth: bool = True) -> Service:
+                 timeout_s: float = 120, auth: bool = True, tls: TLS | bool = True) -> Service:
     """``mlflow server`` on ``backend_uri`` (PostgreSQL), proxying artifacts to ``artifacts``
     (clients upload and download through the server: they need no access to the store).
 
     ``auth``: with MLflow's basic-auth app (``--app-name basic-auth``): anonymous requests are
-    refused; the team user of :func:`auth_setup` (``root/auth.json``) signs in with a password."""
+    refused; the team user of :func:`auth_setup` (``root/auth.json``) signs in with a password.
+
+    ``tls`` (default): HTTPS only, with the certificate of :func:`aigc.services.tls.server_tls`
+    (the team's, or the local CA's in ``root/tls``): MLflow's uvicorn (the default server, the
+    auth app's too) gets ``--ssl-certfile``/``--ssl-keyfile`` through ``--uvicorn-opts``. Clients
+    verify it with ``MLFLOW_TRACKING_SERVER_CERT_PATH`` (the CA bundle)."""
     port = port or free_port()
+    tls = _resolve_tls(tls, root)
     log = root / "mlflow.log"
     artifacts.mkdir(parents=True, exist_ok=True)
     cmd = [_venv_tool("mlflow"), "server", "--backend-store-uri", backend_uri,
            "--artifacts-destination", str(artifacts.resolve()), "--serve-artifacts",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if tls:
+        cmd += ["--uvicorn-opts", shlex.join(["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)])]
     env = {}
     if auth:
         creds, ini = auth_setup(root)
@@ -279,33 +360,49 @@ def start_mlflow(backend_uri: str, artifacts: Path, root: Path, port: int | None
         env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini.resolve()), "MLFLOW_FLASK_SERVER_SECRET_KEY": creds.secret_key,
                "MLFLOW_AUTH_ADMIN_PASSWORD": creds.admin_password}  # read on the first start only
     proc = _spawn(cmd, log, env)
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://{tls.host}:{port}" if tls else f"http://127.0.0.1:{port}"
+    service = Service("mlflow", proc.pid, port, url, str(log), ca=str(tls.ca) if tls else None)
     try:
-        _wait(lambda: _healthy(f"{url}/health"), proc, "the MLflow server", log, timeout_s)
+        _wait(lambda: _healthy(f"{url}/health", tls), proc, "the MLflow server", log, timeout_s)
         if auth:
-            _ensure_user(url, creds)
+            _ensure_user(url, creds, tls)
     except ServiceError:
-        Service("mlflow", proc.pid, port, url, str(log)).stop()
+        service.stop()
         raise
-    return Service("mlflow", proc.pid, port, url, str(log))
+    return service
 
 
-def start_prefect(root: Path, port: int | None = None, timeout_s: float = 120) -> Service:
-    """``prefect server start`` with its background services (the scheduler a cron schedule and
-    a work pool's late runs need); its database lives in ``root/prefect``."""
+def start_prefect(root: Path, port: int | None = None, timeout_s: float = 120, tls: TLS | bool = True) -> Service:
+    """Prefect's server with its background services (the scheduler a cron schedule and a work
+    pool's late runs need); its database lives in ``root/prefect``.
+
+    It is what ``prefect server start`` runs (prefect/cli/_server_utils.py, one worker): uvicorn
+    on ``prefect.server.api.server:create_app`` with its settings from the environment, started
+    here as ``python -m uvicorn --factory`` because the CLI has no TLS options. ``tls`` (default):
+    HTTPS only, with the certificate of :func:`aigc.services.tls.server_tls`; clients verify it
+    with ``PREFECT_API_SSL_CERT_FILE`` (the CA bundle)."""
     port = port or free_port()
+    tls = _resolve_tls(tls, root)
     log = root / "prefect.log"
     home = (root / "prefect").resolve()
     home.mkdir(parents=True, exist_ok=True)
-    proc = _spawn([_venv_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                   "--no-ui", "--analytics-off", "--log-level", "WARNING"], log, env={"PREFECT_HOME": str(home)})
-    url = f"http://127.0.0.1:{port}/api"
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    if tls:
+        cmd += ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+    env = {"PREFECT_HOME": str(home), "PREFECT__SERVER_FINAL": "1",  # as `prefect server start` sets them
+           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
+           "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "true"} | (tls.client_env if tls else {})
+    proc = _spawn(cmd, log, env=env)
+    url = f"https://{tls.host}:{port}/api" if tls else f"http://127.0.0.1:{port}/api"
+    service = Service("prefect", proc.pid, port, url, str(log), ca=str(tls.ca) if tls else None)
     try:
-        _wait(lambda: _healthy(f"{url}/health"), proc, "the Prefect server", log, timeout_s)
+        _wait(lambda: _healthy(f"{url}/health", tls), proc, "the Prefect server", log, timeout_s)
     except ServiceError:
-        Service("prefect", proc.pid, port, url, str(log)).stop()
+        service.stop()
         raise
-    return Service("prefect", proc.pid, port, url, str(log))
+    return service
 
 
 # --- sshd, for the DVC SSH remote ----------------------------------------------------------------
@@ -360,18 +457,38 @@ def up(home: Path, ports: dict[str, int] | None = None) -> list[Service]:
     busy = [f"{name} ({port})" for name, port in ports.items() if _port_open(port)]
     if busy:
         raise ServiceError(f"port(s) already in use on 127.0.0.1: {', '.join(busy)}; stop what holds them")
+    home.mkdir(parents=True, exist_ok=True)
+    tls = server_tls(home)  # before anything starts: a wrong team certificate is one line
     started: list[Service] = []
     try:
-        pg, backend = start_postgres(home, ports["postgres"])
+        pg, backend = start_postgres(home, ports["postgres"], tls=tls)
         started.append(pg)
-        started.append(start_mlflow(backend, home / "mlartifacts", home, ports["mlflow"]))
-        started.append(start_prefect(home, ports["prefect"]))
+        mlflow = start_mlflow(backend, home / "mlartifacts", home, ports["mlflow"], tls=tls)
+        started.append(mlflow)
+        prefect = start_prefect(home, ports["prefect"], tls=tls)
+        started.append(prefect)
     except BaseException:
         for s in reversed(started):
             s.stop()
         raise
     (home / STATE).write_text(json.dumps([asdict(s) for s in started], indent=1))
+    write_client_env(home, client_env(mlflow, prefect, tls))
     return started
+
+
+ENV_FILE = "services.env"  # beside mlflow.env: the URLs and the CA, nothing secret
+
+
+def client_env(mlflow: Service, prefect: Service, tls: TLS | None) -> dict[str, str]:
+    """What a client of these services exports: the https URLs and the CA bundle MLflow's and
+    Prefect's clients verify them with (the credentials are in ``mlflow.env``)."""
+    return {"MLFLOW_TRACKING_URI": mlflow.url, "PREFECT_API_URL": prefect.url} | (tls.client_env if tls else {})
+
+
+def write_client_env(home: Path, env: dict[str, str]) -> Path:
+    path = home / ENV_FILE
+    path.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
+    return path
 
 
 def down(home: Path) -> list[Service]:

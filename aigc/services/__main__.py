@@ -1,6 +1,6 @@
 """``python -m aigc.services up|down|status``: ``make services`` and ``make services-down``.
 
-Starts, stops or lists the team services of ``aigc.services`` (PostgreSQL, MLflow, Prefect) on
+Starts, stops or lists the team services of ``aigc.services`` (PostgreSQL, MLflow, Prefect; TLS) on
 loopback, their data under ``--home`` (default ``.services/``).
 """
 
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import aigc.services
-from aigc.services import HOME, PORTS, STATE, TEAM_USER, ServiceError, _load, _port_open, down, up
+from aigc.services import ENV_FILE, HOME, PORTS, STATE, TEAM_USER, ServiceError, _load, _port_open, down, up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"started on 127.0.0.1 (data and logs in {home}/):")
             for s in services:
                 print(f"  {s.name:9s} {s.url}")
-            mlflow, prefect = services[1], services[2]
+            print(f"TLS: clients verify the servers against the CA {services[1].ca}")
+            exports = "".join(f"  {line}\n" for line in (home / ENV_FILE).read_text().splitlines())
             print(f"point the pipeline at them (MLflow asks for a password: {home / 'mlflow.env'} signs in "
-                  f"as user {TEAM_USER!r}):\n  export MLFLOW_TRACKING_URI={mlflow.url}\n"
+                  f"as user {TEAM_USER!r}):\n{exports}"
                   f"  source {home / 'mlflow.env'}\n"
-                  f"  export PREFECT_API_URL={prefect.url}\n(make services-down stops them; the data stays)")
+                  f"(both in one go: source {home / ENV_FILE} && source {home / 'mlflow.env'}; "
+                  f"make services-down stops them; the data stays)")
         elif args.command == "down":
             stopped = down(home)
             print(f"stopped: {', '.join(s.name for s in stopped) or 'nothing was running'} (data kept in {home}/)")

@@ -51,13 +51,28 @@ def project_uri(uri: str) -> str:
     return uri
 
 
+def _verify() -> str | bool:
+    """requests' ``verify=``: the CA bundle MLflow's own client verifies the server with
+    (``MLFLOW_TRACKING_SERVER_CERT_PATH``, as ``make services`` exports it), else the default CAs."""
+    return os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+
+
 def _check_reachable(uri: str) -> None:
     """Fail fast, with advice, when a tracking server or a SQLite folder is not there."""
     if uri.startswith(("http://", "https://")):
         import requests
 
         try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+            requests.get(uri.rstrip("/") + "/health", timeout=5, verify=_verify()).raise_for_status()
+        except requests.exceptions.SSLError as exc:
+            ca = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+            trusted = f"the CA bundle {ca} (MLFLOW_TRACKING_SERVER_CERT_PATH)" if ca else "the system's CAs"
+            reason = "certificate verify failed" if "CERTIFICATE_VERIFY_FAILED" in str(exc) else "TLS error"
+            raise UserError(
+                f"MLflow tracking server {uri}: its certificate does not verify against {trusted} ({reason}): "
+                f"export MLFLOW_TRACKING_SERVER_CERT_PATH=<the CA bundle that signed it> (make services writes it "
+                f"to .services/services.env)"
+            ) from None
         except requests.RequestException as exc:
             raise UserError(
                 f"MLflow tracking server {uri} is not reachable ({type(exc).__name__}). Start it "
@@ -82,7 +97,8 @@ def _check_signed_in(uri: str) -> None:
     try:
         res = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
                            auth=(user, password) if user and password else None,
-                           headers={"Authorization": f"Bearer {token}"} if token and not user else None, timeout=10)
+                           headers={"Authorization": f"Bearer {token}"} if token and not user else None, timeout=10,
+                           verify=_verify())
     except requests.RequestException:
         return  # reachable a moment ago (/health); MLflow's own retries and errors take it from here
     if res.status_code == 401:
