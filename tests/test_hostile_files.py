@@ -357,3 +357,28 @@ def test_every_csv_the_project_writes_goes_through_aigc_io():
                         continue
                     writes.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert writes and all(w.startswith("aigc/io.py:") for w in writes), writes
+
+
+@pytest.mark.slow
+def test_the_ingest_stage_prints_one_line_for_a_bomb_and_no_traceback(tmp_path: Path):
+    """As a user meets it: ``python -m pipeline.ingest`` (the harness and its Prefect flow) on a folder
+    holding a PNG bomb ends with exit code 1 and one ``error:`` line, where it used to end in a
+    Prefect traceback (DecompressionBombError); nothing is written."""
+    import yaml
+
+    images, labels = digit_images(6)
+    root = write_folder(tmp_path / "imgs", images, labels)
+    bomb_png(root / "1" / "bomb.png", 30000, 30000)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(source="folder", path=str(root))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = subprocess.run([sys.executable, "-m", "pipeline.ingest", "--params", str(tmp_path / "params.yaml"),
+                          "--out", str(tmp_path / "raw")], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {root}: 1/bomb.png is 30000x30000x1 (900,000,000 pixel values), over the 67,108,864 "
+                      "(4096x4096x4) an image may hold; refused before decoding it (a decompression bomb?): shrink it "
+                      "to at most 4096x4096 or remove it from the folder"], res.stderr[-2000:]
+    assert "Traceback" not in res.stdout + res.stderr and "DecompressionBomb" not in res.stdout + res.stderr
+    assert not (tmp_path / "raw").exists()
