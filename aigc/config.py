@@ -326,7 +326,7 @@ class EvaluatorConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    """Scoring a trained generator against the real data (see README, "Evaluation")."""
+    """Scoring a trained generator against the real data (docs/evaluation.md)."""
 
     num_samples: int = Field(default=10_000, ge=2, le=1_000_000)
     """Generated images; scored in sets of n = the test split's size, each against n train images."""
@@ -384,7 +384,7 @@ REGISTRY_METRICS = ("fid", "kid", "is", "precision", "recall", "density", "cover
 
 
 class RegisterConfig(_Section):
-    """The model registry: which version becomes the champion (aigc/registry.py, README "Model registry")."""
+    """The model registry: which version becomes the champion (aigc/registration.py, docs/registry.md)."""
 
     model_name: str = Field(default="aigc-generator", min_length=1, max_length=200)
     """MLflow registered model name."""

@@ -1,6 +1,7 @@
 """Data-parallel training under ``torchrun``: the few pieces the training loop needs, kept apart.
 
-    torchrun --standalone --nproc_per_node 2 -m pipeline.train --processed ... (README, "Multi-GPU")
+    torchrun --standalone --nproc_per_node 2 -m pipeline.train --processed ...
+    (docs/team.md, "Multi-GPU and multi-node training")
 
 ``torchrun`` starts one process per device and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``/``MASTER_PORT``; without them everything here is a no-op and training is the

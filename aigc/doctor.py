@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aigc import environment
 
-# The stack whose versions matter (shared/stack.md: the combinations known to work together).
+# The stack whose versions matter (docs/development.md, "The stack": the combinations known to work together).
 STACK = ("torch", "numpy", "pandas", "scikit-learn", "pydantic", "mlflow", "prefect", "fastapi", "SQLAlchemy", "dvc",
          "great-expectations", "torchmetrics", "Jinja2")
 # Telemetry and analytics switches: a value other than aigc's means the tools try to phone home.

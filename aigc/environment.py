@@ -1,4 +1,4 @@
-"""The offline and quiet environment: the one place that sets it (shared/stack.md).
+"""The offline and quiet environment: the one place that sets it (docs/development.md, "The stack").
 
 MLflow, Prefect, DVC and great-expectations read these variables when they load, so they are
 set before any of them is imported: ``pipeline/__init__.py``, ``aigc/tracking`` and

@@ -8,7 +8,7 @@ registry through ``aigc/tracking``):
                       output_problem=problem)
     decision.promote, decision.outcome, decision.reason
 
-The rule (README, "Model registry and serving"):
+The rule (docs/registry.md):
 
 1. a broken generator (NaN/inf or constant output) is refused;
 2. every gate must pass: the data gate, the covered modes, memorisation (the DCR ratio and the

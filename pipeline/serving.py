@@ -12,7 +12,7 @@ classifier (aigc/sampling.py). Output: uint8 images (N, H, W, C), the rows' imag
 The model's artifacts are the generator file and, for labels, the evaluator file; both rebuild
 from the file alone (``aigc.models.load_generator``, ``aigc.metrics.evaluator.load_evaluator``).
 ``mlflow.pytorch.log_model`` is not used: it stores a torch.fx graph, not the generator with its
-(n, seed, label) interface (stack.md).
+(n, seed, label) interface (docs/development.md, "The stack").
 
 Logged as *models from code*: the registered model holds a copy of this file (``serving.py``
 beside ``MLmodel``) and the artifacts, not a cloudpickle of a ``GeneratorModel`` object.
@@ -137,7 +137,7 @@ def input_example() -> pd.DataFrame:
 def pip_requirements() -> list[str]:
     """The served model's requirements, pinned exactly as aigc's own (pyproject.toml), plus aigc.
 
-    Given explicitly: MLflow's inference costs ~11 s (stack.md). aigc is a local package, not on
+    Given explicitly: MLflow's inference costs ~11 s (docs/development.md, "The stack"). aigc is a local package, not on
     PyPI, so serve with ``--env-manager local`` from the project's environment.
     """
     pins = {}

@@ -101,6 +101,6 @@ def test_speed_and_logging_knobs_do_not_retrain():
 
 def test_the_checkpoint_survives_a_rerun_of_its_stage():
     # DVC deletes a stage's outputs before it runs it again, unless they persist: the checkpoint
-    # must, or a killed training could never go on from it (README, "Resume").
+    # must, or a killed training could never go on from it (docs/faults.md, "Resume after a kill").
     outs = _stages()["train"]["outs"]
     assert {"models/checkpoint.pt": {"persist": True}} in outs

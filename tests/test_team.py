@@ -1,4 +1,4 @@
-"""Beyond one machine, against the real engines on loopback (README, "Team setup"):
+"""Beyond one machine, against the real engines on loopback (docs/team.md):
 
 - PostgreSQL + an MLflow server on it with proxied artifacts: two clones run the whole pipeline
   at once through it; runs, per-step metrics, sample grids, registered versions and the champion

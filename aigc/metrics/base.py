@@ -2,7 +2,7 @@
 registry of named metric functions, and the rule that puts each score beside its floor, its
 spread and its ceiling.
 
-The protocol (README, "Evaluation"). Precision/recall/density/coverage, FID, KID and IS all move
+The protocol (docs/evaluation.md). Precision/recall/density/coverage, FID, KID and IS all move
 with the number of images on *both* sides of a comparison, so every comparison here is ``n``
 images against ``n`` images, with ``n = min(num_samples, size of the test split)``:
 

@@ -26,7 +26,7 @@ class FeatureModule(nn.Module):
     """The evaluator's features (the classifier's penultimate layer, or Inception's pool3), as torchmetrics' ``feature=`` module.
 
     ``num_features`` is an int, so torchmetrics never probes the module with its 3x299x299 dummy
-    (stack.md). Images (N, C, H, W) go through the network; a 2-D (N, F) tensor is taken as
+    (docs/development.md, "The stack"). Images (N, C, H, W) go through the network; a 2-D (N, F) tensor is taken as
     features this same network already produced (cached real data, or one pass shared by all
     metrics), so each image is embedded once.
     """

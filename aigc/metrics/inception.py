@@ -3,8 +3,8 @@
 
 Why it is defined here and not imported: pytorch-fid, torch-fidelity and clean-fid all build the
 network from torchvision, and torchvision cannot be installed beside this project's torch
-(stack.md: torch==2.13.0 only, never torchvision). The layout below is torchvision's ``Inception3``
-(``num_classes=1008, aux_logits=False``) with pytorch-fid's FID patches: the 35x35, 17x17 and first
+(docs/development.md, "The stack": torch==2.13.0 only, never torchvision). The layout below is
+torchvision's ``Inception3`` (``num_classes=1008, aux_logits=False``) with pytorch-fid's FID patches: the 35x35, 17x17 and first
 8x8 blocks average-pool without counting the zero padding (TensorFlow's pooling), the last 8x8
 block max-pools. Module names follow theirs, so the state dict of pytorch-fid's
 ``pt_inception-2015-12-05-6726825d.pth`` loads key for key. Nothing downloads: the user points

@@ -1,7 +1,7 @@
 """The data-quality report a person reads: one self-contained HTML page.
 
 great-expectations' Data Docs load their CSS and JavaScript from CDNs and come out unstyled
-offline (stack.md), so the page is rendered here, from the Jinja2 template
+offline (docs/development.md, "The stack"), so the page is rendered here, from the Jinja2 template
 ``aigc/templates/data_quality.html.j2``: inline CSS, images as data: URIs, no scripts, no
 external fonts. This module only gathers what the page shows. It never shows a metadata value
 (they may be personal data): columns, kinds, counts and record ids only. With ``withheld``

@@ -6,7 +6,7 @@ the observed value. GX decides pass or fail and names the offending records (by 
 the observed value is computed from the same frame, in the bound's own terms.
 
 Every expectation goes into the ``ExpectationSuite`` constructor at once: adding them one by
-one to a suite already in a context is pathologically slow in GX 1.24 (stack.md).
+one to a suite already in a context is pathologically slow in GX 1.24 (docs/development.md, "The stack").
 """
 
 from __future__ import annotations

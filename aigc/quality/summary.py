@@ -2,7 +2,7 @@
 
 great-expectations on 5,000 x 784 pixel columns takes ~18 s here; on this frame (shape, dtype,
 min, max, mean, std, NaN/inf count, label, content hash, duplicate and blank flags and the
-metadata columns) it takes well under a second, and it states the same facts (stack.md).
+metadata columns) it takes well under a second, and it states the same facts (docs/development.md, "The stack").
 """
 
 from __future__ import annotations

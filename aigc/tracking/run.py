@@ -271,7 +271,7 @@ class Run:
 
         A model object is refused: MLflow would cloudpickle it, and unpickling can execute
         arbitrary code in whoever loads the registered model. ``pip_requirements`` must be given:
-        inferring them costs ~11 s (stack.md).
+        inferring them costs ~11 s (docs/development.md, "The stack").
         """
         if not isinstance(code_path, (str, Path)) or not Path(code_path).is_file():
             raise TypeError(f"log_pyfunc_model takes the path of the model's code file (models from code), "
