@@ -159,7 +159,7 @@ class PixelCNNConfig(_Section):
 
 
 # train.preset: knobs that replace params.yaml's train values, each set measured as a whole
-# (aigc_bench/README.md, "Models and training"). "standard" replaces nothing.
+# (the section "Models and training" of aigc_bench/README.md). "standard" replaces nothing.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {"standard": {}, "long": {"epochs": 150}}
 
 

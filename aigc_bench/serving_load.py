@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluator", type=Path, help="its evaluator file (default: models/evaluator.pt if present)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    from aigc_bench.evaluate_speed import cpu
+    from aigc.machine import cpu
     from aigc.services import free_port
 
     generator = args.generator or (ROOT / "models/generator.pt" if (ROOT / "models/generator.pt").exists() else None)
@@ -363,7 +363,7 @@ def markdown(r: dict[str, Any]) -> str:
         "# The served model under load", "",
         f"{r['what']}.", "",
         f"- model: {r['model']['model']}, images {r['model']['image_shape']}",
-        f"- CPU: {r['cpu'].get('model')} ({r['cores_usable']} usable cores; {' '.join(r['cpu'].get('vector_flags', []))})",
+        f"- CPU: {r['cpu'].get('model')} ({r['cores_usable']} usable cores; {' '.join(r['cpu'].get('flags', []))})",
         f"- load average before / after: {r['load_average_before']} / {r['load_average_after']} (shared machine)",
         f"- server ready after {r['server_ready_s']} s", "",
         "| requests | count | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|",

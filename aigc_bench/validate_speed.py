@@ -56,12 +56,12 @@ def main() -> None:
 
     t = time.perf_counter()
     from aigc.quality.gate import run_gate
-    from pipeline.validate import validate
+    from pipeline.validate import run_validate
     import_pipeline = time.perf_counter() - t
 
     def once() -> float:
         t = time.perf_counter()
-        validate(params.data, params.validate, params.privacy, TrackingConfig(enabled=False), str(raw),
+        run_validate(params.data, params.validate, params.privacy, TrackingConfig(enabled=False), str(raw),
                  str(WORK / "validated"), str(WORK / "summary.json"), str(WORK / "report.html"))
         return time.perf_counter() - t
 
