@@ -1,6 +1,6 @@
 """Data-parallel training under ``torchrun``: the few pieces the training loop needs, kept apart.
 
-    torchrun --standalone --nproc_per_node 2 -m pipeline.train --processed ...
+    torchrun --standalone --nproc_per_node 2 -m pipeline.train -- --processed ...
     (docs/team.md, "Multi-GPU and multi-node training")
 
 ``torchrun`` starts one process per device and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
