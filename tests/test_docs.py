@@ -73,3 +73,156 @@ def test_the_site_builds_offline_with_strict(tmp_path: Path):
     assert res.returncode == 0, res.stderr[-3000:]
     html = (tmp_path / "site" / "reference" / "params" / "index.html").read_text(encoding="utf-8")
     assert "runtime.threads" in html and "fonts.googleapis.com" not in html
+
+
+# --- Pointers: every "see X, section Y" in the code, the config files and the docs leads somewhere -----------------
+
+# The files whose comments, docstrings and prose point at the docs (this file names broken pointers on purpose).
+SOURCES = ("aigc", "pipeline", "aigc_bench", "tests")
+CONFIGS = ("params.yaml", "dvc.yaml", "Makefile", "prefect.yaml", "pyproject.toml", "README.md", "aigc_bench/README.md")
+
+
+def pointer_files() -> list[Path]:
+    code = [p for top in SOURCES for p in sorted((ROOT / top).rglob("*.py")) if p != Path(__file__).resolve()]
+    return [*code, *(ROOT / name for name in CONFIGS), *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def _headings(text: str) -> list[str]:
+    """The headings of a markdown text (fenced code left out), markdown marks stripped."""
+    text = re.sub(r"(?ms)^```.*?^```", "", text)
+    return [re.sub(r"[`*_]", "", h).strip() for h in re.findall(r"(?m)^#{1,6}\s+(.+?)\s*#*\s*$", text)]
+
+
+def _leads(text: str) -> list[str]:
+    """The bold leads of paragraphs and list items: ``**Resume after a kill.** ...``."""
+    return [m.strip().rstrip(".:") for m in re.findall(r"(?m)^(?:[-*]\s+|\d+\.\s+)?\*\*([^*\n]+)\*\*", text)]
+
+
+def slug(heading: str) -> str:
+    """MkDocs' anchor of a heading (Python-Markdown's toc slugify, as the strict build names them)."""
+    import unicodedata
+
+    value = unicodedata.normalize("NFKD", heading).encode("ascii", "ignore").decode("ascii")
+    value = re.sub(r"[^\w\s-]", "", value).strip().lower()
+    return re.sub(r"[-\s]+", "-", value)
+
+
+_Q = r"""(?:"([^"\n]+)"|'([^'\n]+)'|“([^”\n]+)”)"""  # a quoted section name, in "", '' or “”
+_DOC = r"`?(docs/[\w/-]+\.md)`?"
+_README = r"(?<![\w/.-])`?README(?:\.md)?`?"
+POINTERS = {  # kind: a pattern; the quoted group is the section, a docs/ group the page
+    "README section": re.compile(_README + r"(?:'s)?,?\s+(?:section\s+)?" + _Q
+                                 + r"|section\s+" + _Q + r"\s+of\s+(?:the\s+)?" + _README + r"(?![\w/.-]*/)"),
+    "aigc_bench/README.md section": re.compile(
+        r"`?aigc_bench/README\.md`?,?\s+(?:\(?(?:the\s+)?section\s+)?" + _Q + r"|section\s+" + _Q
+        + r"\s+of\s+`?aigc_bench/README\.md"),
+    "docs page section": re.compile(_DOC + r",?\s+(?:\(?(?:the\s+)?section\s+)?" + _Q
+                                    + r"|section\s+" + _Q + r"\s+of\s+" + _DOC),
+}
+# Documents that were never in the repository (notes, design files of the people who wrote it).
+OUTSIDE = re.compile(r"\.\./shared\b|(?<![\w-])shared/tools\b|(?<![\w/-])(?:stack|design|findings|style|notes)\.md\b")
+
+
+def _flat(text: str) -> str:
+    """One line per file: comment marks and indentation at line starts dropped, so a pointer may wrap."""
+    return re.sub(r"\n[ \t]*(?:#+|//|\*)?[ \t]*", " ", text)
+
+
+def broken_pointers(text: str, where: str = "<text>") -> list[str]:
+    """Every pointer in ``text`` that leads nowhere, as ``where: kind: pointer``."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    bench = (ROOT / "aigc_bench/README.md").read_text(encoding="utf-8")
+    flat, broken = _flat(text), []
+
+    def starts(section: str, page: str, leads: bool) -> bool:
+        names = _headings(page) + (_leads(page) if leads else [])
+        section = re.sub(r"[`*_]", "", section).strip().rstrip(".").lower()
+        return any(n.lower().startswith(section) for n in names)
+
+    for kind, pattern in POINTERS.items():
+        for m in pattern.finditer(flat):
+            groups = [g for g in m.groups() if g]
+            doc = next((g for g in groups if g.startswith("docs/")), None)
+            section = next(g for g in groups if not g.startswith("docs/"))
+            if doc:
+                ok = (ROOT / doc).is_file() and starts(section, (ROOT / doc).read_text(encoding="utf-8"), True)
+            else:
+                ok = starts(section, bench if kind.startswith("aigc_bench") else readme, False)
+            if not ok:
+                broken.append(f"{where}: {kind}: {m.group(0)}")
+    for doc in re.findall(r"(?<![\w/.-])docs/[\w/-]+\.md\b", flat):
+        if not (ROOT / doc).is_file():
+            broken.append(f"{where}: docs page: {doc}")
+    for m in OUTSIDE.finditer(text):
+        broken.append(f"{where}: a document outside the repository: {m.group(0)}")
+    return broken
+
+
+def count_pointers() -> dict[str, int]:
+    counts = dict.fromkeys([*POINTERS, "docs page"], 0)
+    for path in pointer_files():
+        flat = _flat(path.read_text(encoding="utf-8"))
+        for kind, pattern in POINTERS.items():
+            counts[kind] += len(pattern.findall(flat))
+        counts["docs page"] += len(re.findall(r"(?<![\w/.-])docs/[\w/-]+\.md\b", flat))
+    return counts
+
+
+def test_every_pointer_leads_to_a_file_and_a_section_that_exist():
+    broken = [b for p in pointer_files()
+              for b in broken_pointers(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))]
+    assert not broken, "\n".join(broken)
+    counts = count_pointers()
+    assert all(counts.values()), counts  # each kind is found: a pattern that matches nothing checks nothing
+    print(counts)
+
+
+def broken_links(page: Path) -> list[str]:
+    """The relative links of a page outside the site (README.md, aigc_bench/README.md) that lead to no file, or to
+    no heading of a markdown file (``#anchor``: its MkDocs slug, as GitHub names it too)."""
+    broken = []
+    for target, anchor in re.findall(r"\]\(([^)#\s:]*)(?:#([^)\s]+))?\)", page.read_text(encoding="utf-8")):
+        file = (page.parent / target).resolve() if target else page
+        if not file.is_file():
+            broken.append(f"{page.relative_to(ROOT)}: {target}")
+        elif anchor and anchor not in {slug(h) for h in _headings(file.read_text(encoding="utf-8"))}:
+            broken.append(f"{page.relative_to(ROOT)}: {target}#{anchor}")
+    return broken
+
+
+def broken_links_in(text: str) -> list[str]:
+    """``broken_links`` of a text as if it were README.md."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".md", dir=ROOT, delete=True) as tmp:
+        tmp.write(text)
+        tmp.flush()
+        return [b.split(": ", 1)[1] for b in broken_links(Path(tmp.name))]
+
+
+def test_the_readmes_links_lead_to_files_and_headings_that_exist():
+    links = [link for page in ("README.md", "aigc_bench/README.md")
+             for link in re.findall(r"\]\(([^)\s:]+)\)", (ROOT / page).read_text(encoding="utf-8"))]
+    assert len(links) > 20 and any("#" in link for link in links)
+    assert not broken_links(ROOT / "README.md") + broken_links(ROOT / "aigc_bench/README.md")
+
+
+def test_a_broken_pointer_is_found():
+    """The checks can fail: a planted pointer of each kind that leads nowhere is reported."""
+    planted = [
+        'see README, "No such section"',
+        "the section 'Nowhere' of the README",
+        'aigc_bench/README.md, section "Not measured"',
+        "docs/faults.md, 'Resume after a crash of the moon'",
+        'the section "Gone" of docs/team.md',
+        "docs/no-such-page.md",
+        "# as stack" + ".md says",
+        "../sha" + "red/notes",
+    ]
+    for text in planted:
+        assert broken_pointers(text), text
+    assert not broken_pointers('README, "Training time" and docs/faults.md, "Resume after a kill"')
+    assert slug("Files that are refused, before they're read") == "files-that-are-refused-before-theyre-read"
+    assert slug("Speed and what the orchestration costs") == "speed-and-what-the-orchestration-costs"
+    assert broken_links_in("[x](docs/own-data.md#no-such-heading) [y](docs/gone.md)") == [
+        "docs/own-data.md#no-such-heading", "docs/gone.md"]
