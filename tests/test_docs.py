@@ -226,3 +226,59 @@ def test_a_broken_pointer_is_found():
     assert slug("Speed and what the orchestration costs") == "speed-and-what-the-orchestration-costs"
     assert broken_links_in("[x](docs/own-data.md#no-such-heading) [y](docs/gone.md)") == [
         "docs/own-data.md#no-such-heading", "docs/gone.md"]
+
+
+# --- docs/development.md's Layout: the tree as it is ---------------------------------------------------------------
+
+def layout() -> list[tuple[str, str, str]]:
+    """The Layout block's entries: (folder it sits in, names column, description incl. continuation lines)."""
+    text = (ROOT / "docs/development.md").read_text(encoding="utf-8")
+    block = re.search(r"(?ms)^## Layout\s*\n+```\n(.*?)^```", text).group(1)
+    entries: list[list[str]] = []
+    parent = ""
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        names, _, desc = line.strip().partition("  ")
+        if indent >= 8 or not names:  # a continuation of the entry above
+            entries[-1][2] += " " + line.strip()
+            continue
+        if indent == 0:
+            parent = names if names.endswith("/") else ""
+        entries.append([parent if indent else "", names, desc.strip()])
+    return [tuple(e) for e in entries]
+
+
+def misplaced(entries: list[tuple[str, str, str]]) -> list[str]:
+    """Paths the Layout names that are not where it puts them."""
+    modules = {p.stem: p for p in (ROOT / "aigc").rglob("*.py") if p.stem != "__init__"}
+    wrong = []
+    for parent, names, desc in entries:
+        for name in re.split(r",\s*", names):
+            if not (ROOT / parent / name).exists():
+                wrong.append(f"{parent}{name}")
+        if names.endswith("/") and "," not in names:  # one folder: the files its description names are in it
+            folder = ROOT / parent / names
+            for file in re.findall(r"\b(\w+\.py)\b", desc):
+                if not (folder / file).exists():
+                    wrong.append(f"{parent}{names}{file}")
+            for word in set(re.findall(r"\b[a-z_]+\b", desc)) & set(modules) if parent == "aigc/" else ():
+                if not (folder / f"{word}.py").exists() and f"{word}.py" not in desc:
+                    wrong.append(f"{parent}{names}{word} (it is {modules[word].relative_to(ROOT)})")
+    return wrong
+
+
+def test_the_layout_names_paths_that_exist_where_it_puts_them():
+    entries = layout()
+    assert len(entries) > 10, entries
+    assert not misplaced(entries), misplaced(entries)
+    assert misplaced([("aigc/", "privacy/", "dp.py; encryption.py"), ("aigc/", "metrics/", "fid, likelihood"),
+                      ("", "pipeline/", "serve.py"), ("aigc/", "nowhere.py", "")]) == [
+        "aigc/privacy/encryption.py", "aigc/metrics/likelihood (it is aigc/training/likelihood.py)",
+        "pipeline/serve.py", "aigc/nowhere.py"]
+
+
+def test_the_layout_lists_every_module_and_package_of_aigc():
+    listed = {name for parent, names, _ in layout() if parent == "aigc/" for name in re.split(r",\s*", names)}
+    tree = {p.name for p in (ROOT / "aigc").glob("*.py") if p.name != "__init__.py"} | {
+        p.name + "/" for p in (ROOT / "aigc").iterdir() if p.is_dir() and not p.name.startswith("__")}
+    assert not tree - listed, f"in aigc/ but not in docs/development.md's Layout: {sorted(tree - listed)}"
