@@ -5,6 +5,7 @@ paths and make targets the pages name exist."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def test_the_site_builds_offline_with_strict(tmp_path: Path):
 
 # The files whose comments, docstrings and prose point at the docs (this file names broken pointers on purpose).
 SOURCES = ("aigc", "pipeline", "aigc_bench", "tests")
-CONFIGS = ("params.yaml", "dvc.yaml", "Makefile", "prefect.yaml", "pyproject.toml", "README.md", "aigc_bench/README.md")
+CONFIGS = ("params.yaml", "dvc.yaml", "Makefile", "prefect.yaml", "pyproject.toml", ".gitignore", "README.md",
+           "aigc_bench/README.md")
 
 
 def pointer_files() -> list[Path]:
@@ -282,3 +284,100 @@ def test_the_layout_lists_every_module_and_package_of_aigc():
     tree = {p.name for p in (ROOT / "aigc").glob("*.py") if p.name != "__init__.py"} | {
         p.name + "/" for p in (ROOT / "aigc").iterdir() if p.is_dir() and not p.name.startswith("__")}
     assert not tree - listed, f"in aigc/ but not in docs/development.md's Layout: {sorted(tree - listed)}"
+
+
+# --- The commands of the docs' sh blocks: the offline ones that take seconds run; the others are marked, with why ----
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(page, command) for every command line of the ```sh blocks of README.md and docs/, in page order:
+    continuation lines joined, comments and blank lines dropped."""
+    commands = []
+    for page in pages():
+        for block in re.findall(r"(?ms)^```(?:sh|bash|shell)\s*\n(.*?)^```", page.read_text(encoding="utf-8")):
+            block = re.sub(r"\\\n\s*", " ", block)
+            for line in block.splitlines():
+                command = re.sub(r"\s+#\s.*$", "", line).strip()
+                if command and not command.startswith("#"):
+                    commands.append((str(page.relative_to(ROOT)), command))
+    return commands
+
+
+# Run in a copy of the repository's files (a fresh checkout, committed in a throwaway git repository), in page
+# order, HOME a folder of their own: each exits with the code given (doctor: 1 where the machine lacks something).
+RUN = {
+    "aigc doctor": (0, 1),
+    "aigc example-data ": (0,),
+    "aigc keygen --out ~/": (0,),
+    "dvc exp show": (0,),
+    "dvc metrics show": (0,),
+    "dvc metrics diff": (0,),
+    "dvc plots show": (0,),
+    "dvc queue status": (0,),
+    "dvc status": (0,),
+    "dvc remote add ": (0,),
+    "dvc remote modify ": (0,),
+}
+# Not run here: each with the reason.
+MARKED = {
+    "make run": "trains (minutes)", "make test": "the whole test suite", "make retrain": "trains",
+    "make schedule": "runs until Ctrl-C", "make ui": "starts a server", "make serve": "starts a server",
+    "make services": "starts servers (PostgreSQL, MLflow, Prefect)", "make services-down": "needs make services",
+    "make bench": "benchmarks (minutes)", "make docs": "installs, then builds: test_the_site_builds_offline_with_strict",
+    "make install": "installs the venv (network)", "AIGC_TLS_CA=": "starts servers with a team's certificates",
+    "dvc repro": "trains", "dvc exp run": "trains", "dvc queue start": "trains the queued experiments",
+    "dvc exp apply <name>": "needs an experiment", "dvc push": "needs a remote (network)",
+    "dvc pull": "needs a remote (network)", "git clone <repo>": "a placeholder: the team's repository",
+    "cp ~/mnist/": "the reader's own files", "source ": "the reader's shell (activates a venv or sets variables)",
+    "export ": "the reader's shell: sets variables", "aigc generate ": "needs a trained model",
+    "aigc report": "needs a trained run in MLflow", ".venv/bin/pytest": "the test suite",
+    "python -m aigc_bench": "benchmarks (minutes)", "python -m pipeline.retrain": "trains",
+    "prefect server start": "starts a server", "prefect work-pool ": "needs a Prefect server",
+    "prefect --no-prompt deploy": "needs a Prefect server", "prefect worker start": "needs a Prefect server",
+    "prefect deployment run": "needs a Prefect server", "mlflow server": "starts a server",
+    "mlflow models serve": "starts a server (and needs a registered model)", "curl ": "needs a running server",
+    "torchrun ": "trains on GPUs",
+}
+
+
+def _kind(command: str) -> str | None:
+    return next((p for p in RUN if command.startswith(p)), None) or next(
+        (p for p in MARKED if command.startswith(p)), None)
+
+
+def test_every_documented_command_is_run_or_marked():
+    commands = documented_commands()
+    assert len(commands) > 50
+    unknown = [f"{page}: {c}" for page, c in commands if _kind(c) is None]
+    assert not unknown, "a new command in the docs: add it to RUN (offline, seconds) or MARKED (why not):\n" + \
+        "\n".join(unknown)
+    assert _kind("dvc frobnicate --now") is None
+
+
+def test_the_offline_documented_commands_run(tmp_path: Path):
+    project, home = tmp_path / "aigc", tmp_path / "home"
+    home.mkdir()
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, files.split("\0")):
+        if (ROOT / name).is_file():
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            (project / name).write_bytes((ROOT / name).read_bytes())
+    git = ["git", "-c", "user.name=aigc", "-c", "user.email=aigc@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "a fresh checkout"]):
+        subprocess.run(git + args, cwd=project, check=True, capture_output=True)
+    env = os.environ | {"HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    ran: list[str] = []
+    seen: set[str] = set()
+    for page, command in documented_commands():
+        kind = _kind(command)
+        if kind not in RUN or command in seen:  # the README's commands are the docs' too: each runs once
+            continue
+        seen.add(command)
+        res = subprocess.run(["bash", "-c", command], cwd=project, env=env, capture_output=True, text=True,
+                             timeout=120)
+        out = res.stdout + res.stderr
+        assert res.returncode in RUN[kind] and "Traceback" not in out, \
+            f"{page}: {command} -> {res.returncode}\n{out[-3000:]}"
+        ran.append(command)
+    assert {k for k in RUN if any(c.startswith(k) for c in ran)} == set(RUN), ran  # every entry of RUN is used
+    assert (home / ".config/aigc/data.key").stat().st_mode & 0o777 == 0o600
+    assert len(list((project / "data/source/photos32").rglob("*.png"))) == 2000
