@@ -497,7 +497,7 @@ class DPConfig(_Section):
     (target_epsilon, delta) and the planned D steps (train.epochs x Poisson batches per epoch)."""
 
     enabled: bool = False
-    """Train D privately (no R1/GP penalties; D built without spectral norm); README, 'Privacy'."""
+    """Train D privately (no R1/GP penalties; D built without spectral norm); docs/privacy.md, 'DP-SGD on the discriminator'."""
     # The (epsilon, delta)-DP budget the whole training may spend; the run stops before exceeding it.
     target_epsilon: float = Field(default=10.0, gt=0.0, le=1000.0)
     """The whole training's budget epsilon; the noise multiplier follows from it and the planned D steps."""
@@ -563,7 +563,7 @@ class Params(_Section):
     evaluator: EvaluatorConfig = EvaluatorConfig()
     """The metrics' feature network: a small CNN classifier on the train split."""
     evaluate: EvaluateConfig = EvaluateConfig()
-    """Scores of models/generator.pt, each beside its spread, floor and ceiling (README, 'Evaluation')."""
+    """Scores of models/generator.pt, each beside its spread, floor and ceiling (docs/evaluation.md, 'Evaluation')."""
     validate: ValidateConfig = ValidateConfig()
     """The data-quality gate (great-expectations) between ingest and preprocess."""
     privacy: PrivacyConfig = PrivacyConfig()
