@@ -3,7 +3,7 @@
     aigc check-params [params.yaml]          validate params.yaml, print the resolved values
     aigc generate --model models/generator.pt -n 64 --seed 0 --out grid.png
     aigc generate --model models:/aigc-generator@champion -n 64 --seed 0 --label 3 --out grid.png
-    aigc report [RUN_ID] [--out run.html]   the one-page run report, rebuilt from MLflow
+    aigc report [RUN_ID] [--out run.html]   the one-page run report, rebuilt from MLflow (default: ./run-<id>.html)
     aigc doctor                              is this machine set up? (exit code 1 when not)
     aigc example-data photos32 data/source/photos32    a folder of example images (digits | photos32 | digits64)
     aigc keygen --out ~/.config/aigc/data.key              a new data key (privacy.encrypt_at_rest)
@@ -119,10 +119,10 @@ def _report(args: argparse.Namespace) -> None:
         extra = {"run_id": record.run_id, "run_name": record.run_name, "experiment": record.experiment,
                  "tracking_uri": uri, "params": record.params, "tags": record.tags}
         page = render_page(artifact_files(Path(tmp), extra))
-    out = args.out or f"run-{run_id[:8]}.html"
+    out = args.out or f"run-{record.run_id[:8]}.html"  # the run's own id, though RUN_ID was a prefix
     with atomic_path(out) as path:
         path.write_text(page, encoding="utf-8")
-    print(f"wrote {out}: the report of MLflow run {run_id} ({record.run_name}) in {uri}")
+    print(f"wrote {out}: the report of MLflow run {record.run_id} ({record.run_name}) in {uri}")
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -205,8 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="the one-page report of a run (samples, losses, scores beside floors, the "
                                       "registry's decision, lineage), rebuilt from its MLflow artifacts")
-    p.add_argument("run_id", nargs="?", default=None, help="MLflow run id (default: the run the run file names)")
-    p.add_argument("--out", default=None, help="HTML file to write (default: run-<first 8 of the id>.html)")
+    p.add_argument("run_id", nargs="?", default=None,
+                   help="MLflow run id, or its start (the 8 characters of run-<id>.html will do) when no other run "
+                        "id starts the same (default: the run the run file names)")
+    p.add_argument("--out", default=None,
+                   help="HTML file to write (default: run-<first 8 of the id>.html in the current folder; the "
+                        "report stage's own page, reports/run.html, is left alone)")
     p.add_argument("--run-file", default=None,
                    help="run file naming the default run (default: the report stage's --run in ./dvc.yaml)")
     p.add_argument("--params", default="params.yaml",

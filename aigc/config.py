@@ -158,15 +158,18 @@ class PixelCNNConfig(_Section):
     """Epochs of a pixelcnn training (null: train.epochs); its whole run within ~15 min on a 2-core CPU (docs: Models)."""
 
 
-# train.preset: knobs that replace params.yaml's train values, each set measured as a whole
-# (the section "Models and training" of aigc_bench/README.md). "standard" replaces nothing.
+# train.preset: knobs that replace params.yaml's train values where they are still the defaults,
+# each set measured as a whole (the section "Models and training" of aigc_bench/README.md). A value
+# the user changed (dvc exp run -S train.preset=long -S train.epochs=80) wins over the preset's,
+# and the train stage says so. "standard" replaces nothing.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {"standard": {}, "long": {"epochs": 150}}
 
 
 class TrainConfig(_Section):
     preset: Literal["standard", "long"] = "standard"
     """standard: the values below | long: for users who can wait, the measured longer recipe
-    replaces them (epochs and what else aigc.config.TRAIN_PRESETS lists; the train stage says which)."""
+    replaces those still at their defaults (epochs and what else aigc.config.TRAIN_PRESETS lists); a
+    value you changed wins over the preset's; the train stage says which is which."""
     epochs: int = Field(default=60, ge=1, le=10_000)
     """Set so that training stays within 8 min on the slowest 2-core CPU measured (an AVX2 EPYC), by
     FLOPs: ``python -m aigc_bench.budget`` (README, 'Training time')."""
@@ -218,16 +221,22 @@ class TrainConfig(_Section):
             raise ValueError("loss = 'wgan' needs a Lipschitz critic: set gp_weight (10 in WGAN-GP)")
         if len(set(self.augment)) != len(self.augment):
             raise ValueError(f"augment = {self.augment} lists a policy twice")
-        for key, value in TRAIN_PRESETS[self.preset].items():  # the preset's recipe, as measured
-            object.__setattr__(self, key, value)
+        for key, value in TRAIN_PRESETS[self.preset].items():  # the preset's recipe, as measured ...
+            if getattr(self, key) == type(self).model_fields[key].default:  # ... where params.yaml kept the default
+                object.__setattr__(self, key, value)
         return self
 
     def preset_note(self) -> str | None:
-        """The line the train stage prints when a preset replaced params.yaml's values, else None."""
-        if not TRAIN_PRESETS[self.preset]:
+        """The line the train stage prints under a preset: each knob it set, and each value of
+        params.yaml that won over it (changed from the default); None when the preset sets nothing."""
+        preset = TRAIN_PRESETS[self.preset]
+        if not preset:
             return None
-        return f"train.preset {self.preset}: " + ", ".join(f"train.{k} = {v}" for k, v in TRAIN_PRESETS[self.preset].items()) \
-            + " (in place of params.yaml's values)"
+        used = [f"train.{k} = {v}" for k, v in preset.items() if getattr(self, k) == v]
+        kept = [f"train.{k} = {getattr(self, k)} (params.yaml's, not the preset's {v})"
+                for k, v in preset.items() if getattr(self, k) != v]
+        return (f"train.preset {self.preset}: " + ", ".join(used + kept) +
+                " (a value changed from its default in params.yaml wins over the preset's)")
 
 
 class RuntimeConfig(_Section):

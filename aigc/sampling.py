@@ -30,9 +30,10 @@ MAX_DRAWS_PER_IMAGE = 100  # rejection sampling gives up after this many draws p
 MAX_IMAGES = 10_000  # one request; larger batches belong to the evaluate stage, not to serving
 
 
-def check_request(n: int, seed: int) -> None:
-    if not 1 <= n <= MAX_IMAGES:
-        raise UserError(f"n = {n}: ask for 1 to {MAX_IMAGES} images")
+def check_request(n: int, seed: int, max_images: int = MAX_IMAGES) -> None:
+    """``max_images``: the cap that applies where the request is served (the HTTP server's is lower)."""
+    if not 1 <= n <= max_images:
+        raise UserError(f"n = {n}: ask for 1 to {max_images} images")
     if not 0 <= seed < 2**63:
         raise UserError(f"seed = {seed}: must be a non-negative integer")
 

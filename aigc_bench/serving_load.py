@@ -45,9 +45,10 @@ def frame(rows: list[list[Any]], columns: tuple[str, ...] = ("n", "seed")) -> di
 
 # (name, JSON body or raw text, content type, words the 4xx message must contain)
 MALFORMED: list[tuple[str, Any, str, str]] = [
-    ("n = 0", frame([[0, 1]]), "application/json", "n = 0: ask for 1 to 10000 images"),
-    ("n over the limit", frame([[10_001, 1]]), "application/json", "n = 10001: ask for 1 to 10000 images"),
-    ("negative n", frame([[-3, 1]]), "application/json", "n = -3: ask for 1 to 10000 images"),
+    # the bound the server states is the one it enforces (pipeline/serving.py MAX_SERVED_IMAGES = 1024)
+    ("n = 0", frame([[0, 1]]), "application/json", "n = 0: ask for 1 to 1024 images"),
+    ("n over the limit", frame([[1025, 1]]), "application/json", "n = 1025: ask for 1 to 1024 images"),
+    ("negative n", frame([[-3, 1]]), "application/json", "n = -3: ask for 1 to 1024 images"),
     ("over the serving limit", frame([[1000, 0], [25, 1]]), "application/json",
      "1025 images asked for in one request; the served model makes at most 1024"),
     ("negative seed", frame([[2, -1]]), "application/json", "seed = -1: must be a non-negative integer"),

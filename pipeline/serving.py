@@ -86,7 +86,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             rows = []
             for row in model_input.to_dict("records"):
                 n, seed = whole(row["n"], "n"), whole(row["seed"], "seed")
-                check_request(n, seed)
+                check_request(n, seed, MAX_SERVED_IMAGES)  # the bound it states is the one enforced below
                 rows.append((n, seed, whole(row["label"], "label") if "label" in row else None))
             total = sum(n for n, _, _ in rows)
             if total > MAX_SERVED_IMAGES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 import shutil
 import sys
@@ -14,6 +15,25 @@ import pytest
 from aigc import environment
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The range each headline score and its floor can take (docs/evaluation.md); "classes" stands for
+# the data's number of classes (is, modes). kid is an unbiased estimate: a little below 0 by chance.
+SCORE_RANGES: dict[str, tuple[float, float | str]] = {
+    "fid": (0.0, math.inf), "kid": (-1.0, math.inf), "is": (1.0, "classes"), "precision": (0.0, 1.0),
+    "recall": (0.0, 1.0), "density": (0.0, math.inf), "coverage": (0.0, 1.0), "modes": (0.0, "classes"),
+    "class_kl": (0.0, math.inf), "dcr_score": (0.0, math.inf), "copy_share": (0.0, 1.0),
+    "label_accuracy": (0.0, 1.0)}
+
+
+def assert_score(metrics: dict, name: str, floor: bool = True) -> None:
+    """``metrics[name]`` (and its ``_floor``) is a finite number in the score's range: a NaN, an
+    infinity or a value no generator can reach is a broken score, not a result."""
+    lo, hi = SCORE_RANGES[name]
+    top = float(metrics.get("classes") or math.inf) if hi == "classes" else hi
+    for key in (name, f"{name}_floor") if floor else (name,):
+        v = metrics[key]
+        assert isinstance(v, (int, float)) and not isinstance(v, bool), (key, v)
+        assert math.isfinite(v) and lo - 1e-6 <= v <= top + 1e-6, (key, v)
 
 # Offline and quiet (aigc.environment, the one place), and never the user's own tracking server.
 environment.apply()

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import run_module, tiny_project
+from tests.conftest import assert_score, run_module, tiny_project
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +204,7 @@ def test_evaluation_lists_every_score_beside_its_floor(project: Path):
               "copy_share"]
     metrics = json.loads((project / "reports/metrics.json").read_text())
     for name in scores:
-        assert isinstance(metrics[name], (int, float)) and isinstance(metrics[f"{name}_floor"], (int, float)), name
+        assert_score(metrics, name)
     assert metrics["num_samples"] == 400 and metrics["sample_size"] == 180 and metrics["sets"] == 2
     assert json.loads((project / "reports/evaluator/metrics.json").read_text())["epochs"] == 1
     for png in ["samples", "nearest", "classes"]:

@@ -65,3 +65,23 @@ def test_generate_with_an_impossible_count(tmp_path: Path, capsys, n: str):
     err = capsys.readouterr().err
     assert err.startswith(f"error: n = {n}: ask for 1 to ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("n", [0, 1025, 5000])
+def test_served_model_states_the_bound_it_enforces(tmp_path: Path, n: int):
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import PythonModelContext
+
+    from pipeline.serving import MAX_SERVED_IMAGES, GeneratorModel
+
+    cfg = NetConfig("mlp", 8, 1, 8, 8)
+    torch.save(generator_payload(build_generator(cfg), cfg), tmp_path / "g.pt")
+    model = GeneratorModel()
+    model.load_context(PythonModelContext(artifacts={"generator": str(tmp_path / "g.pt")}, model_config={}))
+    # n = 0 once said "1 to 10000" though the server refuses more than 1,024 per request
+    with pytest.raises(MlflowException) as exc:
+        model.predict(None, pd.DataFrame({"n": [n], "seed": [0]}))
+    assert exc.value.message == f"n = {n}: ask for 1 to {MAX_SERVED_IMAGES} images"
+    assert MAX_SERVED_IMAGES == 1024
+    assert model.predict(None, pd.DataFrame({"n": [MAX_SERVED_IMAGES], "seed": [0]})).shape == (1024, 8, 8, 1)

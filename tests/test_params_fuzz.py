@@ -36,13 +36,23 @@ def _set(raw: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
+def _round_trips(params: Params) -> None:
+    """A valid config written back as params.yaml (every resolved value, as ``aigc check-params``
+    prints them) loads as the same config: nothing is lost, renamed or re-resolved (a preset)."""
+    again = parse_params(yaml.safe_load(yaml.safe_dump(params.model_dump())))
+    assert again == params, {k: v for k, v in flatten(again).items() if flatten(params).get(k) != v}
+    assert flatten(again) == flatten(params)
+
+
 def _check(raw, source: str = "params.yaml") -> None:
     try:
-        parse_params(raw, source)
+        params = parse_params(raw, source)
     except ConfigError as exc:
         lines = str(exc).splitlines()
         assert lines, "an empty error message"
         assert all(line.startswith(f"{source}: ") for line in lines), str(exc)
+    else:
+        _round_trips(params)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -94,18 +104,23 @@ def test_unreadable_params_files_are_one_error_line(tmp_path: Path):
             raise AssertionError(f"{path} was accepted")
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Each invalid example starts a stage process (~0.5 s); 12 examples, ~6 s here.
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(KEYS).filter(lambda k: not k.startswith(("tracking.", "seed"))),
        st.sampled_from([-1, "??", [1, [2]], {"a": None}, 10**15]))
 def test_a_stage_given_a_bad_value_exits_1_with_one_line_and_writes_nothing(tmp_path: Path, dotted, value):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     _set(raw, dotted, value)
     try:
-        parse_params(raw)
+        params = parse_params(raw)
     except ConfigError:
         pass
-    else:
-        return  # this value happens to be valid for this key: nothing to check
+    else:  # this value happens to be valid for this key: as a params.yaml file it loads, and round-trips
+        (tmp_path / "valid.yaml").write_text(yaml.safe_dump(raw))
+        loaded = load_params(tmp_path / "valid.yaml")
+        assert loaded == params and flatten(loaded)[dotted] == value
+        _round_trips(loaded)
+        return
     work = tmp_path / f"case{abs(hash((dotted, repr(value))))}"
     work.mkdir()
     (work / "params.yaml").write_text(yaml.safe_dump(raw))

@@ -123,6 +123,48 @@ def test_an_unknown_run_id_is_one_clear_error(tmp_path: Path, monkeypatch: pytes
     assert not (tmp_path / "x.html").exists()
 
 
+def test_the_short_id_it_prints_names_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture):
+    """`aigc report` writes run-<8 characters>.html and says so; those 8 characters (any unique start
+    of the id) name the run again. A start several runs share, or none, or not hex: one line each."""
+    from collections import Counter
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = Run.start(TrackingConfig(uri=uri, artifact_root=str(tmp_path / "art")), "first", {}, {})
+    run.end(True)
+    client = MlflowClient(uri)
+    exp = client.get_run(run.run_id).info.experiment_id
+    ids = [run.run_id] + [client.create_run(exp, run_name=f"r{i}").info.run_id for i in range(16)]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+
+    assert cli.main(["report", run.run_id]) == 0  # the default file, in the current folder
+    printed = capsys.readouterr().out
+    short = run.run_id[:8]
+    assert printed.startswith(f"wrote run-{short}.html: the report of MLflow run {run.run_id} (first)")
+    assert (tmp_path / f"run-{short}.html").exists() and not (tmp_path / "reports").exists()
+    (tmp_path / f"run-{short}.html").unlink()  # 8 hex characters: 2 of 17 ids share them 3 times in 10^8
+    assert cli.main(["report", short]) == 0
+    assert capsys.readouterr().out == printed and (tmp_path / f"run-{short}.html").exists()
+
+    # 17 ids, 16 first characters: at least two share one
+    shared, count = Counter(i[0] for i in ids).most_common(1)[0]
+    assert cli.main(["report", shared, "--out", "x.html"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {count} MLflow runs in {uri} have an id that starts with '{shared}' (")
+    assert err.rstrip().endswith("give more of the id") and err.count("\n") == 1
+    unused = next(c for c in "0123456789abcdef" if not any(i.startswith(c * 2) for i in ids)) * 2
+    assert cli.main(["report", unused, "--out", "x.html"]) == 1
+    assert capsys.readouterr().err == (f"error: no MLflow run '{unused}' in {uri} (no run id starts with it); list "
+                                       f"the runs with `make ui` or pass another id\n")
+    assert cli.main(["report", "run-" + short, "--out", "x.html"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: 'run-{short}' is not an MLflow run id (32 characters")
+    assert not (tmp_path / "x.html").exists()
+
+
 def test_without_a_run_id_the_run_file_is_the_report_stages_from_dvc_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                            capsys: pytest.CaptureFixture):
     """The default run file is the one dvc.yaml passes to the report stage (paths live there only);

@@ -3,6 +3,7 @@ for the run's server, which starts beside the command, and runs without heartbea
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -25,8 +26,19 @@ def test_heartbeats_are_off_on_the_runs_own_server_only():
 
 
 def test_a_stage_does_not_wait_for_a_server_the_user_runs():
-    await_server({"PREFECT_API_URL": "http://127.0.0.1:9/api"})  # nothing listens there: no wait, no error
-    await_server({})
+    # A real listening socket stands for the user's server: it accepts connections but never
+    # answers. Without the run's server pid the stage must not probe it (not one connection),
+    # so it neither waits for it nor fails on it.
+    with socket.socket() as user_server:
+        user_server.bind(("127.0.0.1", 0))
+        user_server.listen(8)
+        user_server.setblocking(False)
+        url = f"http://127.0.0.1:{user_server.getsockname()[1]}/api"
+        assert await_server({"PREFECT_API_URL": url}) is None
+        assert await_server({"PREFECT_API_URL": url, SERVER_PID: ""}) is None
+        assert await_server({}) is None
+        with pytest.raises(BlockingIOError):  # nothing connected: the stage never asked it for /health
+            user_server.accept()
 
 
 def test_a_stage_fails_with_one_line_when_the_runs_server_has_exited(tmp_path):

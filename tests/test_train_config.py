@@ -44,14 +44,31 @@ def test_good_combinations_load():
     assert p.model.kernel == 4 and p.train.augment == ["translation", "cutout"] and p.train.ema_rampup is None
 
 
-def test_the_long_preset_replaces_what_it_lists_and_says_so():
-    """train.preset: long trains the measured longer recipe whatever params.yaml's epochs say, and the
-    stage's line names each replaced knob; standard leaves every value as written."""
-    from aigc.config import TRAIN_PRESETS
+def test_the_long_preset_sets_what_params_yaml_left_at_the_default_and_says_so():
+    """train.preset: long trains the measured longer recipe where params.yaml keeps the defaults, and
+    the stage's line names each knob it set; standard leaves every value as written."""
+    from aigc.config import TRAIN_PRESETS, TrainConfig
 
-    long = parse_params({"train": {"preset": "long", "epochs": 3}}).train
+    defaults = {k: TrainConfig.model_fields[k].default for k in TRAIN_PRESETS["long"]}
+    long = parse_params({"train": {"preset": "long", **defaults}}).train  # params.yaml as shipped
     assert TRAIN_PRESETS["long"] and all(getattr(long, k) == v for k, v in TRAIN_PRESETS["long"].items())
-    assert long.epochs != 3 and all(f"train.{k} = {v}" in long.preset_note() for k, v in TRAIN_PRESETS["long"].items())
+    assert all(f"train.{k} = {v}" in long.preset_note() for k, v in TRAIN_PRESETS["long"].items())
+    assert "params.yaml's, not the preset's" not in long.preset_note()
     standard = parse_params({"train": {"epochs": 3}}).train
     assert standard.epochs == 3 and standard.preset_note() is None
     assert parse_params({"train": long.model_dump()}).train == long  # a round trip keeps it
+
+
+def test_an_explicit_value_wins_over_the_preset_and_is_named(tmp_path):
+    """dvc exp run -S train.preset=long -S train.epochs=80 trains 80 epochs (the preset once
+    replaced them with its 150 without a word); the stage's line names both values."""
+    from aigc.config import TRAIN_PRESETS, load_params
+    from tests.conftest import ROOT
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    train = load_params(tmp_path / "params.yaml", {"train.preset": "long", "train.epochs": 80}).train
+    assert train.preset == "long" and train.epochs == 80 and TRAIN_PRESETS["long"]["epochs"] == 150
+    assert train.preset_note() == ("train.preset long: train.epochs = 80 (params.yaml's, not the preset's 150) "
+                                   "(a value changed from its default in params.yaml wins over the preset's)")
+    assert load_params(tmp_path / "params.yaml", {"train.preset": "long"}).train.epochs == 150
+    assert parse_params({"train": train.model_dump()}).train == train  # a round trip keeps it

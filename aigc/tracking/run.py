@@ -324,10 +324,12 @@ class RunRecord:
 
 
 def fetch_run(uri: str, run_id: str, dst: str | Path, folders: Iterable[str]) -> RunRecord:
-    """Run ``run_id`` of the store at ``uri``: its params, tags and latest metrics, and the artifact
-    ``folders`` it has, downloaded under ``dst``. A UserError names a run id the store does not know."""
+    """Run ``run_id`` (or the one run whose id starts with it) of the store at ``uri``: its params,
+    tags and latest metrics, and the artifact ``folders`` it has, downloaded under ``dst``. A
+    UserError names a run id the store does not know, or a start several ids share."""
     _check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
+    run_id = _full_run_id(client, uri, run_id)
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
@@ -342,3 +344,36 @@ def fetch_run(uri: str, run_id: str, dst: str | Path, folders: Iterable[str]) ->
     return RunRecord(run_id=run.info.run_id, run_name=run.info.run_name or "", experiment=exp.name,
                      status=run.info.status, params=dict(run.data.params), tags=dict(run.data.tags),
                      metrics=dict(run.data.metrics), artifacts=dst)
+
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _full_run_id(client: MlflowClient, uri: str, run_id: str) -> str:
+    """``run_id`` itself when it is a whole MLflow run id, else the one run id of the store that
+    starts with it (the 8 characters of ``run-<id>.html``, or what a screen shows): a UserError
+    when none does, or when several do."""
+    if RUN_ID.fullmatch(run_id):
+        return run_id
+    if not re.fullmatch(r"[0-9a-f]{1,31}", run_id):
+        raise UserError(f"{run_id!r} is not an MLflow run id (32 characters 0-9a-f) or the start of one; copy it "
+                        f"from the MLflow UI (`make ui`) or the run file")
+    from mlflow.entities import ViewType
+
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    matches: list[str] = []
+    token = None
+    while experiments:
+        page = client.search_runs(experiments, run_view_type=ViewType.ALL, max_results=1000, page_token=token)
+        matches += [r.info.run_id for r in page if r.info.run_id.startswith(run_id)]
+        token = page.token
+        if not token:
+            break
+    if not matches:
+        raise UserError(f"no MLflow run {run_id!r} in {uri} (no run id starts with it); list the runs with "
+                        f"`make ui` or pass another id")
+    if len(matches) > 1:
+        shown = ", ".join(sorted(matches)[:3]) + (", ..." if len(matches) > 3 else "")
+        raise UserError(f"{len(matches)} MLflow runs in {uri} have an id that starts with {run_id!r} ({shown}); "
+                        f"give more of the id")
+    return matches[0]
