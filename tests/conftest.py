@@ -33,6 +33,12 @@ def assert_score(metrics: dict, name: str, floor: bool = True) -> None:
     for key in (name, f"{name}_floor") if floor else (name,):
         v = metrics[key]
         assert isinstance(v, (int, float)) and not isinstance(v, bool), (key, v)
+        if key == "dcr_score" and math.isnan(v):
+            # the one documented NaN (aigc/metrics/memorisation.py, dcr_ratio): every held-out image
+            # is closer to the training set than to the other held-out ones (p0 = 1), so the ratio
+            # has no room to measure -- seen on tiny test splits (16 images), never otherwise
+            assert metrics["dcr_closer_to_train_floor"] == 1.0, (key, v, metrics["dcr_closer_to_train_floor"])
+            continue
         assert math.isfinite(v) and lo - 1e-6 <= v <= top + 1e-6, (key, v)
 
 # Offline and quiet (aigc.environment, the one place), and never the user's own tracking server.
