@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from aigc.config import EvaluateConfig
-from aigc.data.preprocess import is_encrypted
+from aigc.encryption import is_encrypted
 from aigc.errors import UserError
 from aigc.images import make_grid, save_png
 from aigc.io import file_sha256

@@ -150,7 +150,8 @@ def test_ingest_writes_ciphertext_and_needs_the_key_first(tmp_path: Path, key: b
 
 def test_preprocess_writes_the_splits_as_ciphertext_and_readers_decrypt_in_memory(
         tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch):
-    from aigc.data.preprocess import dataset_sha256, is_encrypted, load_split, preprocess, save_processed
+    from aigc.data.preprocess import dataset_sha256, load_split, preprocess, save_processed
+    from aigc.encryption import is_encrypted
     from pipeline.preprocess import preprocess as preprocess_stage
 
     save_raw(dataset(), tmp_path / "raw", key)

@@ -314,6 +314,22 @@ def test_fractional_or_missing_labels_name_the_column_and_first_row(tmp_path: Pa
                                       f"{row + 2} of the file) holds {what}; fix those labels or remove the rows")
 
 
+def test_labels_that_are_not_numbers_name_the_column_and_a_value(tmp_path: Path):
+    cfg = _labelled_csv(tmp_path / "d.csv", ["cat", "dog", "cat", "dog"])
+    assert refused(cfg, tmp_path) == (f"{cfg.path}: label column 'label' must hold integers, got str (e.g. 'cat' "
+                                      "in row 0); fix the labels or set data.label_column to the column that holds "
+                                      "them")
+
+
+def test_a_zipped_csv_of_two_files_is_refused(tmp_path: Path):
+    path = tmp_path / "two.csv.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a.csv", "label,pixel0\n0,1\n")
+        z.writestr("b.csv", "label,pixel0\n1,2\n")
+    cfg = DataConfig(source="csv", path=str(path))
+    assert refused(cfg, tmp_path) == f"{path}: a zipped CSV must hold exactly one file, found 2"
+
+
 # --- 6. spreadsheet formulas in what the project writes --------------------------------------------
 
 def test_csv_cells_that_a_spreadsheet_would_run_get_a_quote():

@@ -155,12 +155,6 @@ def save_processed(p: Processed, folder: Path, key: bytes | None = None) -> None
     (folder / DATASET_JSON).write_text(json.dumps(p.info, indent=2) + "\n", encoding="utf-8")
 
 
-def is_encrypted(folder: str | Path) -> bool:
-    """Whether the processed splits in ``folder`` are encrypted at rest (``privacy.encrypt_at_rest``):
-    then no picture of a record may leave in clear either (the evaluation's nearest-neighbour grid)."""
-    return (Path(folder) / f"train.npz{encryption.SUFFIX}").exists()
-
-
 def load_split(folder: str | Path, split: str) -> dict[str, np.ndarray]:
     """One split's arrays; an encrypted split is decrypted in memory with the key from the environment."""
     path = Path(folder) / f"{split}.npz"

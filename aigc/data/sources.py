@@ -14,6 +14,7 @@ import csv
 import gzip
 import io
 import lzma
+import math
 import os
 import re
 import struct
@@ -210,9 +211,7 @@ def _read_idx(path: Path) -> np.ndarray:
                                 f"({', '.join(f'0x{c:02x}' for c in IDX_DTYPES)})")
             dtype = np.dtype(IDX_DTYPES[dtype_code])
             dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-            count = 1
-            for d in dims:
-                count *= d
+            count = math.prod(dims)
             expected = count * dtype.itemsize
             if expected > MAX_SOURCE_BYTES:
                 raise DataError(f"{path}: header says {dims} = {count:,} values of {dtype.itemsize} byte(s) "
